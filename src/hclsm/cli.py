@@ -1,0 +1,173 @@
+"""The ``hclsm`` command line: parse, call a library function, print.
+
+Every subcommand accepts ``--preset``, ``--config FILE.yaml`` and dotted overrides such as
+``--model.slots.num_slots=8`` or ``--train.lr 3e-4``. Errors a user can cause print one line
+(``error: ...``) to stderr and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hclsm.config import PRESETS, Config, load_config
+from hclsm.errors import HclsmError
+
+NOT_BUILT = ("{what} not built yet in this version of hclsm (data, metrics, configs and benchmarks are); see "
+             "the README's status section")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--preset", choices=PRESETS, default=None, help="size preset (default: tiny, or the YAML's preset)")
+    g.add_argument("--config", metavar="FILE", default=None, help="YAML file overlaid on the preset")
+    g.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="dotted override, e.g. --set model.slots.num_slots=8 (also written --model.slots.num_slots=8)")
+
+
+def _split_dotted(extra: list[str]) -> tuple[list[str], list[str]]:
+    """Pull ``--a.b=c`` / ``--a.b c`` tokens out of the unparsed args as overrides."""
+    overrides, rest, i = [], [], 0
+    while i < len(extra):
+        tok = extra[i]
+        if tok.startswith("--") and "." in tok.split("=")[0]:
+            if "=" in tok:
+                overrides.append(tok[2:])
+            elif i + 1 < len(extra):
+                overrides.append(f"{tok[2:]}={extra[i + 1]}")
+                i += 1
+            else:
+                raise HclsmError(f"override {tok} has no value; write {tok}=VALUE")
+        else:
+            rest.append(tok)
+        i += 1
+    return overrides, rest
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    return load_config(args.preset, args.config, [*args.overrides, *extra])
+
+
+def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    flags = {"episodes": args.episodes, "seed": args.seed}
+    if args.kind == "pusht":
+        flags |= {"max_steps": args.max_steps, "codec": args.codec, "image_size": args.image_size}
+    else:
+        flags |= {"frames": args.frames, "min_objects": args.min_objects, "max_objects": args.max_objects,
+                  "counterfactual": None if args.counterfactual is None else str(args.counterfactual).lower()}
+    extra = extra + [f"data.{args.kind}.{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = _config(args, extra)
+    if args.kind == "pusht":
+        from hclsm.data.pusht import DISPLACEMENT_PX, generate_pusht_dataset
+
+        s = generate_pusht_dataset(args.out, cfg.data.pusht, overwrite=args.overwrite, progress=not args.quiet)
+        print(f"wrote {s['episodes']} PushT episodes ({s['frames']} frames) to {args.out} in {s['seconds']:.1f} s")
+        print(f"episodes with agent-block contact: {s['contact_fraction']:.0%}; block moved > {DISPLACEMENT_PX:.0f} px: "
+              f"{s['moved_fraction']:.0%}; both: {s['contact_and_moved_fraction']:.0%}")
+    else:
+        from hclsm.data.physics import generate_physics_dataset
+
+        s = generate_physics_dataset(args.out, cfg.data.physics, overwrite=args.overwrite, progress=not args.quiet)
+        print(f"wrote {cfg.data.physics.episodes} physics episodes to {args.out} in {s['seconds']:.1f} s")
+        print(", ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in s.items()
+                        if k not in ("seconds",)))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from hclsm.bench import available, run_bench
+
+    if args.list or args.name is None:
+        print("\n".join(available()))
+        return 0
+    run_bench(args.name, quick=args.quick, seed=args.seed, out=args.out)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from hclsm.demo import run_demo
+
+    cfg = _config(args, extra)
+    report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet)
+    print(f"report: {report}")
+    print(NOT_BUILT.format(what="the HCLSM model is") + "; the demo ran the data stage only")
+    return 0
+
+
+def _cmd_not_built(what: str):
+    def run(args: argparse.Namespace, extra: list[str]) -> int:
+        _config(args, extra)  # a bad config still fails with its own message first
+        raise HclsmError(NOT_BUILT.format(what=what))
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hclsm", description="Object-centric world models: data, training, "
+                                "evaluation, planning and benchmarks.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="generate datasets (PushT from gym-pusht, physics scenes)")
+    dsub = d.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, helptext in (("pusht", "PushT episodes from the gym-pusht simulator, LeRobot v3 layout"),
+                           ("physics", "2-D ball scenes with springs, a follow DAG and counterfactual twins")):
+        k = dsub.add_parser(kind, help=helptext, description=helptext)
+        k.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+        k.add_argument("--episodes", type=int, help="number of episodes")
+        k.add_argument("--seed", type=int, help="random seed (episode i depends only on seed and i)")
+        k.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        k.add_argument("--quiet", action="store_true", help="no progress bar")
+        if kind == "pusht":
+            k.add_argument("--max-steps", type=int, help="frames per episode (default 100)")
+            k.add_argument("--codec", choices=("h264", "av1"), help="video codec (default h264)")
+            k.add_argument("--image-size", type=int, help="observation side in pixels (default 96)")
+        else:
+            k.add_argument("--frames", type=int, help="frames per episode (default 32)")
+            k.add_argument("--min-objects", type=int, help="fewest balls per episode (default 3)")
+            k.add_argument("--max-objects", type=int, help="most balls per episode (default 6)")
+            k.add_argument("--counterfactual", action=argparse.BooleanOptionalAction, default=None,
+                           help="also write one intervened twin per episode (default on)")
+        _add_config_args(k)
+        k.set_defaults(func=_cmd_data)
+
+    for name, what, helptext in (("train", "`hclsm train`: the training loop and models are", "train a model"),
+                                 ("eval", "`hclsm eval`: model evaluation is", "evaluate a checkpoint"),
+                                 ("plan", "`hclsm plan`: the planner is", "plan with a trained world model in PushT")):
+        c = sub.add_parser(name, help=f"{helptext} (not built yet)", description=f"{helptext} (not built yet)")
+        _add_config_args(c)
+        c.set_defaults(func=_cmd_not_built(what))
+
+    b = sub.add_parser("bench", help="run a named benchmark; last stdout line is one JSON object")
+    b.add_argument("name", nargs="?", help="benchmark name (see --list)")
+    b.add_argument("--list", action="store_true", help="list the available benchmarks")
+    b.add_argument("--quick", action="store_true", help="smoke-size run (<= 60 s)")
+    b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    b.add_argument("--out", default=None, help="also write the JSON result to this file")
+    b.set_defaults(func=_cmd_bench)
+
+    m = sub.add_parser("demo", help="the main job: data -> model -> report, on CPU")
+    m.add_argument("--name", default="demo", help="run name (report in OUT/NAME/report.md)")
+    m.add_argument("--out", default="runs", help="root directory of runs (default runs)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(m)
+    m.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        overrides, rest = _split_dotted(list(sys.argv[1:] if argv is None else argv))
+        args, extra = parser.parse_known_args(rest)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args, overrides)
+    except HclsmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Configs of the data generators and of clip sampling.
+
+Each dataclass validates its own values in ``__post_init__`` and raises ``ConfigError`` naming the
+field and the valid range, so a bad value fails at load time, not deep inside a generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hclsm.errors import ConfigError
+
+VIDEO_CODECS = ("h264", "av1")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass
+class PushTDataConfig:
+    """PushT episodes driven through the real gym-pusht simulator by a scripted, noisy pusher."""
+
+    episodes: int = 50  # number of episodes to record
+    max_steps: int = 100  # frames per episode (stops earlier when the task succeeds)
+    image_size: int = 96  # rendered observation.image side (lerobot/pusht uses 96)
+    action_noise: float = 6.0  # std (simulator px) of Gaussian noise added to each scripted action
+    seed: int = 0  # episode i resets the env with seed + i
+    codec: str = "h264"  # mp4 codec for observation.image: h264 (libx264) or av1 (SVT-AV1, as lerobot)
+
+    def __post_init__(self) -> None:
+        _check(self.episodes >= 1, "data.pusht.episodes", f"must be >= 1, got {self.episodes}")
+        _check(self.max_steps >= 2, "data.pusht.max_steps", f"must be >= 2, got {self.max_steps}")
+        _check(16 <= self.image_size <= 512 and self.image_size % 2 == 0, "data.pusht.image_size",
+               f"must be an even number in [16, 512], got {self.image_size}")
+        _check(self.action_noise >= 0, "data.pusht.action_noise", f"must be >= 0, got {self.action_noise}")
+        _check(self.seed >= 0, "data.pusht.seed", f"must be >= 0, got {self.seed}")
+        _check(self.codec in VIDEO_CODECS, "data.pusht.codec", f"must be one of {VIDEO_CODECS}, got {self.codec!r}")
+
+
+@dataclass
+class PhysicsDataConfig:
+    """2-D ball scenes with collisions, springs and one-way follow forces, plus counterfactual twins."""
+
+    episodes: int = 200  # number of factual episodes
+    frames: int = 32  # frames per episode
+    image_size: int = 64  # rendered frame side in pixels
+    min_objects: int = 3  # objects per episode drawn uniformly from [min_objects, max_objects]
+    max_objects: int = 6
+    spring_prob: float = 0.2  # probability that an (unordered) pair is joined by a spring
+    follow_prob: float = 0.3  # probability of each edge i -> j (i < j in a random order) of the follow DAG
+    substeps: int = 10  # physics integration steps per rendered frame
+    counterfactual: bool = True  # also store one intervened twin per episode
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.episodes >= 1, "data.physics.episodes", f"must be >= 1, got {self.episodes}")
+        _check(self.frames >= 2, "data.physics.frames", f"must be >= 2, got {self.frames}")
+        _check(16 <= self.image_size <= 256, "data.physics.image_size", f"must be in [16, 256], got {self.image_size}")
+        _check(1 <= self.min_objects <= 10, "data.physics.min_objects", f"must be in [1, 10], got {self.min_objects}")
+        _check(self.min_objects <= self.max_objects <= 10, "data.physics.max_objects",
+               f"must be in [min_objects={self.min_objects}, 10], got {self.max_objects}")
+        for name in ("spring_prob", "follow_prob"):
+            p = getattr(self, name)
+            _check(0.0 <= p <= 1.0, f"data.physics.{name}", f"must be a probability in [0, 1], got {p}")
+        _check(self.substeps >= 1, "data.physics.substeps", f"must be >= 1, got {self.substeps}")
+        _check(self.seed >= 0, "data.physics.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
+class ClipConfig:
+    """How training/eval clips are cut from episodes (windows never cross an episode boundary)."""
+
+    length: int = 8  # frames per clip (T)
+    frame_skip: int = 1  # take every k-th frame
+    stride: int = 1  # step between consecutive window starts
+    seed: int = 0  # shuffling seed
+
+    def __post_init__(self) -> None:
+        _check(self.length >= 1, "data.clip.length", f"must be >= 1, got {self.length}")
+        _check(self.frame_skip >= 1, "data.clip.frame_skip", f"must be >= 1, got {self.frame_skip}")
+        _check(self.stride >= 1, "data.clip.stride", f"must be >= 1, got {self.stride}")
+
+
+@dataclass
+class DataConfig:
+    pusht: PushTDataConfig = field(default_factory=PushTDataConfig)
+    physics: PhysicsDataConfig = field(default_factory=PhysicsDataConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)

@@ -1,0 +1,236 @@
+"""Configs of the model components (HCLSM layers; the other models reuse the same blocks).
+
+Defaults are the ``tiny`` preset (a CPU-sized HCLSM). Every dataclass validates itself in
+``__post_init__`` and raises ``ConfigError`` naming the dotted key (``model.slots.num_slots``), so a bad
+value fails when the config is built, not deep inside a module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hclsm.errors import ConfigError
+
+ENCODERS = ("cnn", "vit")  # cnn: small conv stack (CPU presets); vit: patch ViT (the seed's encoder)
+DECODER_TARGETS = ("pixels", "features")  # features = EMA-encoder patch features (DINOSAUR-style)
+MODEL_NAMES = ("hclsm", "slotssm", "oc_slotssm", "cjepa")
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise ``ConfigError("key: msg")`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def check_min(obj: object, prefix: str, minimum: float, *names: str) -> None:
+    """Each named field of ``obj`` must be >= ``minimum``."""
+    for name in names:
+        v = getattr(obj, name)
+        check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{prefix}.{name}",
+              f"must be a number, got {v!r}")
+        check(v >= minimum, f"{prefix}.{name}", f"must be >= {minimum}, got {v}")
+
+
+def check_prob(obj: object, prefix: str, *names: str) -> None:
+    """Each named field of ``obj`` must be a probability in [0, 1]."""
+    for name in names:
+        v = getattr(obj, name)
+        check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{prefix}.{name}",
+              f"must be a number, got {v!r}")
+        check(0.0 <= v <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {v}")
+
+
+def check_one_of(value: object, key: str, choices: tuple) -> None:
+    check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_heads(d: int, heads: int, prefix: str, d_name: str = "d_model") -> None:
+    check(d % heads == 0, f"{prefix}.heads", f"must divide {prefix}.{d_name} ({d}), got {heads}")
+
+
+@dataclass
+class PerceptionConfig:
+    """Frame encoder: (B,T,C,H,W) -> (B,T,M,d_world) tokens, M = (image_size / patch_size)^2."""
+
+    encoder: str = "cnn"  # one of ENCODERS
+    image_size: int = 64  # frames are resized to image_size x image_size
+    channels: int = 3
+    patch_size: int = 8  # ViT patch side; for the cnn, its total downsampling factor
+    d_model: int = 64  # encoder width
+    layers: int = 4  # ViT blocks, or conv layers of the cnn
+    heads: int = 4  # ViT attention heads (must divide d_model)
+    d_world: int = 64  # width of the fused token space the slots read from
+    max_frames: int = 32  # size of the learned temporal position embedding
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = "model.perception"
+        check_one_of(self.encoder, f"{p}.encoder", ENCODERS)
+        check_min(self, p, 1, "image_size", "channels", "patch_size", "d_model", "layers", "heads", "d_world",
+                  "max_frames")
+        check(self.image_size % self.patch_size == 0, f"{p}.patch_size",
+              f"must divide model.perception.image_size ({self.image_size}), got {self.patch_size}")
+        check_heads(self.d_model, self.heads, p)
+        check_prob(self, p, "dropout")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the token grid (tokens per frame = grid_size ** 2)."""
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class SlotConfig:
+    """Slot attention with existence (alive) and birth of dormant slots."""
+
+    num_slots: int = 7  # N_max
+    d_slot: int = 64
+    iterations: int = 3
+    mlp_hidden: int = 128  # hidden width of the residual slot MLP
+    alive_threshold: float = 0.5  # a slot counts as alive when p_alive exceeds this
+    birth_threshold: float = 0.5  # unexplained attention mass of a token above which a dormant slot is born
+    existence_sparsity: float = 0.01  # weight of the penalty on the number of alive slots
+
+    def __post_init__(self) -> None:
+        p = "model.slots"
+        check_min(self, p, 1, "num_slots", "d_slot", "iterations", "mlp_hidden")
+        check_prob(self, p, "alive_threshold", "birth_threshold")
+        check_min(self, p, 0.0, "existence_sparsity")
+
+
+@dataclass
+class DecoderConfig:
+    """Spatial broadcast decoder: each slot -> (grid x grid) features/pixels + an alpha logit."""
+
+    target: str = "pixels"  # one of DECODER_TARGETS
+    hidden: int = 64
+    layers: int = 3
+    grid_size: int = 8  # side of the grid each slot is broadcast to
+
+    def __post_init__(self) -> None:
+        p = "model.decoder"
+        check_one_of(self.target, f"{p}.target", DECODER_TARGETS)
+        check_min(self, p, 1, "hidden", "layers", "grid_size")
+
+
+@dataclass
+class L0Config:
+    """Level 0: per-object selective SSM (weight-shared across objects) plus a global track."""
+
+    d_state: int = 16
+    blocks: int = 1
+    d_conv: int = 4  # causal depthwise conv width inside a block
+    expand: int = 2  # inner width = expand * d_slot
+
+    def __post_init__(self) -> None:
+        check_min(self, "model.dynamics.l0", 1, "d_state", "blocks", "d_conv", "expand")
+
+
+@dataclass
+class L1Config:
+    """Level 1: sparse event transformer over the timesteps the event detector fires on."""
+
+    d_model: int = 64
+    layers: int = 1
+    heads: int = 4
+    event_threshold_init: float = 0.7  # initial learned event threshold, strictly inside (0, 1)
+    event_rate_min: float = 0.1  # the event-rate hinge keeps the mean event probability in [min, max]
+    event_rate_max: float = 0.5
+
+    def __post_init__(self) -> None:
+        p = "model.dynamics.l1"
+        check_min(self, p, 1, "d_model", "layers", "heads")
+        check_heads(self.d_model, self.heads, p)
+        # 0 and 1 have no logit: the reference crashed on exactly these (its two "ablations")
+        check(0.0 < self.event_threshold_init < 1.0, f"{p}.event_threshold_init",
+              f"must be strictly between 0 and 1, got {self.event_threshold_init}")
+        check_prob(self, p, "event_rate_min", "event_rate_max")
+        check(self.event_rate_min <= self.event_rate_max, f"{p}.event_rate_min",
+              f"must be <= {p}.event_rate_max ({self.event_rate_max}), got {self.event_rate_min}")
+
+
+@dataclass
+class L2Config:
+    """Level 2: learned summary queries compress past events into abstract goal-level tokens."""
+
+    d_model: int = 64
+    layers: int = 1
+    heads: int = 4
+    n_summary: int = 4  # number of abstract state tokens
+
+    def __post_init__(self) -> None:
+        p = "model.dynamics.l2"
+        check_min(self, p, 1, "d_model", "layers", "heads", "n_summary")
+        check_heads(self.d_model, self.heads, p)
+
+
+@dataclass
+class DynamicsConfig:
+    l0: L0Config = field(default_factory=L0Config)
+    l1: L1Config = field(default_factory=L1Config)
+    l2: L2Config = field(default_factory=L2Config)
+
+
+@dataclass
+class GNNConfig:
+    """Relation graph over slots: all-pairs edge MLP and weighted message passing."""
+
+    d_edge: int = 32
+    rounds: int = 1
+    chunk_size: int = 0  # receiver slots per chunk of the pair tensor; 0 = dense (all pairs at once)
+
+    def __post_init__(self) -> None:
+        check_min(self, "model.gnn", 1, "d_edge", "rounds")
+        check_min(self, "model.gnn", 0, "chunk_size")
+
+
+@dataclass
+class CausalConfig:
+    """Learned causal adjacency: Gumbel-sigmoid edges, l1 sparsity, NOTEARS augmented Lagrangian."""
+
+    enabled: bool = True
+    sparsity_lambda: float = 0.01
+    rho_init: float = 0.1  # initial quadratic DAG-penalty weight
+    rho_max: float = 10.0
+    rho_mult: float = 1.5  # rho *= rho_mult when h(A) did not drop enough
+    temperature_init: float = 1.0  # Gumbel-sigmoid temperature, annealed towards temperature_min
+    temperature_min: float = 0.1
+
+    def __post_init__(self) -> None:
+        p = "model.causal"
+        check_min(self, p, 0.0, "sparsity_lambda")
+        check(self.rho_init > 0, f"{p}.rho_init", f"must be > 0, got {self.rho_init}")
+        check(self.rho_max >= self.rho_init, f"{p}.rho_max",
+              f"must be >= {p}.rho_init ({self.rho_init}), got {self.rho_max}")
+        check(self.rho_mult >= 1.0, f"{p}.rho_mult", f"must be >= 1, got {self.rho_mult}")
+        check(self.temperature_min > 0, f"{p}.temperature_min", f"must be > 0, got {self.temperature_min}")
+        check(self.temperature_init >= self.temperature_min, f"{p}.temperature_init",
+              f"must be >= {p}.temperature_min ({self.temperature_min}), got {self.temperature_init}")
+
+
+@dataclass
+class MemoryConfig:
+    """Episodic (modern Hopfield) memory of slot states."""
+
+    enabled: bool = True
+    size: int = 256  # number of stored entries
+    d_memory: int = 64
+
+    def __post_init__(self) -> None:
+        check_min(self, "model.memory", 1, "size", "d_memory")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "hclsm"  # one of MODEL_NAMES
+    d_action: int = 2  # action width (PushT: 2); 0 = no action conditioning
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+    slots: SlotConfig = field(default_factory=SlotConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    gnn: GNNConfig = field(default_factory=GNNConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        check_one_of(self.name, "model.name", MODEL_NAMES)
+        check_min(self, "model", 0, "d_action")

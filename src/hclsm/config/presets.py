@@ -1,0 +1,135 @@
+"""The root ``Config`` and the named presets ``tiny``, ``small``, ``base`` and ``large``.
+
+``tiny`` is the CPU default (the class defaults). ``small`` is the seed's 68 M-parameter HCLSM;
+``small``, ``base`` and ``large`` take their sizes from the reference's preset table
+(research/hclsm_reference.md §4). Training values of small follow the seed (batch 4, lr 1.5e-4,
+2000 warmup steps, 50k steps, bf16, 16-frame clips at 224 px).
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hclsm.config.data import ClipConfig, DataConfig, PushTDataConfig
+from hclsm.config.model import (
+    DecoderConfig,
+    DynamicsConfig,
+    GNNConfig,
+    L0Config,
+    L1Config,
+    L2Config,
+    MemoryConfig,
+    ModelConfig,
+    PerceptionConfig,
+    SlotConfig,
+    check,
+)
+from hclsm.config.train import TrainConfig
+from hclsm.errors import ConfigError
+
+PRESETS = ("tiny", "small", "base", "large")
+
+
+@dataclass
+class Config:
+    """Everything a run needs: which preset it started from, the model, training and data."""
+
+    preset: str = "tiny"  # the preset this config was overlaid on (one of PRESETS)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        check(self.preset in PRESETS, "preset", _unknown_preset_msg(self.preset))
+        clip, frames = self.data.clip.length, self.model.perception.max_frames
+        check(clip <= frames, "data.clip.length",
+              f"must be <= model.perception.max_frames ({frames}), got {clip}; raise max_frames or shorten clips")
+
+
+def _unknown_preset_msg(name: object) -> str:
+    close = difflib.get_close_matches(str(name), PRESETS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown preset {name!r}{hint}; valid presets: {', '.join(PRESETS)}"
+
+
+def _tiny() -> Config:
+    return Config(preset="tiny")  # the class defaults are the tiny preset
+
+
+def _vit_model(*, d_world: int, vit: tuple[int, int, int], slots: tuple[int, int, int], gnn: tuple[int, int],
+               l0: tuple[int, int], l1: tuple[int, int, int], l2: tuple[int, int, int], memory: tuple[int, int],
+               chunk_size: int) -> ModelConfig:
+    """A ViT-at-224 HCLSM with sizes given as in the reference's preset table."""
+    (d_vit, vit_layers, vit_heads), (d_slot, n_slots, iters) = vit, slots
+    return ModelConfig(
+        perception=PerceptionConfig(encoder="vit", image_size=224, patch_size=16, d_model=d_vit, layers=vit_layers,
+                                    heads=vit_heads, d_world=d_world, max_frames=32),
+        slots=SlotConfig(num_slots=n_slots, d_slot=d_slot, iterations=iters, mlp_hidden=4 * d_slot),
+        # DINOSAUR-style target: EMA-encoder patch features on the 14 x 14 token grid
+        decoder=DecoderConfig(target="features", hidden=256, layers=4, grid_size=14),
+        dynamics=DynamicsConfig(
+            l0=L0Config(d_state=l0[0], blocks=l0[1]),
+            l1=L1Config(d_model=l1[0], layers=l1[1], heads=l1[2]),
+            l2=L2Config(d_model=l2[0], layers=l2[1], heads=l2[2], n_summary=8),
+        ),
+        gnn=GNNConfig(d_edge=gnn[0], rounds=gnn[1], chunk_size=chunk_size),
+        memory=MemoryConfig(size=memory[0], d_memory=memory[1]),
+    )
+
+
+def _gpu_train(**kw: object) -> TrainConfig:
+    base = dict(steps=50_000, batch_size=4, warmup_steps=2000, precision="bf16", log_every=50, eval_every=2500,
+                ckpt_every=2500, num_workers=4)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _gpu_data() -> DataConfig:
+    # the seed trains on 16-frame clips of lerobot/pusht (206 episodes)
+    return DataConfig(pusht=PushTDataConfig(episodes=206), clip=ClipConfig(length=16))
+
+
+def _small() -> Config:
+    model = _vit_model(d_world=384, vit=(512, 12, 8), slots=(192, 32, 5), gnn=(96, 2), l0=(48, 3), l1=(384, 3, 6),
+                       l2=(512, 3, 8), memory=(5000, 192), chunk_size=0)
+    return Config(preset="small", model=model, train=_gpu_train(lr=1.5e-4), data=_gpu_data())
+
+
+def _base() -> Config:
+    model = _vit_model(d_world=768, vit=(768, 24, 12), slots=(256, 64, 7), gnn=(128, 2), l0=(64, 4), l1=(512, 4, 8),
+                       l2=(768, 6, 12), memory=(10_000, 256), chunk_size=16)
+    return Config(preset="base", model=model, train=_gpu_train(lr=1e-4), data=_gpu_data())
+
+
+def _large() -> Config:
+    model = _vit_model(d_world=1024, vit=(1024, 32, 16), slots=(384, 128, 7), gnn=(192, 3), l0=(96, 6),
+                       l1=(768, 6, 12), l2=(1024, 8, 16), memory=(50_000, 384), chunk_size=16)
+    return Config(preset="large", model=model, train=_gpu_train(lr=1e-4), data=_gpu_data())
+
+
+_BUILDERS: dict[str, Callable[[], Config]] = {"tiny": _tiny, "small": _small, "base": _base, "large": _large}
+
+
+def get_preset(name: str) -> Config:
+    """A fresh ``Config`` of the named preset (one of ``PRESETS``); unknown names raise ``ConfigError``."""
+    if not isinstance(name, str) or name not in _BUILDERS:
+        raise ConfigError(f"preset: {_unknown_preset_msg(name)}")
+    return _BUILDERS[name]()
+
+
+def diff_from_preset(cfg: Config) -> dict[str, Any]:
+    """The nested keys whose values differ from ``cfg.preset``'s (what a YAML overlay would need)."""
+
+    def diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in a.items():
+            if isinstance(v, dict) and isinstance(b.get(k), dict):
+                if sub := diff(v, b[k]):
+                    out[k] = sub
+            elif b.get(k) != v:
+                out[k] = v
+        return out
+
+    return diff(asdict(cfg), asdict(get_preset(cfg.preset)))

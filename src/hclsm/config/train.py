@@ -1,0 +1,84 @@
+"""Training config: optimisation, schedule, the two-stage protocol, loss weights, logging, outputs.
+
+Defaults are the ``tiny`` preset (CPU, fp32, minutes). The HCLSM protocol (seed, "Training"): stage 1
+trains only the spatial broadcast decoder and slot diversity (SBD weight 5.0) for the first
+``stage1_fraction`` of the steps; stage 2 switches on the full loss with the SBD weight lowered to 1.0.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from hclsm.config.model import check, check_min, check_one_of, check_prob
+
+PRECISIONS = ("fp32", "bf16")
+STAGES = (1, 2)
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the named losses (seed, "Loss Functions")."""
+
+    sbd_stage1: float = 5.0  # spatial broadcast decoder reconstruction, stage 1
+    sbd_stage2: float = 1.0  # ... and stage 2
+    diversity: float = 0.1  # slot diversity regulariser
+    jepa: float = 1.0  # latent next-state prediction (stage 2)
+    obj: float = 0.5  # object-level prediction (stage 2)
+    causal: float = 0.1  # NOTEARS DAG constraint + l1 sparsity (stage 2)
+    event: float = 0.05  # event-rate hinge + contrastive event loss (stage 2)
+
+    def __post_init__(self) -> None:
+        check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal", "event")
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1  # stage to start in: 1 = stage 1 for stage1_fraction of the steps, then 2; 2 = full loss only
+    steps: int = 2000  # optimizer steps in total (both stages)
+    stage1_fraction: float = 0.4  # share of `steps` spent in stage 1 (seed: 40 %)
+    batch_size: int = 16
+    lr: float = 4e-4  # peak learning rate
+    weight_decay: float = 0.05  # AdamW decay (matrices only; not norms or biases)
+    warmup_steps: int = 100  # linear warmup from 0, then cosine (capped at `steps` by the scheduler)
+    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    ema_tau: float = 0.996  # EMA target encoder: theta- <- tau * theta- + (1 - tau) * theta
+    precision: str = "fp32"  # one of PRECISIONS (bf16 = autocast; numerically sensitive parts stay fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0
+    log_every: int = 25  # steps between log lines
+    eval_every: int = 500  # steps between evaluations; 0 = only at the end
+    ckpt_every: int = 500  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3  # checkpoints kept on disk
+    num_workers: int = 0  # DataLoader worker processes
+    out_dir: str = "runs"  # runs are written to out_dir/run_name
+    run_name: str | None = None  # None = derived from the model, preset and time
+    loss: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self) -> None:
+        p = "train"
+        check(self.stage in STAGES, f"{p}.stage", f"must be 1 or 2, got {self.stage!r}")
+        check_min(self, p, 1, "steps", "batch_size", "log_every", "keep_last")
+        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "seed")
+        check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        check_min(self, p, 0.0, "weight_decay", "grad_clip")
+        check_prob(self, p, "min_lr_ratio", "ema_tau", "stage1_fraction")
+        check_one_of(self.precision, f"{p}.precision", PRECISIONS)
+        check(isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device) is not None, f"{p}.device",
+              f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check(isinstance(self.out_dir, str) and self.out_dir.strip() != "", f"{p}.out_dir",
+              f"must be a non-empty path, got {self.out_dir!r}")
+        if self.run_name is not None:
+            ok = isinstance(self.run_name, str) and self.run_name.strip() not in ("", ".", "..")
+            check(ok and "/" not in self.run_name and "\\" not in self.run_name, f"{p}.run_name",
+                  f"must be a plain directory name (no path separators) or null, got {self.run_name!r}")
+
+    @property
+    def stage1_steps(self) -> int:
+        """Number of steps trained in stage 1 (0 when starting in stage 2)."""
+        return 0 if self.stage == 2 else int(round(self.steps * self.stage1_fraction))
+
+    def stage_at(self, step: int) -> int:
+        """The stage (1 or 2) that optimizer step ``step`` (0-based) belongs to."""
+        return 1 if step < self.stage1_steps else 2
