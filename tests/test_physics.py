@@ -247,9 +247,12 @@ def test_reader_twins(dataset):
 
 
 def test_missing_and_corrupt_data_raise_data_error(dataset, tmp_path):
-    with pytest.raises(DataError, match="missing meta.json") as err:
+    with pytest.raises(DataError, match="does not exist") as err:
         PhysicsSource(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(err.value) and "hclsm data physics" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="missing meta.json"):
+        PhysicsSource(tmp_path / "empty")
     (tmp_path / "meta.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DataError, match="not an hclsm physics dataset"):
         PhysicsSource(tmp_path)

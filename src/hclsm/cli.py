@@ -33,7 +33,7 @@ def _split_dotted(extra: list[str]) -> tuple[list[str], list[str]]:
         if tok.startswith("--") and "." in tok.split("=")[0]:
             if "=" in tok:
                 overrides.append(tok[2:])
-            elif i + 1 < len(extra):
+            elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
                 overrides.append(f"{tok[2:]}={extra[i + 1]}")
                 i += 1
             else:
@@ -75,8 +75,13 @@ def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
-    from hclsm.bench import available, run_bench
+    from hclsm.bench import available, check_out_path, run_bench
 
+    if extra:
+        raise HclsmError(f"hclsm bench takes no config overrides (got {extra[0]}); each benchmark fixes its own "
+                         f"config, see --help")
+    if args.out is not None:
+        check_out_path(args.out)  # fail before the benchmark runs, not after
     if args.list or args.name is None:
         print("\n".join(available()))
         return 0
@@ -85,8 +90,9 @@ def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from hclsm.demo import run_demo
+    from hclsm.demo import check_run_name, run_demo
 
+    check_run_name(args.name)
     cfg = _config(args, extra)
     report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet)
     print(f"report: {report}")

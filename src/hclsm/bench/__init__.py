@@ -61,8 +61,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_out_path(out: str | Path) -> Path:
+    """Validate ``--out FILE`` up front: a file path whose parent is (or can be) a directory."""
+    out = Path(out)
+    if out.is_dir():
+        raise HclsmError(f"--out {out} is a directory; give a file path such as {out / 'result.json'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise HclsmError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            break
+    return out
+
+
 def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | None = None) -> dict:
     """Run benchmark ``name``; prints the table and the JSON line; returns the JSON object."""
+    if out is not None:
+        check_out_path(out)
     names = available()
     if name not in names:
         raise HclsmError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
@@ -77,7 +92,7 @@ def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | N
         print(format_table(result.rows))
     line = json.dumps(record, sort_keys=False)
     if out is not None:
-        out = Path(out)
+        out = check_out_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, line + "\n")
     print(line, flush=True)

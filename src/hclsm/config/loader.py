@@ -206,9 +206,13 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         doc = yaml.safe_load(p.read_text())
     except OSError as e:
         raise ConfigError(f"config file {p}: cannot read it ({e.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        msg = " ".join(str(e).split())
-        raise ConfigError(f"config file {p}: invalid YAML: {msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"config file {p}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p}: not a text file; pass a UTF-8 YAML file") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

@@ -69,8 +69,10 @@ class LeRobotSource:
         self.root = Path(root)
         self.name = str(self.root)
         self.image_size = image_size
-        if not self.root.is_dir():
+        if not self.root.exists():
             raise DataError(f"dataset {self.root} does not exist; {_FIX}")
+        if not self.root.is_dir():
+            raise DataError(f"dataset {self.root} is a file, not a dataset directory; {_FIX}")
         self.info = self._load_info()
         self.fps = float(self.info["fps"])
         feats = self.info["features"]
@@ -82,6 +84,7 @@ class LeRobotSource:
         elif video_key not in videos:
             raise DataError(f"{self.root}: video key {video_key!r} not found; available: {videos}")
         self.video_key = video_key
+        self._npz = lru_cache(maxsize=64)(_load_npz)  # per dataset, so a rewritten dataset is never stale
         self.episodes = self._load_episodes()
         self._load_frames()
 
@@ -94,6 +97,8 @@ class LeRobotSource:
             info = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path} is not valid JSON ({e}); the dataset is corrupt, {_FIX}") from None
+        if not isinstance(info, dict):
+            raise DataError(f"{path} is not a JSON object; the dataset is corrupt, {_FIX}")
         version = str(info.get("codebase_version", ""))
         if version.startswith("v2"):
             raise DataError(f"{self.root} is a LeRobot {version} dataset; convert it with "
@@ -197,7 +202,7 @@ class LeRobotSource:
         template = self.info.get("hclsm_extras", {}).get(name)
         if template is None:
             return None
-        return _load_npz(self.root / template.format(episode_index=int(self.episodes["episode_index"][episode])), name)
+        return self._npz(self.root / template.format(episode_index=int(self.episodes["episode_index"][episode])), name)
 
     def _resize(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s, (h, w) = self.image_size, out[keys.VIDEO].shape[-2:]
@@ -212,7 +217,6 @@ class LeRobotSource:
         return out
 
 
-@lru_cache(maxsize=64)
 def _load_npz(path: Path, name: str) -> np.ndarray:
     try:
         with np.load(path) as z:

@@ -138,6 +138,8 @@ class PhysicsSource:
 
     def _read_meta(self) -> dict:
         path = self.root / "meta.json"
+        if not self.root.exists():
+            raise DataError(f"dataset {self.root} does not exist; create one with `hclsm data physics --out {self.root}`")
         if not path.is_file():
             raise DataError(f"{self.root} is not an hclsm physics dataset (missing meta.json); create one with "
                             f"`hclsm data physics --out {self.root}`")
@@ -151,6 +153,9 @@ class PhysicsSource:
         if meta.get("version") != VERSION:
             raise DataError(f"{path}: format version {meta.get('version')} is not supported "
                             f"(expected {VERSION}); {_regenerate_hint(self.root)}")
+        missing = [k for k in ("episodes", "frames", "max_objects", "counterfactual") if k not in meta]
+        if missing:
+            raise DataError(f"{path}: lacks required keys {missing}; {_regenerate_hint(self.root)}")
         return meta
 
     def episode_path(self, index: int, counterfactual: bool = False) -> Path:

@@ -29,6 +29,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     if out.exists() and not out.is_dir():
         raise HclsmError(f"output {out} exists and is not a directory; choose another --out")
     parent = out.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again on failure
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
@@ -45,6 +46,9 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # innermost first; only directories this call made and left empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
 
 
