@@ -94,8 +94,8 @@ class LeRobotV3Writer:
         n = len(self._episodes)
         return [list(range(s, min(s + self.episodes_per_file, n))) for s in range(0, n, self.episodes_per_file)]
 
-    def finalize(self) -> dict:
-        """Write data, videos and metadata; returns the info.json dict."""
+    def finalize(self, extra_info: dict | None = None) -> dict:
+        """Write data, videos and metadata; returns the info.json dict (``extra_info`` keys added to it)."""
         if not self._episodes:
             raise ValueError("no episodes were added")
         groups = self._file_groups()
@@ -124,7 +124,7 @@ class LeRobotV3Writer:
         tasks = sorted(self._tasks, key=self._tasks.get)
         pq.write_table(pa.table({"task_index": pa.array([self._tasks[t] for t in tasks], pa.int64()),
                                  "task": tasks}), self.root / "meta/tasks.parquet")
-        info = self._info(len(groups))
+        info = {**self._info(), **(extra_info or {})}
         (self.root / "meta/info.json").write_text(json.dumps(info, indent=2))
         (self.root / "meta/stats.json").write_text(json.dumps(self._stats(), indent=2))
         return info
@@ -156,7 +156,7 @@ class LeRobotV3Writer:
                 ep_rows.setdefault(col, []).append(val)
             start += T
 
-    def _info(self, n_files: int) -> dict:
+    def _info(self) -> dict:
         feats = {}
         for key, (h, w) in self.video_keys.items():
             feats[key] = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channel"],

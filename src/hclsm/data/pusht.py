@@ -198,10 +198,7 @@ def generate_pusht_dataset(out: str | Path, cfg: PushTDataConfig, overwrite: boo
                       "gt.contact": ep["contact"], "gt.coverage": ep["coverage"].astype(np.float32),
                       "gt.positions": ep["positions"]}
             writer.add_episode(frames, {"observation.image": ep["image"]}, TASK, extras={"mask": ep["mask"]})
-        info = writer.finalize()
-        info["hclsm_generator"] = {"name": "pusht", "config": asdict(cfg), "mask_ids": MASK_IDS}
-        import json
-        (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+        info = writer.finalize({"hclsm_generator": {"name": "pusht", "config": asdict(cfg), "mask_ids": MASK_IDS}})
     env.close()
     contact = np.array([s["contact"] for s in stats])
     moved = np.array([s["displacement"] > DISPLACEMENT_PX for s in stats])
