@@ -77,7 +77,7 @@ def check_out_path(out: str | Path) -> Path:
 def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | None = None) -> dict:
     """Run benchmark ``name``; prints the table and the JSON line; returns the JSON object."""
     if out is not None:
-        check_out_path(out)
+        check_out_path(out)  # fail before the benchmark runs, not after
     names = available()
     if name not in names:
         raise HclsmError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
@@ -92,7 +92,7 @@ def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | N
         print(format_table(result.rows))
     line = json.dumps(record, sort_keys=False)
     if out is not None:
-        out = check_out_path(out)
+        out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, line + "\n")
     print(line, flush=True)
