@@ -88,9 +88,8 @@ def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from hclsm.demo import check_run_name, run_demo
+    from hclsm.demo import run_demo
 
-    check_run_name(args.name)
     cfg = _config(args, extra)
     report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet)
     print(f"report: {report}")

@@ -22,17 +22,16 @@ from hclsm.utils.atomic import atomic_output_dir
 from hclsm.viz import frame_strip, overlay, save_png, to_uint8_frames
 
 
-def check_run_name(name: str) -> str:
+def check_run_name(name: str) -> None:
     """A run name is one plain directory name (it is replaced on every run, so never a path)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise HclsmError(f"--name {name!r} is not a plain directory name; use e.g. --name demo "
                          f"(the run directory OUT/NAME is replaced on every run)")
-    return name
 
 
 def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", progress: bool = True) -> Path:
     """Run the demo into ``out_root/name`` (replaced if it exists); returns the report path."""
-    check_run_name(name)
+    check_run_name(name)  # before anything is generated or replaced
     t0 = time.perf_counter()
     with atomic_output_dir(Path(out_root) / name, overwrite=True) as run:
         data_dir = run / "data" / "pusht"

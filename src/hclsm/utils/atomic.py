@@ -30,10 +30,17 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise HclsmError(f"output {out} exists and is not a directory; choose another --out")
     parent = out.parent
     created = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again on failure
+
+    def remove_created() -> None:  # innermost first; only directories this call made and left empty
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
+        remove_created()
         raise HclsmError(f"cannot create output under {parent}: {e.strerror}; choose a writable --out") from None
     try:
         yield tmp
@@ -46,9 +53,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for p in created:  # innermost first; only directories this call made and left empty
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        remove_created()
         raise
 
 
