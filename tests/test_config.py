@@ -234,8 +234,8 @@ def test_bad_yaml_files(tmp_path):
 
 def test_config_from_dict_overlays_an_instance():
     base = get_preset("base")
-    cfg = config_from_dict(Config, {"train": {"steps": 10}}, base=base)
-    assert cfg.train.steps == 10 and cfg.model == base.model and cfg.preset == "base"
+    cfg = config_from_dict(Config, {"train": {"steps": 10_000}}, base=base)
+    assert cfg.train.steps == 10_000 and cfg.model == base.model and cfg.preset == "base"
     data = config_from_dict(DataConfig, {"clip": {"length": 4}}, path="data")
     assert data.clip.length == 4 and data.pusht == DataConfig().pusht
     with pytest.raises(ConfigError, match=r"data\.clip\.lenght: unknown key"):

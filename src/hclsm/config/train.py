@@ -13,6 +13,7 @@ from hclsm.config.model import check, check_min, check_one_of, check_prob
 
 PRECISIONS = ("fp32", "bf16")
 STAGES = (1, 2)
+LOSS_NAMES = ("sbd", "diversity", "existence", "jepa", "obj", "causal", "event")  # what models may return
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -27,9 +28,24 @@ class LossWeights:
     obj: float = 0.5  # object-level prediction (stage 2)
     causal: float = 0.1  # NOTEARS DAG constraint + l1 sparsity (stage 2)
     event: float = 0.05  # event-rate hinge + contrastive event loss (stage 2)
+    existence: float = 1.0  # slot existence prior (the model scales it by its own ramp)
 
     def __post_init__(self) -> None:
-        check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal", "event")
+        check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal", "event",
+                  "existence")
+
+    def weight(self, name: str, stage: int) -> float:
+        """The weight of loss ``name`` (one of ``LOSS_NAMES``) in training stage ``stage`` (1 or 2).
+
+        ``sbd`` has one weight per stage; every other loss has one field. An unknown name is a bug in the
+        model that returned it, so it raises ``ValueError`` listing the known names.
+        """
+        if name == "sbd":
+            return self.sbd_stage1 if stage == 1 else self.sbd_stage2
+        if name not in LOSS_NAMES:
+            raise ValueError(f"unknown loss {name!r}: train.loss has weights for {', '.join(LOSS_NAMES)}; "
+                             f"add a weight for it to LossWeights or rename the model's loss")
+        return float(getattr(self, name))
 
 
 @dataclass
@@ -54,6 +70,8 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     out_dir: str = "runs"  # runs are written to out_dir/run_name
     run_name: str | None = None  # None = derived from the model, preset and time
+    max_minutes: float = 0.0  # wall-clock budget of the training loop; 0 = off (stop at `steps` only)
+    val_fraction: float = 0.1  # share of the episodes held out for evaluation (at least one when possible)
     loss: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
@@ -62,8 +80,11 @@ class TrainConfig:
         check_min(self, p, 1, "steps", "batch_size", "log_every", "keep_last")
         check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "seed")
         check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
-        check_min(self, p, 0.0, "weight_decay", "grad_clip")
-        check_prob(self, p, "min_lr_ratio", "ema_tau", "stage1_fraction")
+        check_min(self, p, 0.0, "weight_decay", "grad_clip", "max_minutes")
+        check_prob(self, p, "min_lr_ratio", "ema_tau", "stage1_fraction", "val_fraction")
+        check(self.warmup_steps <= self.steps, f"{p}.warmup_steps",
+              f"must be <= train.steps ({self.steps}), got {self.warmup_steps}; lower it, e.g. "
+              f"--set train.warmup_steps={self.steps // 10}")
         check_one_of(self.precision, f"{p}.precision", PRECISIONS)
         check(isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device) is not None, f"{p}.device",
               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
@@ -79,6 +100,12 @@ class TrainConfig:
         """Number of steps trained in stage 1 (0 when starting in stage 2)."""
         return 0 if self.stage == 2 else int(round(self.steps * self.stage1_fraction))
 
-    def stage_at(self, step: int) -> int:
-        """The stage (1 or 2) that optimizer step ``step`` (0-based) belongs to."""
-        return 1 if step < self.stage1_steps else 2
+    def stage_at(self, step: int, progress: float | None = None) -> int:
+        """The stage (1 or 2) that optimizer step ``step`` (0-based) belongs to.
+
+        ``progress`` (the run's progress in [0, 1], see ``max_minutes``) ends stage 1 early once it
+        reaches ``stage1_fraction``, so a run cut short by its time budget still gets its stage 2.
+        """
+        if step >= self.stage1_steps:
+            return 2
+        return 1 if progress is None or progress < self.stage1_fraction else 2
