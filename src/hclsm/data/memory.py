@@ -1,0 +1,202 @@
+"""Whole datasets in memory: load every episode once, then serve clip windows by slicing.
+
+Decoding video (PushT mp4) or npz episodes for every clip dominates a small model's training step.
+``MemoryClips`` reads each chosen episode of an ``EpisodeSource`` completely, once, and keeps it in
+RAM: frames as uint8 (4x smaller than float; 206 PushT episodes at 96 px take ~0.9 GB), masks in the
+narrowest integer type that holds them, everything else as the source gave it. A batch is then one
+gather per key. The windows are exactly those of ``clip_windows`` (and ``ClipDataset``).
+
+``open_dataset(root)`` picks the reader for a dataset directory (physics scenes or LeRobot v3).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hclsm import keys
+from hclsm.config.data import ClipConfig
+from hclsm.data.clips import EpisodeSource, clip_windows
+from hclsm.errors import DataError
+
+# keys that describe a whole episode (no time axis), whatever their first dimension
+EPISODE_KEYS = frozenset({keys.OBJECTS, keys.GRAPH})
+# keys in pixel units, rescaled with the frames
+_PIXEL_KEYS = (keys.POSITIONS, keys.VELOCITIES)
+_MAKE_ONE = "make one with `hclsm data physics --out DIR` or `hclsm data pusht --out DIR`"
+
+
+def open_dataset(root: str | os.PathLike) -> EpisodeSource:
+    """The reader of the dataset at ``root``: ``PhysicsSource`` (``meta.json``) or ``LeRobotSource``
+    (``meta/info.json``); anything else raises ``DataError`` saying how to make a dataset."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset {root} does not exist; {_MAKE_ONE}")
+    if not root.is_dir():
+        raise DataError(f"dataset {root} is a file, not a dataset directory; {_MAKE_ONE}")
+    if (root / "meta.json").is_file():
+        from hclsm.data.physics import PhysicsSource
+
+        return PhysicsSource(root)  # checks the format and version itself
+    if (root / "meta" / "info.json").is_file():
+        from hclsm.data.lerobot_read import LeRobotSource
+
+        return LeRobotSource(root)
+    raise DataError(f"{root} is not a dataset (no meta.json of a physics dataset, no meta/info.json of a LeRobot "
+                    f"v3 dataset); {_MAKE_ONE}")
+
+
+def _narrow_int(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in uint8 / int16 when its values fit (masks are small ids), else unchanged."""
+    if t.is_floating_point() or t.dtype == torch.bool or t.numel() == 0:
+        return t
+    lo, hi = int(t.min()), int(t.max())
+    if 0 <= lo and hi <= 255:
+        return t.to(torch.uint8)
+    if -(2**15) <= lo and hi < 2**15:
+        return t.to(torch.int16)
+    return t
+
+
+def _resize_episode(ep: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """Frames to ``size`` x ``size`` (area interpolation), masks nearest, pixel coordinates scaled."""
+    video = ep[keys.VIDEO]  # (T, 3, H, W) float in [0, 1]
+    h, w = video.shape[-2:]
+    if (h, w) == (size, size):
+        return ep
+    ep[keys.VIDEO] = F.interpolate(video, size=(size, size), mode="area").clamp_(0.0, 1.0)
+    if keys.MASK in ep:  # (T, H, W) ids: nearest keeps them ids
+        ep[keys.MASK] = F.interpolate(ep[keys.MASK][:, None].float(), size=(size, size),
+                                      mode="nearest")[:, 0].to(ep[keys.MASK].dtype)
+    scale = torch.tensor([size / w, size / h])  # (x, y)
+    for k in _PIXEL_KEYS:
+        if k in ep:
+            ep[k] = ep[k] * scale.to(ep[k].dtype)
+    return ep
+
+
+class MemoryClips:
+    """Clip windows over episodes held in memory.
+
+    Args:
+        source: any ``EpisodeSource`` (``PhysicsSource``, ``LeRobotSource``, ...).
+        clip: window length, frame skip and stride (as for ``ClipDataset``).
+        episodes: the episode indices to load (a split); ``None`` = all.
+        image_size: resize frames to this square side on load (area interpolation); ``None`` = as stored.
+        progress: show a tqdm bar while loading.
+
+    ``sample(B, generator)`` draws B random windows; ``batches(B)`` walks all windows in order (for
+    evaluation); ``clips[i]`` is one clip without the batch dimension. Every batch is a dict in the
+    ``hclsm.keys`` format with ``video`` float32 in [0, 1], plus ``episode_index`` and ``frame_index``.
+    """
+
+    def __init__(self, source: EpisodeSource, clip: ClipConfig, episodes: Sequence[int] | None = None,
+                 image_size: int | None = None, progress: bool = True):
+        self.source = source
+        self.clip = clip
+        self.image_size = image_size
+        lengths = [int(n) for n in source.episode_lengths]
+        self.episodes = list(range(len(lengths)) if episodes is None else episodes)
+        bad = [e for e in self.episodes if not 0 <= e < len(lengths)]
+        if bad:
+            raise DataError(f"{source.name}: episodes {bad[:5]} out of range [0, {len(lengths)})")
+        self.windows = clip_windows(lengths, clip.length, clip.frame_skip, clip.stride, self.episodes)  # (W, 2)
+        if len(self.windows) == 0:
+            span = (clip.length - 1) * clip.frame_skip + 1
+            longest = max((lengths[e] for e in self.episodes), default=0)
+            raise DataError(f"{source.name}: a clip of length {clip.length} with frame_skip {clip.frame_skip} needs "
+                            f"{span} frames but the longest chosen episode has {longest}; lower data.clip.length "
+                            f"or data.clip.frame_skip")
+        self._load(lengths, progress)
+
+    def _load(self, lengths: list[int], progress: bool) -> None:
+        per_frame: dict[str, list[torch.Tensor]] = {}
+        per_episode: dict[str, list[torch.Tensor]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}  # dtype each key is served in
+        offsets = np.zeros(len(lengths), dtype=np.int64)  # first row of episode e in the per-frame store
+        row = 0
+        for e in tqdm(self.episodes, desc=f"loading {Path(self.source.name).name}", unit="ep", disable=not progress,
+                      leave=False):
+            n = lengths[e]
+            ep = self.source.load_clip(e, np.arange(n))
+            if self.image_size is not None:
+                ep = _resize_episode(ep, self.image_size)
+            for k, v in ep.items():
+                self._dtypes.setdefault(k, v.dtype)
+                if k == keys.VIDEO:  # exact for 8-bit sources; the resized frames round to 1/255
+                    v = (v * 255.0).round_().to(torch.uint8)
+                elif k == keys.MASK:
+                    v = _narrow_int(v)
+                is_frame = k not in EPISODE_KEYS and v.dim() >= 1 and v.shape[0] == n
+                (per_frame if is_frame else per_episode).setdefault(k, []).append(v)
+            offsets[e] = row
+            row += n
+        self._offsets = torch.from_numpy(offsets)
+        self._frames = {k: self._cat(k, v, torch.cat) for k, v in per_frame.items()}  # (sum of T, ...)
+        self._per_episode = {k: self._cat(k, v, torch.stack) for k, v in per_episode.items()}  # (E, ...)
+        self._episode_row = torch.full((len(lengths),), -1, dtype=torch.int64)  # episode -> row in _per_episode
+        self._episode_row[torch.as_tensor(self.episodes, dtype=torch.int64)] = torch.arange(len(self.episodes))
+
+    def _cat(self, key: str, parts: list[torch.Tensor], join: Callable[..., torch.Tensor]) -> torch.Tensor:
+        if len(parts) != len(self.episodes):
+            raise DataError(f"{self.source.name}: key {key!r} is present in only {len(parts)} of "
+                            f"{len(self.episodes)} episodes; the dataset is inconsistent")
+        if len({p.dtype for p in parts}) > 1:  # e.g. masks narrowed differently per episode
+            dtype = parts[0].dtype
+            for p in parts[1:]:
+                dtype = torch.promote_types(dtype, p.dtype)
+            parts = [p.to(dtype) for p in parts]
+        try:
+            return join(parts)
+        except RuntimeError:
+            shapes = sorted({tuple(p.shape[1:] if join is torch.cat else p.shape) for p in parts})
+            raise DataError(f"{self.source.name}: key {key!r} has different shapes across episodes {shapes[:3]}; "
+                            f"the dataset is inconsistent") from None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory by the loaded episodes."""
+        stores = (*self._frames.values(), *self._per_episode.values())
+        return sum(t.numel() * t.element_size() for t in stores)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def get(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of windows ``indices`` (positions in ``self.windows``)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)  # (B,)
+        win = torch.from_numpy(self.windows)[idx]  # (B, 2) episode, start
+        episode, start = win[:, 0], win[:, 1]
+        frames = start[:, None] + self.clip.frame_skip * torch.arange(self.clip.length)  # (B, T)
+        rows = self._offsets[episode][:, None] + frames  # (B, T) rows in the per-frame store
+        out: dict[str, torch.Tensor] = {}
+        for k, store in self._frames.items():
+            v = store[rows]  # (B, T, ...)
+            out[k] = v.float().div_(255.0) if k == keys.VIDEO else v.to(self._dtypes[k])
+        ep_rows = self._episode_row[episode]  # (B,)
+        for k, store in self._per_episode.items():
+            out[k] = store[ep_rows].to(self._dtypes[k])
+        out[keys.EPISODE] = episode.clone()
+        out[keys.FRAMES] = frames
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Window ``i`` as one clip (no batch dimension)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range [0, {len(self)})")
+        return {k: v[0] for k, v in self.get([i % len(self)]).items()}
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``batch_size`` windows drawn uniformly at random (with replacement) using ``generator``."""
+        return self.get(torch.randint(len(self), (batch_size,), generator=generator))
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every window once, in order, ``batch_size`` at a time (the last batch may be smaller)."""
+        for first in range(0, len(self), batch_size):
+            yield self.get(torch.arange(first, min(first + batch_size, len(self))))
+
