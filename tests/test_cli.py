@@ -114,7 +114,7 @@ def physics_ds(tmp_path_factory):
     (["data"], ["pusht", "physics"]),
     (["data", "pusht"], ["--out", "--overwrite", "--max-steps", "--codec", "--config", "--set"]),
     (["data", "physics"], ["--out", "--overwrite", "--frames", "--counterfactual", "--config", "--set"]),
-    (["train"], ["not built yet", "--config", "--set"]),
+    (["train"], ["--data", "--model", "--stage", "--steps", "--minutes", "--config", "--set"]),
     (["eval"], ["not built yet", "--config", "--set"]),
     (["plan"], ["not built yet", "--config", "--set"]),
     (["bench"], ["--list", "--quick", "--out"]),
@@ -400,7 +400,7 @@ def test_failed_overwrite_keeps_the_old_dataset(capsys, monkeypatch, tmp_path, p
 
 # ---- 6. train / eval / plan -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["train", "eval", "plan"])
+@pytest.mark.parametrize("command", ["eval", "plan"])
 def test_not_built_commands(capsys, command):
     code, stdout, err = run(capsys, command)
     assert_user_error(code, err, f"`hclsm {command}`", "not built yet")
@@ -409,21 +409,25 @@ def test_not_built_commands(capsys, command):
 
 @pytest.mark.parametrize("command", ["train", "eval", "plan"])
 def test_not_built_commands_report_config_errors_first(capsys, tmp_path, command):
-    code, _, err = run(capsys, command, "--set", "train.lr=-1")
+    if command == "train":  # --data is required there; its config is checked before the data
+        command = ["train", "--data", tmp_path / "missing"]
+    else:
+        command = [command]
+    code, _, err = run(capsys, *command, "--set", "train.lr=-1")
     line = assert_user_error(code, err, "train.lr", "> 0")
     assert "not built" not in line
-    code, _, err = run(capsys, command, "--model.slots.bogus=3")
+    code, _, err = run(capsys, *command, "--model.slots.bogus=3")
     assert_user_error(code, err, "model.slots.bogus", "unknown key")
-    code, _, err = run(capsys, command, "--config", tmp_path / "nope.yaml")
+    code, _, err = run(capsys, *command, "--config", tmp_path / "nope.yaml")
     assert_user_error(code, err, "nope.yaml", "not found")
 
 
-def test_console_script_train_not_built(tmp_path):
-    r = subprocess.run([_console_script(), "train", "--set", "train.steps=10"], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=60)
+def test_console_script_train_on_a_missing_dataset(tmp_path):
+    r = subprocess.run([_console_script(), "train", "--data", "nope", "--set", "train.steps=10",
+                        "--set", "train.warmup_steps=1"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
-    assert r.stderr.startswith("error: `hclsm train`") and "not built yet" in r.stderr
+    assert r.stderr.startswith("error: dataset nope does not exist") and "hclsm data physics --out" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hclsm.config import PRESETS, Config, load_config
+from hclsm.config import MODEL_NAMES, PRESETS, Config, load_config
 from hclsm.errors import HclsmError
 
 NOT_BUILT = ("{what} not built yet in this version of hclsm (data, metrics, configs and benchmarks are); see "
@@ -97,6 +97,30 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from hclsm.train import train
+
+    flags = {"model.name": args.model, "train.stage": args.stage, "train.steps": args.steps,
+             "train.run_name": args.name, "train.out_dir": args.out, "train.max_minutes": args.minutes}
+    cfg = _config(args, extra + [f"{k}={v}" for k, v in flags.items() if v is not None])
+    eval_fn = None
+    try:  # the object metrics (FG-ARI, mIoU of the slot masks), when this version has them
+        from hclsm.eval.objects import make_eval_fn
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("hclsm.eval"):
+            raise
+    else:
+        eval_fn = make_eval_fn(cfg)
+    result = train(cfg, args.data, eval_fn=eval_fn, progress=not args.quiet)
+    print(f"run: {result.run_dir}")
+    print(f"{result.steps} steps in {result.seconds:.1f} s (stopped by {result.stopped}; "
+          f"{result.skipped} skipped); checkpoint: {result.checkpoint}")
+    for title, values in (("final losses", result.losses), ("val", result.metrics)):
+        if values:
+            print(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    return 0
+
+
 def _cmd_not_built(what: str):
     def run(args: argparse.Namespace, extra: list[str]) -> int:
         _config(args, extra)  # a bad config still fails with its own message first
@@ -132,8 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(k)
         k.set_defaults(func=_cmd_data)
 
-    for name, what, helptext in (("train", "`hclsm train`: the training loop and models are", "train a model"),
-                                 ("eval", "`hclsm eval`: model evaluation is", "evaluate a checkpoint"),
+    t = sub.add_parser("train", help="train a model on a dataset (physics scenes or LeRobot v3 / PushT)",
+                       description="Train a model on a dataset directory; writes OUT/NAME with config.yaml, log.jsonl, "
+                                   "tb/ (TensorBoard), checkpoints/ and summary.json.")
+    t.add_argument("--data", required=True, metavar="DIR",
+                   help="dataset directory (from `hclsm data physics` or `hclsm data pusht`, or a LeRobot v3 copy)")
+    t.add_argument("--model", choices=MODEL_NAMES, default=None, help="model to train (model.name; default hclsm)")
+    t.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                   help="1: stage 1 (SBD only) for train.stage1_fraction of the steps, then stage 2; 2: stage 2 only")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
+    t.add_argument("--name", default=None, help="run name (train.run_name; default MODEL-PRESET-DATE-TIME)")
+    t.add_argument("--out", default=None, help="root directory of runs (train.out_dir; default runs)")
+    t.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget; stops at --steps or after this many minutes (train.max_minutes)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(t)
+    t.set_defaults(func=_cmd_train)
+
+    for name, what, helptext in (("eval", "`hclsm eval`: model evaluation is", "evaluate a checkpoint"),
                                  ("plan", "`hclsm plan`: the planner is", "plan with a trained world model in PushT")):
         c = sub.add_parser(name, help=f"{helptext} (not built yet)", description=f"{helptext} (not built yet)")
         _add_config_args(c)
