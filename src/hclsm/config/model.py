@@ -54,7 +54,7 @@ class PerceptionConfig:
     encoder: str = "cnn"  # one of ENCODERS
     image_size: int = 64  # frames are resized to image_size x image_size
     channels: int = 3
-    patch_size: int = 8  # ViT patch side; for the cnn, its total downsampling factor
+    patch_size: int = 2  # ViT patch side; for the cnn, its total downsampling factor (a power of two)
     d_model: int = 64  # encoder width
     layers: int = 4  # ViT blocks, or conv layers of the cnn
     heads: int = 4  # ViT attention heads (must divide d_model)
@@ -71,6 +71,9 @@ class PerceptionConfig:
               f"must divide model.perception.image_size ({self.image_size}), got {self.patch_size}")
         check_heads(self.d_model, self.heads, p)
         check_prob(self, p, "dropout")
+        if self.encoder == "cnn":
+            check(self.patch_size & (self.patch_size - 1) == 0, f"{p}.patch_size",
+                  f"must be a power of two for the cnn encoder (its stride-2 layers), got {self.patch_size}")
 
     @property
     def grid_size(self) -> int:
@@ -80,36 +83,63 @@ class PerceptionConfig:
 
 @dataclass
 class SlotConfig:
-    """Slot attention with existence (alive) and birth of dormant slots."""
+    """Slot attention over ``num_slots`` object proposals (+ a background slot), with existence and birth.
 
-    num_slots: int = 7  # N_max
+    Frame 0 runs ``iterations`` from learned per-slot queries; every later frame starts from the previous
+    frame's slots and runs ``video_iterations``. Each object slot has an existence probability p_alive; a
+    slot is alive when p_alive > ``alive_threshold``. Dead slots are re-armed as birth proposals seeded
+    from what the alive slots failed to reconstruct on the previous frame.
+    """
+
+    num_slots: int = 7  # N_max object proposals (the background slot is extra)
     d_slot: int = 64
-    iterations: int = 3
+    iterations: int = 3  # slot-attention iterations on the first frame
+    video_iterations: int = 1  # iterations on every later frame (slots carried over from the previous frame)
     mlp_hidden: int = 128  # hidden width of the residual slot MLP
+    background: bool = True  # one extra always-alive slot for the background (not counted as an object)
+    query_noise: float = 1.0  # initial noise on the learned queries (x |query|), annealed to 0 ...
+    noise_anneal: float = 0.3  # ... over this fraction of training (cosine)
     alive_threshold: float = 0.5  # a slot counts as alive when p_alive exceeds this
-    birth_threshold: float = 0.5  # unexplained attention mass of a token above which a dormant slot is born
-    existence_sparsity: float = 0.01  # weight of the penalty on the number of alive slots
+    birth_threshold: float = 0.05  # mean squared residual of a pixel above which it counts as unexplained
+    existence_sparsity: float = 0.02  # weight of the prior on the mean p_alive of the object slots
+    existence_start: float = 0.3  # training progress at which existence gating and its prior switch on
+    existence_ramp: float = 0.2  # progress over which the prior's weight ramps from 0 to existence_sparsity
 
     def __post_init__(self) -> None:
         p = "model.slots"
-        check_min(self, p, 1, "num_slots", "d_slot", "iterations", "mlp_hidden")
-        check_prob(self, p, "alive_threshold", "birth_threshold")
-        check_min(self, p, 0.0, "existence_sparsity")
+        check_min(self, p, 1, "num_slots", "d_slot", "iterations", "video_iterations", "mlp_hidden")
+        check_prob(self, p, "alive_threshold", "birth_threshold", "noise_anneal", "existence_start",
+                   "existence_ramp")
+        check_min(self, p, 0.0, "existence_sparsity", "query_noise")
 
 
 @dataclass
 class DecoderConfig:
-    """Spatial broadcast decoder: each slot -> (grid x grid) features/pixels + an alpha logit."""
+    """Spatial broadcast decoder: each slot -> a (resolution x resolution) target map + an alpha logit.
+
+    A slot is broadcast to a ``grid_size`` grid with its (x, y) coordinates (relative to the slot's
+    attention centroid when ``relative_positions``), run through ``layers`` convolutions of width
+    ``hidden`` and ``kernel`` (1 = a per-pixel MLP), then upsampled by stride-2 transposed convolutions
+    to ``resolution``. Pixel targets are the frames resized to ``resolution``; feature targets are the
+    EMA target encoder's tokens (then ``resolution`` must equal the perception grid).
+    """
 
     target: str = "pixels"  # one of DECODER_TARGETS
     hidden: int = 64
     layers: int = 3
-    grid_size: int = 8  # side of the grid each slot is broadcast to
+    kernel: int = 1  # 1 = per-pixel MLP (cheapest), 3 = 3x3 convolutions
+    grid_size: int = 32  # side of the grid each slot is broadcast to
+    resolution: int = 32  # side of the decoded maps (a power-of-two multiple of grid_size)
+    relative_positions: bool = True  # broadcast slot-relative coordinates (translation-equivariant decoding)
 
     def __post_init__(self) -> None:
         p = "model.decoder"
         check_one_of(self.target, f"{p}.target", DECODER_TARGETS)
-        check_min(self, p, 1, "hidden", "layers", "grid_size")
+        check_min(self, p, 1, "hidden", "layers", "kernel", "grid_size", "resolution")
+        check(self.kernel % 2 == 1, f"{p}.kernel", f"must be odd, got {self.kernel}")
+        ratio = self.resolution // self.grid_size
+        check(self.resolution % self.grid_size == 0 and ratio & (ratio - 1) == 0, f"{p}.resolution",
+              f"must be grid_size ({self.grid_size}) times a power of two, got {self.resolution}")
 
 
 @dataclass
@@ -234,3 +264,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_one_of(self.name, "model.name", MODEL_NAMES)
         check_min(self, "model", 0, "d_action")
+        grid = self.perception.grid_size
+        if self.decoder.target == "features":
+            check(self.decoder.resolution == grid, "model.decoder.resolution",
+                  f"must equal the perception grid ({grid}) for feature targets, got {self.decoder.resolution}")

@@ -68,7 +68,8 @@ def _vit_model(*, d_world: int, vit: tuple[int, int, int], slots: tuple[int, int
                                     heads=vit_heads, d_world=d_world, max_frames=32),
         slots=SlotConfig(num_slots=n_slots, d_slot=d_slot, iterations=iters, mlp_hidden=4 * d_slot),
         # DINOSAUR-style target: EMA-encoder patch features on the 14 x 14 token grid
-        decoder=DecoderConfig(target="features", hidden=256, layers=4, grid_size=14),
+        decoder=DecoderConfig(target="features", hidden=256, layers=4, kernel=1, grid_size=14, resolution=14,
+                              relative_positions=False),
         dynamics=DynamicsConfig(
             l0=L0Config(d_state=l0[0], blocks=l0[1]),
             l1=L1Config(d_model=l1[0], layers=l1[1], heads=l1[2]),

@@ -1,0 +1,16 @@
+"""Models: assemble ``hclsm.nn`` blocks. ``build_model(cfg.model)`` picks one by ``cfg.model.name``."""
+from __future__ import annotations
+
+from torch import nn
+
+from hclsm.config.model import ModelConfig
+from hclsm.errors import HclsmError
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model named by ``cfg.name`` (``hclsm``; the others are not built yet)."""
+    if cfg.name == "hclsm":
+        from hclsm.models.hclsm import HCLSM
+
+        return HCLSM(cfg)
+    raise HclsmError(f"model {cfg.name!r} is not built yet in this version of hclsm; use --model hclsm")

@@ -1,0 +1,181 @@
+"""Object decomposition of video: encoder -> slot attention with existence/birth/death -> SBD decoder.
+
+``ObjectDecomposer`` is the perception + object layers of HCLSM (seed Layers 1-2) and the object front
+end other models reuse. Per clip:
+
+* frame 0: slots start from the learned queries and run ``slots.iterations`` slot-attention updates;
+* frame t > 0: each **alive** slot carries its state from frame t-1 (so slot k keeps its object through
+  time) and runs ``slots.video_iterations`` updates; each **dead** slot is re-armed as a birth proposal,
+  its learned query plus a seed pooled from the tokens the alive slots failed to reconstruct on frame t-1;
+* an existence head gives p_alive per object slot; in training the alive gate is a straight-through
+  binary-concrete sample (after ``existence_start`` of training; all slots alive before), at evaluation
+  ``p_alive > alive_threshold``. The decoder composites alive slots only.
+
+A slot is *born* at frame t when it is alive at t but was dead at t-1, and *dies* when the reverse
+happens. The background slot (index 0, when ``slots.background``) is always alive and never counted.
+
+Losses (unweighted, by name): ``sbd`` reconstruction MSE; ``diversity`` mean squared cosine similarity
+between pairs of alive object slots; ``existence`` the sparsity prior on p_alive, its weight ramped in
+over training (a dead slot costs nothing, an alive one ``existence_sparsity`` / N_max).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hclsm.config.model import ModelConfig
+from hclsm.nn.decoders import SpatialBroadcastDecoder
+from hclsm.nn.encoders import build_encoder, coord_grid
+from hclsm.nn.slots import BirthSeeder, ExistenceHead, SlotAttention, attention_centroids, hard_concrete
+
+
+@dataclass
+class ObjectOutput:
+    """Per-frame object decomposition of a clip. K = object slots (+ background at index 0)."""
+
+    slots: torch.Tensor  # (B, T, K, d_slot)
+    positions: torch.Tensor  # (B, T, K, 2) attention centroids (x, y) in [-1, 1]
+    alive_logits: torch.Tensor  # (B, T, K) existence logits (the background's is unused)
+    alive: torch.Tensor  # (B, T, K) bool: the gate used this frame (hard)
+    gate: torch.Tensor  # (B, T, K) float alive gate as used (carries the straight-through gradient in training)
+    alphas: torch.Tensor  # (B, T, K, R, R) compositing masks, sum to 1 over alive slots
+    recon: torch.Tensor  # (B, T, C, R, R) decoded target
+    target: torch.Tensor  # (B, T, C, R, R) what was reconstructed (resized frames or EMA features)
+    attn: torch.Tensor  # (B, T, M, K) last slot-attention map per frame
+    births: torch.Tensor  # (B, T, K) bool, alive now and dead on the previous frame
+    deaths: torch.Tensor  # (B, T, K) bool, dead now and alive on the previous frame
+    has_background: bool
+
+    @property
+    def object_alive(self) -> torch.Tensor:
+        """(B, T, K_obj) alive flags of the object slots (background excluded)."""
+        return self.alive[..., 1:] if self.has_background else self.alive
+
+    @property
+    def count(self) -> torch.Tensor:
+        """(B, T) number of alive object slots per frame."""
+        return self.object_alive.sum(-1)
+
+    def segmentation(self, size: int) -> torch.Tensor:
+        """(B, T, size, size) int64 argmax slot id per pixel (alphas resized bilinearly); 0 = background slot
+        when there is one, object slots are 1..N_max (slot index + 1 without a background slot)."""
+        b, t, k, r, _ = self.alphas.shape
+        a = self.alphas.flatten(0, 1).float()
+        if size != r:
+            a = F.interpolate(a, size=(size, size), mode="bilinear", align_corners=False)
+        seg = a.argmax(dim=1).reshape(b, t, size, size)
+        return seg if self.has_background else seg + 1
+
+
+class ObjectDecomposer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, s, d = cfg.perception, cfg.slots, cfg.decoder
+        self.encoder = build_encoder(p)
+        self.num_slots = s.num_slots + int(s.background)
+        self.slot_attention = SlotAttention(p.d_world, s.d_slot, self.num_slots, s.mlp_hidden)
+        self.existence = ExistenceHead(s.d_slot)
+        self.birth = BirthSeeder(s.d_slot)
+        self.d_out = p.channels if d.target == "pixels" else p.d_world
+        self.decoder = SpatialBroadcastDecoder(s.d_slot, self.d_out, d)
+        # DINOSAUR-style target: an EMA copy of the encoder (no gradient), updated by update_target()
+        self.target_encoder = None
+        if d.target == "features":
+            self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.register_buffer("coords", coord_grid(p.grid_size), persistent=False)  # (M, 2)
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        if self.target_encoder is not None:
+            for t, o in zip(self.target_encoder.parameters(), self.encoder.parameters()):
+                t.lerp_(o.detach(), 1 - tau)
+
+    def _noise(self, progress: float) -> float:
+        s = self.cfg.slots
+        if not self.training or s.query_noise == 0 or progress >= s.noise_anneal:
+            return 0.0
+        return s.query_noise * 0.5 * (1 + math.cos(math.pi * progress / max(s.noise_anneal, 1e-8)))
+
+    def _targets(self, video: torch.Tensor) -> torch.Tensor:
+        r = self.cfg.decoder.resolution
+        if self.target_encoder is None:
+            if video.shape[-1] == r:
+                return video
+            return F.interpolate(video.flatten(0, 1), size=(r, r), mode="area").reshape(*video.shape[:3], r, r)
+        with torch.no_grad():
+            feats = self.target_encoder(video)  # (B, T, M, d_world)
+        return feats.transpose(2, 3).reshape(*feats.shape[:2], feats.shape[-1], r, r)
+
+    def forward(self, video: torch.Tensor, progress: float = 1.0) -> ObjectOutput:
+        s, size = self.cfg.slots, self.cfg.perception.image_size
+        if video.shape[-1] != size or video.shape[-2] != size:
+            video = F.interpolate(video.flatten(0, 1), size=(size, size), mode="area").reshape(
+                *video.shape[:3], size, size)
+        b, t = video.shape[:2]
+        tokens = self.encoder(video)  # (B, T, M, d_world)
+        k_all, v_all = self.slot_attention.project(tokens)
+        target = self._targets(video)
+        g = self.cfg.perception.grid_size
+        gating = not self.training or progress >= s.existence_start
+        noise = self._noise(progress)
+        bg = int(s.background)
+
+        slots = self.slot_attention.initial(b, noise)
+        alive_prev = None
+        seed = None
+        outs: dict[str, list[torch.Tensor]] = {n: [] for n in
+                                               ("slots", "pos", "logits", "gate", "alphas", "recon", "attn")}
+        for i in range(t):
+            if i == 0:
+                slots, attn = self.slot_attention(slots, k_all[:, 0], v_all[:, 0], s.iterations, straight_through=True)
+            else:
+                proposal = self.slot_attention.initial(b, noise) + seed[:, None, :]
+                keep = alive_prev[..., None]
+                slots = keep * slots + (1 - keep) * proposal
+                slots, attn = self.slot_attention(slots, k_all[:, i], v_all[:, i], s.video_iterations)
+            logits = self.existence(slots)  # (B, K)
+            if not gating:
+                gate = torch.ones_like(logits)
+            elif self.training:
+                gate = hard_concrete(logits)
+            else:
+                gate = (torch.sigmoid(logits) > s.alive_threshold).float()
+            if bg:
+                gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
+            pos = attention_centroids(attn, self.coords)
+            recon, _, alphas = self.decoder(slots, pos, gate)
+            if i + 1 < t:  # birth seed for the next frame: tokens the alive slots leave unexplained
+                err = (recon.detach().float() - target[:, i].float()).pow(2).mean(dim=1, keepdim=True)
+                err = F.adaptive_avg_pool2d(err, g).flatten(1)  # (B, M)
+                seed, _ = self.birth(v_all[:, i], self.birth.unexplained(err, s.birth_threshold))
+            alive_prev = gate.detach()
+            for name, val in zip(outs, (slots, pos, logits, gate, alphas, recon, attn)):
+                outs[name].append(val)
+
+        st = {n: torch.stack(v, dim=1) for n, v in outs.items()}
+        alive = st["gate"].detach() > 0.5
+        prev = torch.cat([alive[:, :1], alive[:, :-1]], dim=1)
+        return ObjectOutput(slots=st["slots"], positions=st["pos"], alive_logits=st["logits"], alive=alive,
+                            alphas=st["alphas"], recon=st["recon"], target=target, attn=st["attn"],
+                            gate=st["gate"], births=alive & ~prev, deaths=~alive & prev, has_background=bool(bg))
+
+    def losses(self, out: ObjectOutput, progress: float) -> dict[str, torch.Tensor]:
+        s = self.cfg.slots
+        bg = int(s.background)
+        sbd = F.mse_loss(out.recon.float(), out.target.float())
+        # diversity: squared cosine similarity between pairs of (alive) object slots
+        z = F.normalize(out.slots[:, :, bg:].float(), dim=-1)  # (B, T, N, d)
+        w = out.gate[:, :, bg:].detach()
+        sim = torch.einsum("btnd,btmd->btnm", z, z).pow(2)
+        pair = w[..., :, None] * w[..., None, :] * (1 - torch.eye(z.shape[2], device=z.device))
+        diversity = (sim * pair).sum() / pair.sum().clamp_min(1.0)
+        ramp = (progress - s.existence_start) / max(s.existence_ramp, 1e-8)
+        weight = s.existence_sparsity * min(max(ramp, 0.0), 1.0)
+        existence = weight * torch.sigmoid(out.alive_logits[:, :, bg:]).mean()
+        return {"sbd": sbd, "diversity": diversity, "existence": existence}

@@ -1,0 +1,60 @@
+"""Spatial broadcast decoder with alive-only alpha compositing.
+
+Each slot is broadcast to a grid, given its coordinates (absolute, or relative to the slot's attention
+centroid), decoded independently by shared convolutions (kernel 1 = a per-pixel MLP) and upsampled to
+the output resolution. The output has ``d_out`` target channels plus one alpha logit. Alphas are a
+softmax over slots multiplied by the alive gate and renormalised over the alive slots
+(``alpha_k = softmax_k * g_k / sum_j softmax_j * g_j``), so a dead slot draws nothing and, in training,
+the straight-through gate receives the reconstruction's gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hclsm.config.model import DecoderConfig
+from hclsm.nn.encoders import coord_grid
+
+
+class SpatialBroadcastDecoder(nn.Module):
+    def __init__(self, d_slot: int, d_out: int, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg, self.d_out = cfg, d_out
+        self.pos = nn.Linear(4 if not cfg.relative_positions else 2, d_slot)
+        layers: list[nn.Module] = []
+        c_in = d_slot
+        for _ in range(cfg.layers):
+            layers += [nn.Conv2d(c_in, cfg.hidden, cfg.kernel, padding=cfg.kernel // 2), nn.ReLU()]
+            c_in = cfg.hidden
+        size = cfg.grid_size
+        while size < cfg.resolution:
+            layers += [nn.ConvTranspose2d(cfg.hidden, cfg.hidden, 4, stride=2, padding=1), nn.ReLU()]
+            size *= 2
+        layers.append(nn.Conv2d(cfg.hidden, d_out + 1, 1))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("grid", coord_grid(cfg.grid_size), persistent=False)  # (G*G, 2)
+
+    def forward(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """slots (B, K, d), positions (B, K, 2) in [-1, 1], alive gate (B, K) in [0, 1].
+
+        Returns (recon (B, d_out, R, R), per-slot content (B, K, d_out, R, R), alphas (B, K, R, R)).
+        """
+        b, k, d = slots.shape
+        g = self.cfg.grid_size
+        if self.cfg.relative_positions:
+            rel = self.grid[None, None] - positions[:, :, None, :].to(self.grid.dtype)  # (B, K, G*G, 2)
+            pos = self.pos(rel.to(slots.dtype))
+        else:
+            xy = (self.grid + 1) / 2
+            pos = self.pos(torch.cat([xy, 1 - xy], dim=-1).to(slots.dtype))[None, None]
+        x = slots[:, :, None, :] + pos  # (B, K, G*G, d)
+        x = x.reshape(b * k, g, g, d).permute(0, 3, 1, 2)
+        out = self.net(x)  # (B*K, d_out + 1, R, R)
+        r = out.shape[-1]
+        out = out.reshape(b, k, self.d_out + 1, r, r)
+        content, logits = out[:, :, :self.d_out], out[:, :, self.d_out].float()
+        soft = logits.softmax(dim=1) * alive.float()[:, :, None, None]
+        alphas = soft / soft.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        recon = (alphas.unsqueeze(2).to(content.dtype) * content).sum(dim=1)
+        return recon, content, alphas

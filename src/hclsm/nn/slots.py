@@ -1,0 +1,140 @@
+"""Slot attention with learned per-slot queries, an existence head, and birth proposals.
+
+``SlotAttention`` (Locatello et al. 2020): softmax over slots (slots compete for tokens), weighted mean
+over tokens, GRU + residual MLP update. Its initial slots are learned per-slot queries (BO-QSA), with
+multiplicative Gaussian noise during early training; on a first frame the first ``iterations - 1``
+iterations run without gradient and the last one is straight-through to the queries (BO-QSA's bi-level
+trick), so the queries learn and backward stays cheap. Every slot also gets an attention centroid
+(its position in [-1, 1]^2), which the decoder uses for slot-relative coordinates.
+
+``ExistenceHead`` scores each slot's p_alive; in training the alive gate is a hard binary-concrete
+(Gumbel) sample with a straight-through gradient, so the reconstruction loss itself decides which slots
+must stay alive while a sparsity prior pushes the others to die.
+
+``BirthSeeder`` turns the per-token residual of the alive slots' reconstruction ("what the alive slots
+fail to explain") into a seed for the dead slots of the next frame.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SlotAttention(nn.Module):
+    def __init__(self, d_in: int, d_slot: int, num_slots: int, mlp_hidden: int, eps: float = 1e-8):
+        super().__init__()
+        self.num_slots, self.d_slot, self.eps = num_slots, d_slot, eps
+        self.queries = nn.Parameter(torch.empty(num_slots, d_slot))
+        if num_slots <= d_slot:
+            nn.init.orthogonal_(self.queries)
+        else:
+            nn.init.xavier_uniform_(self.queries)
+        self.norm_in = nn.LayerNorm(d_in)
+        self.to_k = nn.Linear(d_in, d_slot, bias=False)
+        self.to_v = nn.Linear(d_in, d_slot, bias=False)
+        self.norm_slots = nn.LayerNorm(d_slot)
+        self.to_q = nn.Linear(d_slot, d_slot, bias=False)
+        self.gru = nn.GRUCell(d_slot, d_slot)
+        self.mlp = nn.Sequential(nn.LayerNorm(d_slot), nn.Linear(d_slot, mlp_hidden), nn.ReLU(),
+                                 nn.Linear(mlp_hidden, d_slot))
+
+    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (..., M, d_slot) of tokens (..., M, d_in); computed once per frame."""
+        x = self.norm_in(tokens)
+        return self.to_k(x), self.to_v(x)
+
+    def initial(self, batch: int, noise: float = 0.0) -> torch.Tensor:
+        """(B, K, d_slot) learned queries, with noise ``noise * |query| * N(0, 1)`` when noise > 0."""
+        q = self.queries.unsqueeze(0).expand(batch, -1, -1)
+        if noise > 0:
+            q = q + noise * q.detach().abs() * torch.randn_like(q)
+        return q
+
+    def attend(self, slots: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(B, M, K) attention of tokens over slots (softmax over slots, computed in fp32)."""
+        q = self.to_q(self.norm_slots(slots))
+        logits = torch.einsum("bmd,bkd->bmk", k.float(), q.float()) / math.sqrt(self.d_slot)
+        return logits.softmax(dim=-1)
+
+    def iterate(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot-attention update; returns new slots (B, K, d) and the attention (B, M, K)."""
+        attn = self.attend(slots, k)
+        weights = attn / (attn.sum(dim=1, keepdim=True) + self.eps)
+        updates = torch.einsum("bmk,bmd->bkd", weights, v.float()).to(slots.dtype)
+        b, n, d = slots.shape
+        slots = self.gru(updates.reshape(b * n, d), slots.reshape(b * n, d)).reshape(b, n, d)
+        return slots + self.mlp(slots), attn
+
+    def forward(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, iterations: int,
+                straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``iterations`` updates from ``slots``; returns (slots, attention of the last update).
+
+        ``straight_through``: the first ``iterations - 1`` updates run without gradient and the last
+        one starts from ``detach(slots) + init - detach(init)``, so the initial slots still get the
+        last update's gradient (BO-QSA).
+        """
+        if straight_through and iterations > 1:
+            init = slots
+            with torch.no_grad():
+                for _ in range(iterations - 1):
+                    slots, _ = self.iterate(slots, k, v)
+            slots = slots.detach() + init - init.detach()
+            iterations = 1
+        attn = None
+        for _ in range(iterations):
+            slots, attn = self.iterate(slots, k, v)
+        return slots, attn
+
+
+def attention_centroids(attn: torch.Tensor, coords: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, K, 2) attention-weighted mean position of each slot; attn (B, M, K), coords (M, 2)."""
+    w = attn / (attn.sum(dim=1, keepdim=True) + eps)
+    return torch.einsum("bmk,mc->bkc", w, coords.to(w.dtype))
+
+
+class ExistenceHead(nn.Module):
+    """p_alive per slot from its state (LayerNorm -> MLP -> one logit)."""
+
+    def __init__(self, d_slot: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(d_slot), nn.Linear(d_slot, 2 * d_slot), nn.ReLU(),
+                                 nn.Linear(2 * d_slot, 1))
+        nn.init.constant_(self.net[-1].bias, 2.0)  # start alive: slots must first learn to bind
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        """Alive logits (B, K)."""
+        return self.net(slots).squeeze(-1).float()
+
+
+def hard_concrete(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Binary Gumbel (logistic-noise) sample in {0, 1} with the straight-through gradient of its soft value."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class BirthSeeder(nn.Module):
+    """Seed for dead slots: the residual-weighted mean of the frame's token values, through an MLP.
+
+    ``residual`` (B, M) is the detached per-token error of the alive slots' reconstruction, with the
+    tokens below ``threshold`` zeroed, so a seed only forms where something is left unexplained.
+    """
+
+    def __init__(self, d_slot: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(d_slot), nn.Linear(d_slot, d_slot), nn.ReLU(), nn.Linear(d_slot, d_slot))
+
+    @staticmethod
+    def unexplained(residual: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(B, M) weights of the tokens whose residual exceeds ``threshold`` (0 elsewhere)."""
+        return torch.where(residual > threshold, residual, torch.zeros_like(residual))
+
+    def forward(self, values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """values (B, M, d), weights (B, M) -> (seed (B, d), has_seed (B,) bool)."""
+        total = weights.sum(dim=1, keepdim=True)
+        pooled = (weights.unsqueeze(-1) * values.float()).sum(dim=1) / total.clamp_min(1e-6)
+        has = total.squeeze(1) > 0
+        return self.net(pooled.to(values.dtype)) * has[:, None].to(values.dtype), has

@@ -1,0 +1,178 @@
+"""Object layers: encoders, slot attention with existence/birth/death, the SBD decoder, Sinkhorn matching."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from hclsm.config import load_config
+from hclsm.errors import ConfigError
+from hclsm.eval.objects import true_counts
+from hclsm.metrics import hungarian_match
+from hclsm.models import build_model
+from hclsm.models.objects import ObjectDecomposer
+from hclsm.nn.decoders import SpatialBroadcastDecoder
+from hclsm.nn.matching import pairwise_cost, permute, sinkhorn, sinkhorn_match
+from hclsm.nn.slots import BirthSeeder, hard_concrete
+
+SMALL = ["model.perception.d_model=16", "model.perception.d_world=16", "model.slots.d_slot=16",
+         "model.slots.mlp_hidden=16", "model.slots.num_slots=4", "model.decoder.hidden=16",
+         "model.perception.image_size=32", "model.decoder.grid_size=8", "model.decoder.resolution=16"]
+
+
+def small_cfg(*extra: str):
+    return load_config("tiny", overrides=[*SMALL, *extra])
+
+
+@pytest.mark.parametrize("extra", [(), ("model.perception.encoder=vit", "model.perception.patch_size=4",
+                                        "model.perception.heads=2", "model.perception.layers=1",
+                                        "model.decoder.grid_size=8", "model.decoder.resolution=8",
+                                        "model.decoder.target=features", "model.decoder.relative_positions=false",
+                                        "model.decoder.kernel=3")])
+def test_every_trainable_parameter_gets_a_gradient_in_a_stage1_step(extra):
+    torch.manual_seed(0)
+    cfg = small_cfg(*extra)
+    model = build_model(cfg.model).train()
+    video = torch.rand(8, 4, 3, 32, 32)
+    out = model({"video": video}, progress=0.6, stage=1)  # past existence_start: gates and prior are on
+    assert set(out.losses) == {"sbd", "diversity", "existence"}
+    sum(out.losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, f"parameters without gradient: {missing}"
+    if cfg.model.decoder.target == "features":  # the EMA target encoder is not trained by gradient
+        assert all(not p.requires_grad for p in model.objects.target_encoder.parameters())
+
+
+def test_alpha_sums_to_one_over_alive_slots_and_dead_slots_draw_nothing():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    dec = SpatialBroadcastDecoder(16, 3, cfg.model.decoder)
+    slots, pos = torch.randn(2, 5, 16), torch.rand(2, 5, 2) * 2 - 1
+    alive = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 1]], dtype=torch.float32)
+    recon, content, alphas = dec(slots, pos, alive)
+    assert alphas.shape == (2, 5, 16, 16) and recon.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(alphas.sum(1), torch.ones(2, 16, 16))
+    assert (alphas[alive == 0] == 0).all() and (alphas[alive == 1] > 0).all()
+    torch.testing.assert_close(recon, (alphas[:, :, None] * content).sum(1))
+
+
+def test_model_output_shapes_counts_and_background_is_always_alive():
+    torch.manual_seed(0)
+    model = build_model(small_cfg().model).eval()
+    with torch.no_grad():
+        out = model({"video": torch.rand(3, 5, 3, 32, 32)}).objects
+    assert out.slots.shape == (3, 5, 5, 16) and out.alphas.shape == (3, 5, 5, 16, 16)
+    assert out.alive[..., 0].all() and out.count.shape == (3, 5)
+    torch.testing.assert_close(out.count, out.alive[..., 1:].sum(-1))
+    seg = out.segmentation(32)
+    assert seg.shape == (3, 5, 32, 32) and seg.min() >= 0 and seg.max() < 5
+
+
+def test_object_model_is_causal_in_time():
+    torch.manual_seed(0)
+    model = build_model(small_cfg().model).eval()
+    video = torch.rand(2, 6, 3, 32, 32)
+    changed = video.clone()
+    changed[:, 4:] = torch.rand_like(changed[:, 4:])  # perturb the future only
+    with torch.no_grad():
+        a, b = model({"video": video}).objects, model({"video": changed}).objects
+    torch.testing.assert_close(a.slots[:, :4], b.slots[:, :4])
+    torch.testing.assert_close(a.alphas[:, :4], b.alphas[:, :4])
+    assert not torch.allclose(a.slots[:, 4:], b.slots[:, 4:])
+
+
+def test_dead_slots_are_rearmed_and_births_deaths_follow_the_gate():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    net = ObjectDecomposer(cfg.model).eval()
+    # force slot 1 alive on frames 0-1, dead on 2-3, alive again on 4 (through the existence head's bias)
+    schedule = iter([5.0, 5.0, -5.0, -5.0, 5.0])
+    orig = net.existence.forward
+
+    def fake(slots):
+        logits = orig(slots).detach() * 0 + 5.0
+        logits[:, 1] = next(schedule)
+        return logits
+
+    net.existence.forward = fake
+    with torch.no_grad():
+        out = net(torch.rand(1, 5, 3, 32, 32))
+    assert out.alive[0, :, 1].tolist() == [True, True, False, False, True]
+    assert out.deaths[0, :, 1].tolist() == [False, False, True, False, False]
+    assert out.births[0, :, 1].tolist() == [False, False, False, False, True]
+    assert (out.alphas[0, 2:4, 1] == 0).all()
+
+
+def test_birth_seed_forms_only_where_the_residual_is_unexplained():
+    torch.manual_seed(0)
+    seeder = BirthSeeder(8)
+    values = torch.randn(2, 16, 8)
+    residual = torch.full((2, 16), 0.01)
+    residual[0, 5] = 0.4  # sample 0: one token badly reconstructed; sample 1: all explained
+    w = seeder.unexplained(residual, threshold=0.05)
+    assert w[0].nonzero().flatten().tolist() == [5] and (w[1] == 0).all()
+    seed, has = seeder(values, w)
+    assert has.tolist() == [True, False] and (seed[1] == 0).all()
+    torch.testing.assert_close(seed[0], seeder.net(values[0, 5]))
+
+
+def test_hard_concrete_is_binary_with_a_straight_through_gradient():
+    torch.manual_seed(0)
+    logits = torch.zeros(1000, requires_grad=True)
+    g = hard_concrete(logits)
+    v = g.detach()
+    assert torch.minimum(v, 1 - v).abs().max() < 1e-6 and 0.4 < v.mean().item() < 0.6  # 0/1 up to rounding
+    g.sum().backward()
+    assert (logits.grad > 0).all()
+
+
+def test_true_counts_counts_visible_ids():
+    mask = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    mask[0, 0, 0, 0], mask[0, 0, 1, 1], mask[0, 1, 2, 2] = 1, 3, 3
+    assert true_counts(mask).tolist() == [[2, 1]]
+
+
+def test_sinkhorn_plan_has_uniform_marginals_and_matches_hungarian_on_clear_cases():
+    torch.manual_seed(0)
+    b, n = 16, 7
+    a = torch.randn(b, n, 5) * 3
+    perm_true = torch.stack([torch.randperm(n) for _ in range(b)])
+    bset = torch.empty_like(a)
+    bset.scatter_(1, perm_true[..., None].expand(-1, -1, 5), a + 0.05 * torch.randn_like(a))  # b[perm[i]] ~ a[i]
+    plan = sinkhorn(pairwise_cost(a, bset))
+    torch.testing.assert_close(plan.sum(2), torch.full((b, n), 1 / n), atol=1e-4, rtol=0)
+    torch.testing.assert_close(plan.sum(1), torch.full((b, n), 1 / n), atol=1e-4, rtol=0)
+    perm = sinkhorn_match(a, bset)
+    for i in range(b):
+        assert sorted(perm[i].tolist()) == list(range(n))  # a permutation
+        rows, cols = hungarian_match(pairwise_cost(a, bset)[i].numpy())
+        assert perm[i].tolist() == cols[np.argsort(rows)].tolist() == perm_true[i].tolist()
+    torch.testing.assert_close(permute(bset, perm), a, atol=0.5, rtol=0)
+
+
+def test_sinkhorn_match_is_a_permutation_even_on_ties():
+    a = torch.zeros(3, 4, 2)
+    perm = sinkhorn_match(a, a.clone())
+    for row in perm.tolist():
+        assert sorted(row) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="equal shape"):
+        sinkhorn_match(torch.zeros(1, 3, 2), torch.zeros(1, 4, 2))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.decoder.resolution=24", "model.decoder.resolution"),
+    ("model.decoder.kernel=2", "model.decoder.kernel"),
+    ("model.perception.patch_size=3", "model.perception.patch_size"),
+])
+def test_bad_object_configs_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config("tiny", overrides=[override])
+
+
+def test_permutations_helper_roundtrip():
+    x = torch.arange(12.0).reshape(1, 4, 3)
+    for p in itertools.permutations(range(4)):
+        perm = torch.tensor([p])
+        assert permute(x, perm)[0, :, 0].tolist() == [x[0, j, 0].item() for j in p]
