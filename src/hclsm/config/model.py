@@ -97,12 +97,13 @@ class SlotConfig:
     video_iterations: int = 1  # iterations on every later frame (slots carried over from the previous frame)
     mlp_hidden: int = 128  # hidden width of the residual slot MLP
     background: bool = True  # one extra always-alive slot for the background (not counted as an object)
+    spatial_prior: bool = True  # slots start at learned positions; attention favours tokens near a slot
     query_noise: float = 1.0  # initial noise on the learned queries (x |query|), annealed to 0 ...
     noise_anneal: float = 0.3  # ... over this fraction of training (cosine)
     alive_threshold: float = 0.5  # a slot counts as alive when p_alive exceeds this
     birth_threshold: float = 0.05  # mean squared residual of a pixel above which it counts as unexplained
     existence_sparsity: float = 0.02  # weight of the prior on the mean p_alive of the object slots
-    existence_start: float = 0.3  # training progress at which existence gating and its prior switch on
+    existence_start: float = 0.5  # training progress at which existence gating and its prior switch on
     existence_ramp: float = 0.2  # progress over which the prior's weight ramps from 0 to existence_sparsity
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from hclsm.config.model import ModelConfig
 from hclsm.nn.decoders import SpatialBroadcastDecoder
 from hclsm.nn.encoders import build_encoder, coord_grid
-from hclsm.nn.slots import BirthSeeder, ExistenceHead, SlotAttention, attention_centroids, hard_concrete
+from hclsm.nn.slots import BirthSeeder, ExistenceHead, SlotAttention, hard_concrete
 
 
 @dataclass
@@ -79,7 +79,8 @@ class ObjectDecomposer(nn.Module):
         p, s, d = cfg.perception, cfg.slots, cfg.decoder
         self.encoder = build_encoder(p)
         self.num_slots = s.num_slots + int(s.background)
-        self.slot_attention = SlotAttention(p.d_world, s.d_slot, self.num_slots, s.mlp_hidden)
+        self.slot_attention = SlotAttention(p.d_world, s.d_slot, self.num_slots, s.mlp_hidden,
+                                            spatial_prior=s.spatial_prior, background=s.background)
         self.existence = ExistenceHead(s.d_slot)
         self.birth = BirthSeeder(s.d_slot)
         self.d_out = p.channels if d.target == "pixels" else p.d_world
@@ -126,19 +127,22 @@ class ObjectDecomposer(nn.Module):
         noise = self._noise(progress)
         bg = int(s.background)
 
-        slots = self.slot_attention.initial(b, noise)
+        slots, pos = self.slot_attention.initial(b, noise)
         alive_prev = None
         seed = None
         outs: dict[str, list[torch.Tensor]] = {n: [] for n in
                                                ("slots", "pos", "logits", "gate", "alphas", "recon", "attn")}
         for i in range(t):
             if i == 0:
-                slots, attn = self.slot_attention(slots, k_all[:, 0], v_all[:, 0], s.iterations, straight_through=True)
-            else:
-                proposal = self.slot_attention.initial(b, noise) + seed[:, None, :]
+                slots, pos, attn = self.slot_attention(slots, pos, k_all[:, 0], v_all[:, 0], self.coords, s.iterations,
+                                                       straight_through=True)
+            else:  # alive slots carry on; dead ones are re-armed as birth proposals
+                proposal, proposal_pos = self.slot_attention.initial(b, noise)
                 keep = alive_prev[..., None]
-                slots = keep * slots + (1 - keep) * proposal
-                slots, attn = self.slot_attention(slots, k_all[:, i], v_all[:, i], s.video_iterations)
+                slots = keep * slots + (1 - keep) * (proposal + seed[:, None, :])
+                pos = keep * pos + (1 - keep) * proposal_pos
+                slots, pos, attn = self.slot_attention(slots, pos, k_all[:, i], v_all[:, i], self.coords,
+                                                       s.video_iterations)
             logits = self.existence(slots)  # (B, K)
             if not gating:
                 gate = torch.ones_like(logits)
@@ -148,7 +152,6 @@ class ObjectDecomposer(nn.Module):
                 gate = (torch.sigmoid(logits) > s.alive_threshold).float()
             if bg:
                 gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
-            pos = attention_centroids(attn, self.coords)
             recon, _, alphas = self.decoder(slots, pos, gate)
             if i + 1 < t:  # birth seed for the next frame: tokens the alive slots leave unexplained
                 err = (recon.detach().float() - target[:, i].float()).pow(2).mean(dim=1, keepdim=True)

@@ -23,7 +23,16 @@ from torch import nn
 
 
 class SlotAttention(nn.Module):
-    def __init__(self, d_in: int, d_slot: int, num_slots: int, mlp_hidden: int, eps: float = 1e-8):
+    """Slot attention whose slots also carry a position (their attention centroid, in [-1, 1]^2).
+
+    With ``spatial_prior`` the attention logits get ``-|x_m - pos_k|^2 / (2 sigma^2)`` (sigma learned,
+    per model) for every slot but the background (index 0 when ``background``): slots start spread over
+    the image at learned positions and each first explains what is near it, which breaks the symmetry
+    between slots from the first step instead of after thousands of plateau steps.
+    """
+
+    def __init__(self, d_in: int, d_slot: int, num_slots: int, mlp_hidden: int, spatial_prior: bool = True,
+                 background: bool = True, sigma_init: float = 0.4, eps: float = 1e-8):
         super().__init__()
         self.num_slots, self.d_slot, self.eps = num_slots, d_slot, eps
         self.queries = nn.Parameter(torch.empty(num_slots, d_slot))
@@ -31,6 +40,17 @@ class SlotAttention(nn.Module):
             nn.init.orthogonal_(self.queries)
         else:
             nn.init.xavier_uniform_(self.queries)
+        self.spatial_prior = spatial_prior
+        if spatial_prior:
+            side = math.ceil(math.sqrt(num_slots))
+            c = torch.linspace(-0.6, 0.6, side)
+            grid = torch.stack(torch.meshgrid(c, c, indexing="xy"), dim=-1).reshape(-1, 2)[:num_slots]
+            self.query_pos = nn.Parameter(grid.clone())  # (K, 2) learned initial positions
+            self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma_init)))
+            prior_mask = torch.ones(num_slots)
+            if background:
+                prior_mask[0] = 0.0
+            self.register_buffer("prior_mask", prior_mask, persistent=False)
         self.norm_in = nn.LayerNorm(d_in)
         self.to_k = nn.Linear(d_in, d_slot, bias=False)
         self.to_v = nn.Linear(d_in, d_slot, bias=False)
@@ -45,53 +65,58 @@ class SlotAttention(nn.Module):
         x = self.norm_in(tokens)
         return self.to_k(x), self.to_v(x)
 
-    def initial(self, batch: int, noise: float = 0.0) -> torch.Tensor:
-        """(B, K, d_slot) learned queries, with noise ``noise * |query| * N(0, 1)`` when noise > 0."""
+    def initial(self, batch: int, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, d_slot) learned queries and (B, K, 2) initial positions; with ``noise`` > 0 the queries
+        get ``noise * |query| * N(0, 1)`` and the positions ``0.1 * noise * N(0, 1)``."""
         q = self.queries.unsqueeze(0).expand(batch, -1, -1)
+        pos = (self.query_pos if self.spatial_prior else self.queries.new_zeros(self.num_slots, 2))
+        pos = pos.unsqueeze(0).expand(batch, -1, -1)
         if noise > 0:
             q = q + noise * q.detach().abs() * torch.randn_like(q)
-        return q
+            pos = pos + 0.1 * noise * torch.randn_like(pos)
+        return q, pos
 
-    def attend(self, slots: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def attend(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """(B, M, K) attention of tokens over slots (softmax over slots, computed in fp32)."""
         q = self.to_q(self.norm_slots(slots))
         logits = torch.einsum("bmd,bkd->bmk", k.float(), q.float()) / math.sqrt(self.d_slot)
+        if self.spatial_prior:
+            d2 = (coords[None, :, None, :] - pos.float()[:, None, :, :]).pow(2).sum(-1)  # (B, M, K)
+            logits = logits - d2 * self.prior_mask / (2 * torch.exp(2 * self.log_sigma.float()))
         return logits.softmax(dim=-1)
 
-    def iterate(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One slot-attention update; returns new slots (B, K, d) and the attention (B, M, K)."""
-        attn = self.attend(slots, k)
+    def iterate(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One update; returns new slots (B, K, d), new positions (B, K, 2) and the attention (B, M, K)."""
+        attn = self.attend(slots, pos, k, coords)
         weights = attn / (attn.sum(dim=1, keepdim=True) + self.eps)
         updates = torch.einsum("bmk,bmd->bkd", weights, v.float()).to(slots.dtype)
+        pos = torch.einsum("bmk,mc->bkc", weights, coords.float())
         b, n, d = slots.shape
         slots = self.gru(updates.reshape(b * n, d), slots.reshape(b * n, d)).reshape(b, n, d)
-        return slots + self.mlp(slots), attn
+        return slots + self.mlp(slots), pos, attn
 
-    def forward(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, iterations: int,
-                straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``iterations`` updates from ``slots``; returns (slots, attention of the last update).
+    def forward(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor,
+                iterations: int, straight_through: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run ``iterations`` updates from ``slots`` at ``pos``; returns (slots, positions, last attention).
 
         ``straight_through``: the first ``iterations - 1`` updates run without gradient and the last
-        one starts from ``detach(slots) + init - detach(init)``, so the initial slots still get the
-        last update's gradient (BO-QSA).
+        one starts from ``detach(state) + init - detach(init)``, so the initial slots and positions
+        still get the last update's gradient (BO-QSA).
         """
         if straight_through and iterations > 1:
-            init = slots
+            init_s, init_p = slots, pos
             with torch.no_grad():
                 for _ in range(iterations - 1):
-                    slots, _ = self.iterate(slots, k, v)
-            slots = slots.detach() + init - init.detach()
+                    slots, pos, _ = self.iterate(slots, pos, k, v, coords)
+            slots = slots.detach() + init_s - init_s.detach()
+            pos = pos.detach() + init_p - init_p.detach()
             iterations = 1
         attn = None
         for _ in range(iterations):
-            slots, attn = self.iterate(slots, k, v)
-        return slots, attn
-
-
-def attention_centroids(attn: torch.Tensor, coords: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(B, K, 2) attention-weighted mean position of each slot; attn (B, M, K), coords (M, 2)."""
-    w = attn / (attn.sum(dim=1, keepdim=True) + eps)
-    return torch.einsum("bmk,mc->bkc", w, coords.to(w.dtype))
+            slots, pos, attn = self.iterate(slots, pos, k, v, coords)
+        return slots, pos, attn
 
 
 class ExistenceHead(nn.Module):

@@ -1,0 +1,168 @@
+"""``hclsm bench objects``: does the object layer find the objects, and count them?
+
+Physics scenes (3-6 balls, 64x64): train the tiny HCLSM's stage 1 for a fixed wall-clock budget, then
+on held-out episodes report video-level FG-ARI, mIoU (Hungarian) and how often the number of alive
+slots equals the number of visible balls (per frame, and on every frame of a clip). Birth and death
+are measured on the counterfactual twins where one ball is *removed* at step t: death = the count
+drops on the removal and a slot dies; birth = the same clip played backwards (a ball appears).
+A fixed-slot baseline (existence gating never on in training: all N_max slots stay alive) gets the
+same budget. PushT: stage 1 on simulator episodes; mIoU of the agent and block masks against the
+simulator's, the SBD and diversity losses beside the seed's indicators (< 0.01, < 0.15), and how
+far the alpha maps are from uniform.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hclsm import keys
+from hclsm.bench import BenchResult, register
+from hclsm.config import Config, load_config
+from hclsm.config.data import ClipConfig, PhysicsDataConfig, PushTDataConfig
+from hclsm.data.clips import split_episodes
+from hclsm.data.memory import MemoryClips, open_dataset
+from hclsm.data.physics import PhysicsSource, generate_physics_dataset
+from hclsm.data.pusht import generate_pusht_dataset
+from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
+from hclsm.metrics.segmentation import _miou_one  # noqa: F401  (per-id IoU below is explicit)
+from hclsm.train import train
+
+
+def _config(minutes: float, seed: int, *overrides: str) -> Config:
+    cfg = load_config("tiny", overrides=[f"train.max_minutes={minutes}", "train.steps=1000000", "train.eval_every=0",
+                                         "train.ckpt_every=0", f"train.seed={seed}", "train.stage1_fraction=1.0",
+                                         *overrides])
+    return cfg
+
+
+def _val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
+    source = open_dataset(root)
+    _, val = split_episodes(len(source.episode_lengths), cfg.train.val_fraction, cfg.train.seed)
+    return MemoryClips(source, ClipConfig(length=length, stride=length), val, cfg.model.perception.image_size,
+                       progress=False)
+
+
+@torch.no_grad()
+def birth_death(model: torch.nn.Module, root: Path, episodes: list[int], frames: int = 6) -> dict[str, float]:
+    """On removal twins: a clip of ``frames`` frames centred on the removal step. Death fires when the
+    alive count drops by one within two frames of the removal and a slot dies there; birth when the
+    reversed clip's count rises by one and a slot is born there."""
+    net = decomposer(model).eval()
+    size = net.cfg.perception.image_size
+    source = PhysicsSource(root)
+    death_ok, birth_ok, n = [], [], 0
+    for e in episodes:
+        twin = source.load_episode(e, counterfactual=True)
+        if twin["intervention_kind"] != "remove":
+            continue
+        t = twin["intervention_step"]
+        start = int(np.clip(t - frames // 2, 0, len(twin["video"]) - frames))
+        sl = slice(start, start + frames)
+        video = torch.from_numpy(twin["video"][sl]).permute(0, 3, 1, 2).float()[None] / 255
+        if video.shape[-1] != size:
+            video = torch.nn.functional.interpolate(video[0], size=(size, size), mode="area")[None]
+        mask = torch.from_numpy(twin["mask"][sl].astype(np.int64))[None]
+        i = t - start  # first frame without the removed ball
+        truth = true_counts(mask)[0]
+        if not (truth[:i] == truth[0]).all() or not (truth[i:] == truth[0] - 1).all():
+            continue  # the removed ball was occluded / not visible: no count change to detect
+        n += 1
+        for clip, ok, born in ((video, death_ok, False), (video.flip(1), birth_ok, True)):
+            out = net(clip)
+            count = out.count[0]
+            j = i if not born else frames - i  # the frame where the count should change
+            before, after = count[:j].float().mode().values, count[j:].float().mode().values
+            events = (out.births if born else out.deaths)[0, j:min(j + 2, frames)].any()
+            ok.append(float(bool(after == before + (1 if born else -1)) and bool(events)))
+    return {"death_fired": float(np.mean(death_ok)) if death_ok else float("nan"),
+            "birth_fired": float(np.mean(birth_ok)) if birth_ok else float("nan"), "removal_clips": float(n)}
+
+
+@torch.no_grad()
+def pusht_metrics(model: torch.nn.Module, clips: MemoryClips) -> dict[str, float]:
+    """IoU of the agent (id 1) and block (id 2) masks with their best-matching slot (one-to-one), and
+    how peaked the alpha maps are (1 - mean normalised entropy over alive slots; 0 = uniform)."""
+    net = decomposer(model).eval()
+    ious: dict[int, list[float]] = {1: [], 2: []}
+    peak = []
+    for batch in clips.batches(16):
+        out = net(batch[keys.VIDEO])
+        mask = batch[keys.MASK].long()
+        seg = out.segmentation(mask.shape[-1])
+        for b in range(mask.shape[0]):
+            t_ids, s_ids = mask[b].reshape(-1), seg[b].reshape(-1)
+            slots = torch.unique(s_ids).tolist()
+            table = np.array([[float(((t_ids == o) & (s_ids == s)).sum()) / max(float(((t_ids == o) | (s_ids == s)).sum()), 1.0)
+                               for s in slots] for o in (1, 2)])
+            from hclsm.metrics import hungarian_match
+            rows, cols = hungarian_match(table, maximize=True)
+            best = dict(zip(rows.tolist(), table[rows, cols].tolist()))
+            for r, o in enumerate((1, 2)):
+                ious[o].append(best.get(r, 0.0))
+        a = out.alphas.float().clamp_min(1e-8)  # (B, T, K, R, R)
+        ent = -(a * a.log()).sum(2) / np.log(max(int(out.alive.sum(-1).max()), 2))
+        peak.append(float(1 - ent.mean()))
+    return {"agent_iou": float(np.mean(ious[1])), "block_iou": float(np.mean(ious[2])),
+            "agent_block_miou": float((np.mean(ious[1]) + np.mean(ious[2])) / 2), "alpha_peakedness": float(np.mean(peak))}
+
+
+def _row(name: str, m: dict[str, float], minutes: float, steps: int) -> dict:
+    return {"model": name, "minutes": round(minutes, 1), "steps": steps, "fg_ari": m.get("fg_ari"),
+            "miou": m.get("miou"), "count_clip_acc": m.get("count_clip_ok"), "count_frame_acc": m.get("count_frame_acc"),
+            "count_mae": m.get("count_abs_err"), "death_fired": m.get("death_fired"), "birth_fired": m.get("birth_fired")}
+
+
+@register("objects")
+def bench_objects(quick: bool, seed: int) -> BenchResult:
+    minutes = 0.25 if quick else 20.0
+    pusht_minutes = 0.15 if quick else 8.0
+    physics = PhysicsDataConfig(episodes=24 if quick else 300, frames=32, image_size=64, min_objects=3, max_objects=6,
+                                seed=seed, counterfactual=True)
+    pusht = PushTDataConfig(episodes=6 if quick else 40, max_steps=40 if quick else 100, seed=seed)
+    rows, metrics = [], {}
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-objects-") as tmp:
+        root = Path(tmp) / "physics"
+        generate_physics_dataset(root, physics, progress=False)
+        results = {}
+        for name, extra in (("hclsm (birth/death)", ()), ("fixed slots", ("model.slots.existence_start=1.0",
+                                                                          "model.slots.existence_sparsity=0.0"))):
+            cfg = _config(minutes, seed, *extra)
+            run = train(cfg, root, run_dir=Path(tmp) / f"run-{len(results)}", progress=not quick)
+            val = _val_clips(root, cfg, length=8)
+            m = evaluate_objects(run.model, val.batches(16))
+            _, val_eps = split_episodes(physics.episodes, cfg.train.val_fraction, cfg.train.seed)
+            m |= birth_death(run.model, root, val_eps)
+            results[name] = m
+            rows.append(_row(name, m, run.seconds / 60, run.steps))
+            if name.startswith("hclsm"):
+                metrics |= {"fg_ari": m["fg_ari"], "fg_ari_frame": m["fg_ari_frame"], "miou": m["miou"],
+                            "count_clip_acc": m["count_clip_ok"], "count_frame_acc": m["count_frame_acc"],
+                            "count_mae": m["count_abs_err"], "death_fired": m["death_fired"],
+                            "birth_fired": m["birth_fired"], "removal_clips": m["removal_clips"],
+                            "train_minutes": run.seconds / 60, "train_steps": run.steps,
+                            "final_sbd": run.losses.get("sbd")}
+            else:
+                metrics |= {"fixed_fg_ari": m["fg_ari"], "fixed_miou": m["miou"],
+                            "fixed_count_clip_acc": m["count_clip_ok"], "fixed_count_frame_acc": m["count_frame_acc"]}
+
+        proot = Path(tmp) / "pusht"
+        generate_pusht_dataset(proot, pusht, progress=False)
+        cfg = _config(pusht_minutes, seed)
+        run = train(cfg, proot, run_dir=Path(tmp) / "run-pusht", progress=not quick)
+        p = pusht_metrics(run.model, _val_clips(proot, cfg, length=8))
+        p |= {"sbd": run.losses.get("sbd"), "diversity": run.losses.get("diversity")}
+        metrics |= {f"pusht_{k}": v for k, v in p.items()}
+        rows.append({"model": "hclsm on PushT", "minutes": round(run.seconds / 60, 1), "steps": run.steps,
+                     "agent_iou": p["agent_iou"], "block_iou": p["block_iou"], "sbd (seed < 0.01)": p["sbd"],
+                     "diversity (seed < 0.15)": p["diversity"], "alpha_peakedness": p["alpha_peakedness"]})
+    config = {"physics_episodes": physics.episodes, "val_fraction": cfg.train.val_fraction, "minutes": minutes,
+              "pusht_episodes": pusht.episodes, "pusht_minutes": pusht_minutes, "preset": "tiny",
+              "machine": platform.machine(), "cpus": os.cpu_count()}
+    title = (f"objects: tiny HCLSM stage 1, {minutes:g} min per model on {os.cpu_count()} CPUs; held-out physics "
+             f"episodes (3-6 balls, 64 px) and PushT")
+    return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
