@@ -25,7 +25,6 @@ import pytest
 
 from hclsm import cli
 from hclsm.bench import BenchResult
-from hclsm.config import load_config
 from hclsm.data import physics as physics_mod
 from hclsm.data import pusht as pusht_mod
 from hclsm.data.lerobot_read import LeRobotSource
@@ -582,46 +581,3 @@ def test_lerobot_reader_sees_regenerated_masks(tmp_path):
         on_disk = z["mask"][:3]
     served = LeRobotSource(out).load_clip(0, np.arange(3))["mask"].numpy()
     assert np.array_equal(served, on_disk)
-
-
-# ---- 9. demo --------------------------------------------------------------------------------------
-
-DEMO_DATA = ["--set", "data.pusht.episodes=2", "--set", "data.pusht.max_steps=12"]
-
-
-def test_demo_writes_report_with_figure(capsys, tmp_path):
-    code, stdout, err = run(capsys, "demo", "--out", tmp_path, "--name", "d", "--quiet", *DEMO_DATA)
-    assert code == 0, err
-    run_dir = tmp_path / "d"
-    report = run_dir / "report.md"
-    assert f"report: {report}" in stdout
-    text = report.read_text()
-    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
-    assert images, text
-    for rel in images:
-        png = run_dir / rel
-        assert png.suffix == ".png" and png.is_file(), rel
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "2 episodes" in text
-    cfg = load_config(yaml_path=run_dir / "config.yaml")
-    assert (cfg.data.pusht.episodes, cfg.data.pusht.max_steps) == (2, 12)
-    assert json.loads((run_dir / "data_summary.json").read_text())["episodes"] == 2
-    assert (run_dir / "data/pusht/meta/info.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
-
-
-def test_demo_bad_config_writes_nothing(capsys, tmp_path):
-    code, stdout, err = run(capsys, "demo", "--out", tmp_path / "runs", "--name", "d", "--quiet",
-                            "--set", "data.pusht.episodes=0")
-    assert_user_error(code, err, "data.pusht.episodes")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_demo_name_dot_does_not_replace_runs_root(capsys, tmp_path):
-    root = tmp_path / "runs"
-    (root / "keep").mkdir(parents=True)
-    (root / "keep" / "report.md").write_text("an earlier run")
-    code, _, err = run(capsys, "demo", "--out", root, "--name", ".", "--quiet",
-                       "--set", "data.pusht.episodes=1", "--set", "data.pusht.max_steps=3")
-    assert (root / "keep" / "report.md").is_file()
-    assert_user_error(code, err, "--name")

@@ -7,6 +7,7 @@ Every subcommand accepts ``--preset``, ``--config FILE.yaml`` and dotted overrid
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -91,9 +92,14 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from hclsm.demo import run_demo
 
     cfg = _config(args, extra)
-    report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet)
+    report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet, minutes=args.minutes)
     print(f"report: {report}")
-    print(NOT_BUILT.format(what="the HCLSM model is") + "; the demo ran the data stage only")
+    m = json.loads((report.parent / "metrics.json").read_text())
+    t, v = m["train"], m["trained"]
+    fmt = "{:.3g}".format
+    print(f"HCLSM stage 1: {t['steps']} steps in {t['seconds'] / 60:.1f} min; held-out: "
+          + ", ".join(f"{k} {'n/a' if v.get(k) is None else fmt(v[k])}" for k in
+                      ("agent_iou", "block_iou", "alpha_peakedness", "sbd", "diversity", "alive_slots", "true_objects")))
     return 0
 
 
@@ -187,9 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="also write the JSON result to this file")
     b.set_defaults(func=_cmd_bench)
 
-    m = sub.add_parser("demo", help="the main job: data -> model -> report, on CPU")
+    m = sub.add_parser("demo", help="the main job: data -> model -> report, on CPU",
+                       description="The main job: PushT data from the simulator, HCLSM stage 1 (objects) for a time "
+                                   "budget, evaluation on held-out episodes, OUT/NAME/report.md with pictures.")
     m.add_argument("--name", default="demo", help="run name (report in OUT/NAME/report.md)")
     m.add_argument("--out", default="runs", help="root directory of runs (default runs)")
+    m.add_argument("--minutes", type=float, default=None,
+                   help="training budget in minutes (default: train.max_minutes when set, else 6); data "
+                        "generation and evaluation come on top")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_args(m)
     m.set_defaults(func=_cmd_demo)
