@@ -108,6 +108,8 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     flags = {"model.name": args.model, "train.stage": args.stage, "train.steps": args.steps,
              "train.run_name": args.name, "train.out_dir": args.out, "train.max_minutes": args.minutes}
+    if args.stage == 1:  # stage 1 only: the whole run is stage 1
+        flags["train.stage1_fraction"] = 1.0
     cfg = _config(args, extra + [f"{k}={v}" for k, v in flags.items() if v is not None])
     eval_fn = None
     try:  # the object metrics (FG-ARI, mIoU of the slot masks), when this version has them
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset directory (from `hclsm data physics` or `hclsm data pusht`, or a LeRobot v3 copy)")
     t.add_argument("--model", choices=MODEL_NAMES, default=None, help="model to train (model.name; default hclsm)")
     t.add_argument("--stage", type=int, choices=(1, 2), default=None,
-                   help="1: stage 1 (SBD only) for train.stage1_fraction of the steps, then stage 2; 2: stage 2 only")
+                   help="train only this stage: 1 = objects (SBD, diversity, existence), 2 = the full loss; "
+                        "default: stage 1 for train.stage1_fraction of the steps, then stage 2")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (train.steps)")
     t.add_argument("--name", default=None, help="run name (train.run_name; default MODEL-PRESET-DATE-TIME)")
     t.add_argument("--out", default=None, help="root directory of runs (train.out_dir; default runs)")
