@@ -29,14 +29,14 @@ from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.data.physics import PhysicsSource, generate_physics_dataset
 from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
-from hclsm.metrics.segmentation import _miou_one  # noqa: F401  (per-id IoU below is explicit)
+from hclsm.metrics import hungarian_match
 from hclsm.train import train
 
 
 def _config(minutes: float, seed: int, *overrides: str) -> Config:
     cfg = load_config("tiny", overrides=[f"train.max_minutes={minutes}", "train.steps=1000000", "train.eval_every=0",
                                          "train.ckpt_every=0", f"train.seed={seed}", "train.stage1_fraction=1.0",
-                                         *overrides])
+                                         "data.clip.length=4", *overrides])
     return cfg
 
 
@@ -63,7 +63,7 @@ def birth_death(model: torch.nn.Module, root: Path, episodes: list[int], frames:
         t = twin["intervention_step"]
         start = int(np.clip(t - frames // 2, 0, len(twin["video"]) - frames))
         sl = slice(start, start + frames)
-        video = torch.from_numpy(twin["video"][sl]).permute(0, 3, 1, 2).float()[None] / 255
+        video = torch.from_numpy(np.array(twin["video"][sl])).permute(0, 3, 1, 2).float()[None] / 255
         if video.shape[-1] != size:
             video = torch.nn.functional.interpolate(video[0], size=(size, size), mode="area")[None]
         mask = torch.from_numpy(twin["mask"][sl].astype(np.int64))[None]
@@ -99,7 +99,6 @@ def pusht_metrics(model: torch.nn.Module, clips: MemoryClips) -> dict[str, float
             slots = torch.unique(s_ids).tolist()
             table = np.array([[float(((t_ids == o) & (s_ids == s)).sum()) / max(float(((t_ids == o) | (s_ids == s)).sum()), 1.0)
                                for s in slots] for o in (1, 2)])
-            from hclsm.metrics import hungarian_match
             rows, cols = hungarian_match(table, maximize=True)
             best = dict(zip(rows.tolist(), table[rows, cols].tolist()))
             for r, o in enumerate((1, 2)):
@@ -129,8 +128,7 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
         root = Path(tmp) / "physics"
         generate_physics_dataset(root, physics, progress=False)
         results = {}
-        for name, extra in (("hclsm (birth/death)", ()), ("fixed slots", ("model.slots.existence_start=1.0",
-                                                                          "model.slots.existence_sparsity=0.0"))):
+        for name, extra in (("hclsm (birth/death)", ()), ("fixed slots", ("model.slots.dynamic=false",))):
             cfg = _config(minutes, seed, *extra)
             run = train(cfg, root, run_dir=Path(tmp) / f"run-{len(results)}", progress=not quick)
             val = _val_clips(root, cfg, length=8)

@@ -55,7 +55,7 @@ class PerceptionConfig:
     image_size: int = 64  # frames are resized to image_size x image_size
     channels: int = 3
     patch_size: int = 2  # ViT patch side; for the cnn, its total downsampling factor (a power of two)
-    d_model: int = 64  # encoder width
+    d_model: int = 32  # encoder width
     layers: int = 4  # ViT blocks, or conv layers of the cnn
     heads: int = 4  # ViT attention heads (must divide d_model)
     d_world: int = 64  # width of the fused token space the slots read from
@@ -96,6 +96,7 @@ class SlotConfig:
     iterations: int = 3  # slot-attention iterations on the first frame
     video_iterations: int = 1  # iterations on every later frame (slots carried over from the previous frame)
     mlp_hidden: int = 128  # hidden width of the residual slot MLP
+    dynamic: bool = True  # existence gate + birth/death; False = every slot always alive (fixed-slot baseline)
     background: bool = True  # one extra always-alive slot for the background (not counted as an object)
     spatial_prior: bool = True  # slots start at learned positions; attention favours tokens near a slot
     query_noise: float = 1.0  # initial noise on the learned queries (x |query|), annealed to 0 ...
@@ -126,10 +127,10 @@ class DecoderConfig:
     """
 
     target: str = "pixels"  # one of DECODER_TARGETS
-    hidden: int = 64
+    hidden: int = 32
     layers: int = 3
     kernel: int = 1  # 1 = per-pixel MLP (cheapest), 3 = 3x3 convolutions
-    grid_size: int = 32  # side of the grid each slot is broadcast to
+    grid_size: int = 16  # side of the grid each slot is broadcast to
     resolution: int = 32  # side of the decoded maps (a power-of-two multiple of grid_size)
     relative_positions: bool = True  # broadcast slot-relative coordinates (translation-equivariant decoding)
 

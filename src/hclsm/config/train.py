@@ -54,7 +54,7 @@ class TrainConfig:
     steps: int = 2000  # optimizer steps in total (both stages)
     stage1_fraction: float = 0.4  # share of `steps` spent in stage 1 (seed: 40 %)
     batch_size: int = 16
-    lr: float = 4e-4  # peak learning rate
+    lr: float = 8e-4  # peak learning rate
     weight_decay: float = 0.05  # AdamW decay (matrices only; not norms or biases)
     warmup_steps: int = 100  # linear warmup from 0, then cosine (capped at `steps` by the scheduler)
     min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio

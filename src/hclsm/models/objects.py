@@ -14,8 +14,8 @@ end other models reuse. Per clip:
 A slot is *born* at frame t when it is alive at t but was dead at t-1, and *dies* when the reverse
 happens. The background slot (index 0, when ``slots.background``) is always alive and never counted.
 
-Losses (unweighted, by name): ``sbd`` reconstruction MSE; ``diversity`` mean squared cosine similarity
-between pairs of alive object slots; ``existence`` the sparsity prior on p_alive, its weight ramped in
+Losses (unweighted, by name): ``sbd`` reconstruction MSE; ``diversity`` a squared hinge on the cosine
+similarity of pairs of alive object slots above ``DIVERSITY_MARGIN`` (duplicate suppression); ``existence`` the sparsity prior on p_alive, its weight ramped in
 over training (a dead slot costs nothing, an alive one ``existence_sparsity`` / N_max).
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ from hclsm.config.model import ModelConfig
 from hclsm.nn.decoders import SpatialBroadcastDecoder
 from hclsm.nn.encoders import build_encoder, coord_grid
 from hclsm.nn.slots import BirthSeeder, ExistenceHead, SlotAttention, hard_concrete
+
+DIVERSITY_MARGIN = 0.5  # cosine similarity two object slots may share before the diversity loss acts
 
 
 @dataclass
@@ -81,8 +83,9 @@ class ObjectDecomposer(nn.Module):
         self.num_slots = s.num_slots + int(s.background)
         self.slot_attention = SlotAttention(p.d_world, s.d_slot, self.num_slots, s.mlp_hidden,
                                             spatial_prior=s.spatial_prior, background=s.background)
-        self.existence = ExistenceHead(s.d_slot)
-        self.birth = BirthSeeder(s.d_slot)
+        # existence and birth exist only with dynamic slots (the fixed-slot baseline keeps all N_max alive)
+        self.existence = ExistenceHead(s.d_slot) if s.dynamic else None
+        self.birth = BirthSeeder(s.d_slot) if s.dynamic else None
         self.d_out = p.channels if d.target == "pixels" else p.d_world
         self.decoder = SpatialBroadcastDecoder(s.d_slot, self.d_out, d)
         # DINOSAUR-style target: an EMA copy of the encoder (no gradient), updated by update_target()
@@ -123,7 +126,7 @@ class ObjectDecomposer(nn.Module):
         k_all, v_all = self.slot_attention.project(tokens)
         target = self._targets(video)
         g = self.cfg.perception.grid_size
-        gating = not self.training or progress >= s.existence_start
+        gating = s.dynamic and (not self.training or progress >= s.existence_start)
         noise = self._noise(progress)
         bg = int(s.background)
 
@@ -137,13 +140,14 @@ class ObjectDecomposer(nn.Module):
                 slots, pos, attn = self.slot_attention(slots, pos, k_all[:, 0], v_all[:, 0], self.coords, s.iterations,
                                                        straight_through=True)
             else:  # alive slots carry on; dead ones are re-armed as birth proposals
-                proposal, proposal_pos = self.slot_attention.initial(b, noise)
-                keep = alive_prev[..., None]
-                slots = keep * slots + (1 - keep) * (proposal + seed[:, None, :])
-                pos = keep * pos + (1 - keep) * proposal_pos
+                if s.dynamic:
+                    proposal, proposal_pos = self.slot_attention.initial(b, noise)
+                    keep = alive_prev[..., None]
+                    slots = keep * slots + (1 - keep) * (proposal + seed[:, None, :])
+                    pos = keep * pos + (1 - keep) * proposal_pos
                 slots, pos, attn = self.slot_attention(slots, pos, k_all[:, i], v_all[:, i], self.coords,
                                                        s.video_iterations)
-            logits = self.existence(slots)  # (B, K)
+            logits = self.existence(slots) if s.dynamic else slots.new_full(slots.shape[:2], 20.0)  # (B, K)
             if not gating:
                 gate = torch.ones_like(logits)
             elif self.training:
@@ -153,7 +157,7 @@ class ObjectDecomposer(nn.Module):
             if bg:
                 gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
             recon, _, alphas = self.decoder(slots, pos, gate)
-            if i + 1 < t:  # birth seed for the next frame: tokens the alive slots leave unexplained
+            if s.dynamic and i + 1 < t:  # birth seed for the next frame: tokens the alive slots leave unexplained
                 err = (recon.detach().float() - target[:, i].float()).pow(2).mean(dim=1, keepdim=True)
                 err = F.adaptive_avg_pool2d(err, g).flatten(1)  # (B, M)
                 seed, _ = self.birth(v_all[:, i], self.birth.unexplained(err, s.birth_threshold))
@@ -172,13 +176,18 @@ class ObjectDecomposer(nn.Module):
         s = self.cfg.slots
         bg = int(s.background)
         sbd = F.mse_loss(out.recon.float(), out.target.float())
-        # diversity: squared cosine similarity between pairs of (alive) object slots
+        # diversity: pairs of alive object slots more similar than DIVERSITY_MARGIN (cosine) are pushed
+        # apart (squared hinge). Duplicates of one object are what this is for; demanding orthogonal
+        # slots instead squeezes their content into a tiny subspace (the reconstructions turn grey)
         z = F.normalize(out.slots[:, :, bg:].float(), dim=-1)  # (B, T, N, d)
         w = out.gate[:, :, bg:].detach()
-        sim = torch.einsum("btnd,btmd->btnm", z, z).pow(2)
+        sim = F.relu(torch.einsum("btnd,btmd->btnm", z, z) - DIVERSITY_MARGIN).pow(2)
         pair = w[..., :, None] * w[..., None, :] * (1 - torch.eye(z.shape[2], device=z.device))
         diversity = (sim * pair).sum() / pair.sum().clamp_min(1.0)
         ramp = (progress - s.existence_start) / max(s.existence_ramp, 1e-8)
         weight = s.existence_sparsity * min(max(ramp, 0.0), 1.0)
-        existence = weight * torch.sigmoid(out.alive_logits[:, :, bg:]).mean()
+        if s.dynamic:
+            existence = weight * torch.sigmoid(out.alive_logits[:, :, bg:]).mean()
+        else:
+            existence = out.alive_logits.new_zeros(())
         return {"sbd": sbd, "diversity": diversity, "existence": existence}

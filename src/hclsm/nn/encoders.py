@@ -41,15 +41,20 @@ class CNNEncoder(nn.Module):
         self.grid = cfg.grid_size
         self.pos = nn.Linear(4, cfg.d_model)
         self.out = _projection(cfg.d_model, cfg.d_world)
+        # skip connection of the pixels themselves (area-pooled to the token grid): colour reaches the
+        # slots directly instead of having to survive the conv stack
+        self.pixels = nn.Linear(cfg.channels, cfg.d_world)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         b, t = video.shape[:2]
-        x = self.convs(video.flatten(0, 1))  # (B*T, d, g, g)
+        frames = video.flatten(0, 1)
+        x = self.convs(frames)  # (B*T, d, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B*T, M, d)
         xy = (coord_grid(self.grid, x.device) + 1) / 2  # (M, 2) in [0, 1]
         x = x + self.pos(torch.cat([xy, 1 - xy], dim=-1))
-        return self.dropout(self.out(x)).reshape(b, t, x.shape[1], -1)
+        rgb = nn.functional.adaptive_avg_pool2d(frames, self.grid).flatten(2).transpose(1, 2)  # (B*T, M, C)
+        return self.dropout(self.out(x) + self.pixels(rgb)).reshape(b, t, x.shape[1], -1)
 
 
 class ViTEncoder(nn.Module):

@@ -32,7 +32,7 @@ class SlotAttention(nn.Module):
     """
 
     def __init__(self, d_in: int, d_slot: int, num_slots: int, mlp_hidden: int, spatial_prior: bool = True,
-                 background: bool = True, sigma_init: float = 0.4, eps: float = 1e-8):
+                 background: bool = True, sigma_init: float = 0.3, sharpness_init: float = 3.0, eps: float = 1e-8):
         super().__init__()
         self.num_slots, self.d_slot, self.eps = num_slots, d_slot, eps
         self.queries = nn.Parameter(torch.empty(num_slots, d_slot))
@@ -51,6 +51,9 @@ class SlotAttention(nn.Module):
             if background:
                 prior_mask[0] = 0.0
             self.register_buffer("prior_mask", prior_mask, persistent=False)
+        # learned inverse temperature of the attention logits (log-parameterised); > 1 at init gives
+        # sharper token-to-slot assignments from the start (a sqrt(d) temperature is too soft here)
+        self.log_sharpness = nn.Parameter(torch.tensor(math.log(sharpness_init)))
         self.norm_in = nn.LayerNorm(d_in)
         self.to_k = nn.Linear(d_in, d_slot, bias=False)
         self.to_v = nn.Linear(d_in, d_slot, bias=False)
@@ -79,7 +82,8 @@ class SlotAttention(nn.Module):
     def attend(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """(B, M, K) attention of tokens over slots (softmax over slots, computed in fp32)."""
         q = self.to_q(self.norm_slots(slots))
-        logits = torch.einsum("bmd,bkd->bmk", k.float(), q.float()) / math.sqrt(self.d_slot)
+        logits = torch.einsum("bmd,bkd->bmk", k.float(), q.float()) * (
+            torch.exp(self.log_sharpness.float()) / math.sqrt(self.d_slot))
         if self.spatial_prior:
             d2 = (coords[None, :, None, :] - pos.float()[:, None, :, :]).pow(2).sum(-1)  # (B, M, K)
             logits = logits - d2 * self.prior_mask / (2 * torch.exp(2 * self.log_sigma.float()))
