@@ -59,6 +59,7 @@ from hclsm.viz import (
 DEFAULT_MINUTES = 6.0  # training budget when neither --minutes nor train.max_minutes is given
 SEED_SBD, SEED_DIVERSITY = 0.01, 0.15  # the seed's indicators of a working stage 1 (losses below these)
 EVAL_BATCH = 16
+TRAIN_CLIP = 4  # frames per training clip in the demo (at most data.clip.length)
 
 
 def check_run_name(name: str) -> None:
@@ -87,7 +88,10 @@ def demo_config(cfg: Config, minutes: float) -> Config:
         raise HclsmError(f"the demo evaluates on held-out episodes: it needs data.pusht.episodes >= 2 (got "
                          f"{cfg.data.pusht.episodes}) and train.val_fraction > 0 (got {cfg.train.val_fraction})")
     t = dataclasses.replace(cfg.train, stage=1, stage1_fraction=1.0, max_minutes=minutes)
-    return dataclasses.replace(cfg, train=t)
+    # stage 1 learns per-frame objects (slots carried over between frames): short clips buy more steps
+    # in the budget; evaluation and pictures still use data.clip.length
+    clip = dataclasses.replace(cfg.data.clip, length=min(cfg.data.clip.length, TRAIN_CLIP))
+    return dataclasses.replace(cfg, train=t, data=dataclasses.replace(cfg.data, clip=clip))
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -232,6 +236,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
     """
     check_run_name(name)  # before anything is generated or replaced
     budget = demo_minutes(cfg, minutes)
+    eval_length = cfg.data.clip.length  # held-out clips keep the configured length
     cfg = demo_config(cfg, budget)
     final = Path(out_root) / name
     t0 = time.perf_counter()
@@ -255,7 +260,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
         # 2. the baseline (the same model untrained: train() seeds and builds it identically), then stage 1
         t = time.perf_counter()
         _, val_eps = split_episodes(len(source), cfg.train.val_fraction, cfg.train.seed)
-        clips = heldout_clips(source, cfg, val_eps)
+        clips = heldout_clips(source, cfg, val_eps, length=eval_length)
         seed_everything(cfg.train.seed)
         untrained = heldout_metrics(build_model(cfg.model), clips)
         seconds["baseline"] = time.perf_counter() - t

@@ -9,6 +9,9 @@ A fixed-slot baseline (existence gating never on in training: all N_max slots st
 same budget. PushT: stage 1 on simulator episodes; mIoU of the agent and block masks against the
 simulator's, the SBD and diversity losses beside the seed's indicators (< 0.01, < 0.15), and how
 far the alpha maps are from uniform.
+
+The trained runs (config, logs, final checkpoint) are written to a temporary directory and deleted,
+unless the environment variable ``HCLSM_BENCH_KEEP`` names a directory to keep them in.
 """
 from __future__ import annotations
 
@@ -119,18 +122,20 @@ def _row(name: str, m: dict[str, float], minutes: float, steps: int) -> dict:
 @register("objects")
 def bench_objects(quick: bool, seed: int) -> BenchResult:
     minutes = 0.25 if quick else 20.0
-    pusht_minutes = 0.15 if quick else 8.0
+    pusht_minutes = 0.15 if quick else 10.0
     physics = PhysicsDataConfig(episodes=24 if quick else 300, frames=32, image_size=64, min_objects=3, max_objects=6,
                                 seed=seed, counterfactual=True)
     pusht = PushTDataConfig(episodes=6 if quick else 40, max_steps=40 if quick else 100, seed=seed)
     rows, metrics = [], {}
+    keep = os.environ.get("HCLSM_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix="hclsm-bench-objects-") as tmp:
+        runs = Path(keep) if keep else Path(tmp)
         root = Path(tmp) / "physics"
         generate_physics_dataset(root, physics, progress=False)
         results = {}
         for name, extra in (("hclsm (birth/death)", ()), ("fixed slots", ("model.slots.dynamic=false",))):
             cfg = _config(minutes, seed, *extra)
-            run = train(cfg, root, run_dir=Path(tmp) / f"run-{len(results)}", progress=not quick)
+            run = train(cfg, root, run_dir=runs / f"objects-physics-{len(results)}", progress=not quick)
             val = _val_clips(root, cfg, length=8)
             m = evaluate_objects(run.model, val.batches(16))
             _, val_eps = split_episodes(physics.episodes, cfg.train.val_fraction, cfg.train.seed)
@@ -151,7 +156,7 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
         proot = Path(tmp) / "pusht"
         generate_pusht_dataset(proot, pusht, progress=False)
         cfg = _config(pusht_minutes, seed)
-        run = train(cfg, proot, run_dir=Path(tmp) / "run-pusht", progress=not quick)
+        run = train(cfg, proot, run_dir=runs / "objects-pusht", progress=not quick)
         p = pusht_metrics(run.model, _val_clips(proot, cfg, length=8))
         p |= {"sbd": run.losses.get("sbd"), "diversity": run.losses.get("diversity")}
         metrics |= {f"pusht_{k}": v for k, v in p.items()}

@@ -6,6 +6,11 @@ the output resolution. The output has ``d_out`` target channels plus one alpha l
 softmax over slots multiplied by the alive gate and renormalised over the alive slots
 (``alpha_k = softmax_k * g_k / sum_j softmax_j * g_j``), so a dead slot draws nothing and, in training,
 the straight-through gate receives the reconstruction's gradient.
+
+With ``background`` the first slot is decoded differently: a spatially constant target value and alpha
+logit (a linear map of the slot). The background layer can then only fill in behind the objects; it
+cannot paint a moving object itself, which a full per-pixel decoder on a slot that attends to the
+whole frame learns to do (and then every object slot is redundant).
 """
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ from hclsm.nn.encoders import coord_grid
 
 
 class SpatialBroadcastDecoder(nn.Module):
-    def __init__(self, d_slot: int, d_out: int, cfg: DecoderConfig):
+    def __init__(self, d_slot: int, d_out: int, cfg: DecoderConfig, background: bool = False):
         super().__init__()
         self.cfg, self.d_out = cfg, d_out
+        self.background = nn.Linear(d_slot, d_out + 1) if background else None
         self.pos = nn.Linear(4 if not cfg.relative_positions else 2, d_slot)
         layers: list[nn.Module] = []
         c_in = d_slot
@@ -40,6 +46,8 @@ class SpatialBroadcastDecoder(nn.Module):
 
         Returns (recon (B, d_out, R, R), per-slot content (B, K, d_out, R, R), alphas (B, K, R, R)).
         """
+        n_bg = int(self.background is not None)
+        bg_slot, slots, positions = slots[:, :n_bg], slots[:, n_bg:], positions[:, n_bg:]
         b, k, d = slots.shape
         g = self.cfg.grid_size
         if self.cfg.relative_positions:
@@ -53,6 +61,9 @@ class SpatialBroadcastDecoder(nn.Module):
         out = self.net(x)  # (B*K, d_out + 1, R, R)
         r = out.shape[-1]
         out = out.reshape(b, k, self.d_out + 1, r, r)
+        if self.background is not None:  # constant layer behind the objects
+            flat = self.background(bg_slot)[..., None, None].expand(-1, -1, -1, r, r)  # (B, 1, d_out + 1, R, R)
+            out = torch.cat([flat.to(out.dtype), out], dim=1)
         content, logits = out[:, :, :self.d_out], out[:, :, self.d_out].float()
         soft = logits.softmax(dim=1) * alive.float()[:, :, None, None]
         alphas = soft / soft.sum(dim=1, keepdim=True).clamp_min(1e-8)
