@@ -103,7 +103,7 @@ class SlotConfig:
     noise_anneal: float = 0.3  # ... over this fraction of training (cosine)
     alive_threshold: float = 0.5  # a slot counts as alive when p_alive exceeds this
     birth_threshold: float = 0.05  # mean squared residual of a pixel above which it counts as unexplained
-    existence_sparsity: float = 0.02  # weight of the prior on the mean p_alive of the object slots
+    existence_sparsity: float = 0.02  # weight of the prior -log(1 - p_alive), averaged over the object slots
     existence_start: float = 0.5  # training progress at which existence gating and its prior switch on
     existence_ramp: float = 0.2  # progress over which the prior's weight ramps from 0 to existence_sparsity
 

@@ -15,8 +15,8 @@ A slot is *born* at frame t when it is alive at t but was dead at t-1, and *dies
 happens. The background slot (index 0, when ``slots.background``) is always alive and never counted.
 
 Losses (unweighted, by name): ``sbd`` reconstruction MSE; ``diversity`` a squared hinge on the cosine
-similarity of pairs of alive object slots above ``DIVERSITY_MARGIN`` (duplicate suppression); ``existence`` the sparsity prior on p_alive, its weight ramped in
-over training (a dead slot costs nothing, an alive one ``existence_sparsity`` / N_max).
+similarity of pairs of alive object slots above ``DIVERSITY_MARGIN`` (duplicate suppression); ``existence`` the sparsity prior ``-log(1 - p_alive)`` averaged over
+object slots, its weight ramped in over training (a dead slot costs nothing).
 """
 from __future__ import annotations
 
@@ -187,7 +187,9 @@ class ObjectDecomposer(nn.Module):
         ramp = (progress - s.existence_start) / max(s.existence_ramp, 1e-8)
         weight = s.existence_sparsity * min(max(ramp, 0.0), 1.0)
         if s.dynamic:
-            existence = weight * torch.sigmoid(out.alive_logits[:, :, bg:]).mean()
+            # -log(1 - p_alive) = softplus(logit): unlike the mean p_alive, its gradient does not vanish
+            # once a slot's p_alive saturates at 1 (which the reconstruction drives every slot to)
+            existence = weight * F.softplus(out.alive_logits[:, :, bg:]).mean()
         else:
             existence = out.alive_logits.new_zeros(())
         return {"sbd": sbd, "diversity": diversity, "existence": existence}
