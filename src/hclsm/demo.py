@@ -280,7 +280,8 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
         record = {"trained": trained, "untrained": untrained, "train": {
             "steps": result.steps, "minutes_budget": budget, "seconds": result.seconds, "stopped": result.stopped,
             "skipped": result.skipped, "final_losses": result.losses, "parameters": n_params},
-            "val_episodes": val_eps, "clips": len(clips), "figures": shown, "seconds": seconds,
+            "val_episodes": val_eps, "clips": len(clips), "eval_clip_length": eval_length, "figures": shown,
+            "seconds": seconds,
             "indicators": {"sbd": SEED_SBD, "diversity": SEED_DIVERSITY},
             "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()}}
         (run / "metrics.json").write_text(json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
@@ -375,7 +376,7 @@ TensorBoard logs in `tb/`, the checkpoint in `checkpoints/`, `summary.json`.
 
 ## Objects on held-out episodes
 
-{r['clips']} clips of {cfg.data.clip.length} frames from the held-out episodes
+{r['clips']} clips of {r['eval_clip_length']} frames from the held-out episodes
 ({', '.join(map(str, r['val_episodes']))}); masks are compared with the simulator's (agent, block, goal region).
 The baseline is the same model untrained (step 0, the same initialisation).
 
