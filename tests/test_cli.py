@@ -31,6 +31,8 @@ from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.physics import PhysicsSource
 from hclsm.errors import DataError
 
+from cli_helpers import assert_user_error, run
+
 PUSHT = ["--episodes", "2", "--max-steps", "12", "--quiet"]
 PHYSICS = ["--episodes", "3", "--frames", "8", "--quiet"]
 FRACTIONS = re.compile(r"episodes with agent-block contact: (\d+)%; block moved > 20 px: (\d+)%; both: (\d+)%")
@@ -47,29 +49,6 @@ def _console_script() -> Path:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """``hclsm ARGV`` in-process: (exit code, stdout, stderr); argparse exits become codes too."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> str:
-    """Exit 2, exactly one stderr line starting with ``error:``, no traceback, naming every needle."""
-    assert code == 2, f"exit code {code}, stderr: {err!r}"
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines}"
-    line = lines[0]
-    assert line.startswith("error: "), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
-
 
 def leftovers(parent: Path) -> list[str]:
     """Hidden temporary directories that atomic writers leave behind when they fail to clean up."""

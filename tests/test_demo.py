@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hclsm import cli, demo
+from hclsm import demo
 from hclsm.config import load_config
+
+from cli_helpers import assert_user_error, run
 
 SMALL = ["model.perception.d_model=16", "model.perception.d_world=16", "model.slots.d_slot=16",
          "model.slots.mlp_hidden=16", "model.slots.num_slots=4", "model.decoder.hidden=16",
@@ -27,25 +29,6 @@ TINY_RUN = ["--minutes", "1", "--quiet", "--set", "data.pusht.episodes=3", "--se
             *[f"--{o}" for o in SMALL]]
 PICTURES = {"pusht_frames_and_masks.png", "slots_clip1.png", "slots_clip2.png", "segmentation.png",
             "alpha_heatmaps.png", "alive_count.png"}
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """``hclsm ARGV`` in-process: (exit code, stdout, stderr); argparse exits become codes too."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> None:
-    """Exit 2, exactly one stderr line starting with ``error:``, no traceback, naming every needle."""
-    assert code == 2, f"exit code {code}, stderr: {err!r}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def leftovers(parent: Path) -> list[str]:
