@@ -90,7 +90,7 @@ def test_object_model_is_causal_in_time():
 
 def test_dead_slots_are_rearmed_and_births_deaths_follow_the_gate():
     torch.manual_seed(0)
-    cfg = small_cfg()
+    cfg = small_cfg("model.slots.min_area=0")  # the gate alone decides here
     net = ObjectDecomposer(cfg.model).eval()
     # force slot 1 alive on frames 0-1, dead on 2-3, alive again on 4 (through the existence head's bias)
     schedule = iter([5.0, 5.0, -5.0, -5.0, 5.0])
@@ -110,17 +110,89 @@ def test_dead_slots_are_rearmed_and_births_deaths_follow_the_gate():
     assert (out.alphas[0, 2:4, 1] == 0).all()
 
 
-def test_birth_seed_forms_only_where_the_residual_is_unexplained():
+def _scripted_existence(net: ObjectDecomposer, probs: dict[int, list[float]]) -> None:
+    """Every object slot alive (p = 0.99) except the slots in ``probs``, whose p_alive follows their list
+    frame by frame."""
+    schedules, orig = {k: iter(v) for k, v in probs.items()}, net.existence.forward
+
+    def fake(slots):
+        logits = orig(slots).detach() * 0 + 5.0
+        for k, schedule in schedules.items():
+            logits[:, k] = torch.logit(torch.tensor(next(schedule)))
+        return logits
+
+    net.existence.forward = fake
+
+
+def test_alive_hysteresis_a_proposal_needs_the_birth_threshold_an_alive_slot_only_the_lower_one():
+    torch.manual_seed(0)
+    net = ObjectDecomposer(small_cfg("model.slots.min_area=0", "model.slots.alive_threshold=0.5",
+                                     "model.slots.birth_alive_threshold=0.9").model).eval()
+    _scripted_existence(net, {1: [0.7, 0.95, 0.7, 0.3, 0.7]})
+    with torch.no_grad():
+        out = net(torch.rand(1, 5, 3, 32, 32))
+    # 0.7 is not enough to be born (frame 0, frame 4) but enough to stay alive (frame 2)
+    assert out.alive[0, :, 1].tolist() == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("min_area,alive", [(0.0, True), (0.01, False)])
+def test_an_object_slot_that_draws_no_pixel_dies_by_the_area_rule(min_area, alive):
+    torch.manual_seed(0)
+    net = ObjectDecomposer(small_cfg(f"model.slots.min_area={min_area}").model).eval()
+    _scripted_existence(net, {2: [0.99] * 3})
+    decode = net.decoder.decode
+
+    def hidden(slots, positions):  # slot 2's alpha logit is far below every other slot's, slot 1's far above
+        content, logits = decode(slots, positions)
+        return content, torch.cat([logits[:, :1], logits[:, 1:2] + 50.0, logits[:, 2:3] - 50.0, logits[:, 3:]], dim=1)
+
+    net.decoder.decode = hidden
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 3, 32, 32))
+    assert out.alive[:, :, 2].eq(alive).all()
+    owner = torch.nn.functional.one_hot(out.alphas.argmax(2), 5).flatten(2, 3).float().mean(2)  # (B, T, K) share
+    assert (owner[..., 1:][out.object_alive] >= min_area).all() and out.count.gt(0).all()  # the living do draw
+    torch.testing.assert_close(out.alphas.sum(2), torch.ones(2, 3, 16, 16))
+
+
+def test_birth_seed_forms_only_where_the_residual_is_unexplained_and_goes_to_its_worst_blob():
     torch.manual_seed(0)
     seeder = BirthSeeder(8)
+    coords = torch.linspace(-1, 1, 16)[:, None].expand(16, 2).contiguous()  # tokens on the diagonal
     values = torch.randn(2, 16, 8)
     residual = torch.full((2, 16), 0.01)
-    residual[0, 5] = 0.4  # sample 0: one token badly reconstructed; sample 1: all explained
+    residual[0, 5] = 0.4  # sample 0: one token badly reconstructed, and a weaker blob far away; sample 1: all explained
+    residual[0, 14] = 0.2
     w = seeder.unexplained(residual, threshold=0.05)
-    assert w[0].nonzero().flatten().tolist() == [5] and (w[1] == 0).all()
-    seed, has = seeder(values, w)
+    assert w[0].nonzero().flatten().tolist() == [5, 14] and (w[1] == 0).all()
+    seed, centre, has = seeder(values, w, coords)
     assert has.tolist() == [True, False] and (seed[1] == 0).all()
-    torch.testing.assert_close(seed[0], seeder.net(values[0, 5]))
+    torch.testing.assert_close(seed[0], seeder.net(values[0, 5]), atol=1e-4, rtol=1e-4)  # the far blob is outside the window
+    torch.testing.assert_close(centre[0], coords[5], atol=1e-4, rtol=1e-4)
+
+
+def test_the_birth_proposal_nearest_the_unexplained_blob_moves_onto_it():
+    torch.manual_seed(0)
+    net = ObjectDecomposer(small_cfg("model.slots.min_area=0").model).eval()
+    _scripted_existence(net, {2: [0.01, 0.01], 3: [0.01, 0.01]})  # slots 2, 3 dead on frame 0: proposals on frame 1
+    with torch.no_grad():
+        net.slot_attention.query_pos.copy_(torch.tensor([[0.0, 0.0], [-0.8, -0.8], [0.9, 0.9], [0.8, -0.8], [-0.8, 0.8]]))
+    calls = []
+    orig = net.slot_attention.forward
+
+    def spy(slots, pos, *args, **kwargs):
+        calls.append(pos.clone())
+        return orig(slots, pos, *args, **kwargs)
+
+    net.slot_attention.forward = spy
+    video = torch.zeros(1, 2, 3, 32, 32)
+    video[:, :, :, 8:12, 4:8] = 1.0  # a white square the untrained slots cannot reconstruct, centred at (-0.625, -0.375)
+    with torch.no_grad():
+        net(video)
+    start = calls[1][0]  # where the slots started their frame-1 iterations
+    # slot 3's proposal (0.8, -0.8) is the dead one nearest the blob: it moves there; slot 2 stays at its query
+    assert torch.allclose(start[3], torch.tensor([-0.625, -0.375]), atol=0.15), start
+    torch.testing.assert_close(start[2], torch.tensor([0.9, 0.9]))
 
 
 def test_hard_concrete_is_binary_with_a_straight_through_gradient():
@@ -170,6 +242,8 @@ def test_sinkhorn_match_is_a_permutation_even_on_ties():
     ("model.decoder.resolution=24", "model.decoder.resolution"),
     ("model.decoder.kernel=2", "model.decoder.kernel"),
     ("model.perception.patch_size=3", "model.perception.patch_size"),
+    ("model.slots.birth_alive_threshold=0.3", "model.slots.birth_alive_threshold"),
+    ("model.slots.min_area=1.5", "model.slots.min_area"),
 ])
 def test_bad_object_configs_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
@@ -225,7 +299,6 @@ OPEN = ("issue 3 is open: the trained tiny model does not do this yet (BENCHMARK
         "this fails as soon as it starts passing and the mark must go")
 
 
-@pytest.mark.xfail(strict=True, reason=OPEN)
 def test_trained_slots_keep_their_object_across_frames():
     net = trained_decomposer()
     video, mask = render_clip(_moving_balls())

@@ -101,7 +101,9 @@ class SlotConfig:
     spatial_prior: bool = True  # slots start at learned positions; attention favours tokens near a slot
     query_noise: float = 1.0  # initial noise on the learned queries (x |query|), annealed to 0 ...
     noise_anneal: float = 0.3  # ... over this fraction of training (cosine)
-    alive_threshold: float = 0.5  # a slot counts as alive when p_alive exceeds this
+    alive_threshold: float = 0.5  # an alive slot stays alive while p_alive exceeds this (evaluation)
+    birth_alive_threshold: float = 0.5  # (evaluation) a dead slot is born when p_alive exceeds this (>= alive_threshold)
+    min_area: float = 0.002  # (evaluation) an object slot that is the top alpha on < this share of the pixels dies; 0 = off
     birth_threshold: float = 0.05  # mean squared residual of a pixel above which it counts as unexplained
     existence_sparsity: float = 0.02  # weight of the prior -log(1 - p_alive), averaged over the object slots
     existence_start: float = 0.5  # training progress at which existence gating and its prior switch on
@@ -110,9 +112,12 @@ class SlotConfig:
     def __post_init__(self) -> None:
         p = "model.slots"
         check_min(self, p, 1, "num_slots", "d_slot", "iterations", "video_iterations", "mlp_hidden")
-        check_prob(self, p, "alive_threshold", "birth_threshold", "noise_anneal", "existence_start",
-                   "existence_ramp")
+        check_prob(self, p, "alive_threshold", "birth_alive_threshold", "birth_threshold", "min_area", "noise_anneal",
+                   "existence_start", "existence_ramp")
         check_min(self, p, 0.0, "existence_sparsity", "query_noise")
+        check(self.birth_alive_threshold >= self.alive_threshold, f"{p}.birth_alive_threshold",
+              f"must be >= model.slots.alive_threshold ({self.alive_threshold}), got {self.birth_alive_threshold}; "
+              f"a proposal needs at least the confidence that keeps a slot alive")
 
 
 @dataclass

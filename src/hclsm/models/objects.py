@@ -5,11 +5,17 @@ end other models reuse. Per clip:
 
 * frame 0: slots start from the learned queries and run ``slots.iterations`` slot-attention updates;
 * frame t > 0: each **alive** slot carries its state from frame t-1 (so slot k keeps its object through
-  time) and runs ``slots.video_iterations`` updates; each **dead** slot is re-armed as a birth proposal,
-  its learned query plus a seed pooled from the tokens the alive slots failed to reconstruct on frame t-1;
+  time) and runs ``slots.video_iterations`` updates; each **dead** slot is re-armed as a birth proposal
+  (its learned query and position), and the one nearest the blob the alive slots explained worst on
+  frame t-1 is moved onto that blob with a seed pooled from its tokens (``BirthSeeder``);
 * an existence head gives p_alive per object slot; in training the alive gate is a straight-through
   binary-concrete sample (after ``existence_start`` of training; all slots alive before), at evaluation
-  ``p_alive > alive_threshold``. The decoder composites alive slots only.
+  ``p_alive`` above a threshold (``birth_alive_threshold`` for a slot dead on the previous frame, the lower
+  ``alive_threshold`` for one alive on it: hysteresis against flicker), and a gated-in object slot that
+  is the top alpha on less than ``min_area`` of the frame's pixels is dead too (it draws nothing: a
+  duplicate or an empty proposal). Both rules are evaluation-time decisions: in training the area rule
+  would cut the gate's straight-through gradient, and a slot it killed could never earn its life back.
+  The decoder composites alive slots only.
 
 A slot is *born* at frame t when it is alive at t but was dead at t-1, and *dies* when the reverse
 happens. The background slot (index 0, when ``slots.background``) is always alive and never counted.
@@ -132,7 +138,7 @@ class ObjectDecomposer(nn.Module):
 
         slots, pos = self.slot_attention.initial(b, noise)
         alive_prev = None
-        seed = None
+        seed = centre = has_seed = None
         outs: dict[str, list[torch.Tensor]] = {n: [] for n in
                                                ("slots", "pos", "logits", "gate", "alphas", "recon", "attn")}
         for i in range(t):
@@ -142,8 +148,15 @@ class ObjectDecomposer(nn.Module):
             else:  # alive slots carry on; dead ones are re-armed as birth proposals
                 if s.dynamic:
                     proposal, proposal_pos = self.slot_attention.initial(b, noise)
+                    # the dead slot whose proposal sits nearest the unexplained blob takes the seed and moves there
+                    dead = alive_prev < 0.5
+                    dist = (proposal_pos - centre[:, None]).pow(2).sum(-1).masked_fill(~dead, float("inf"))
+                    chosen = F.one_hot(dist.argmin(1), dist.shape[1]).bool() & dead & has_seed[:, None]
+                    c = chosen[..., None].to(slots.dtype)
+                    proposal = proposal + c * seed[:, None, :]
+                    proposal_pos = torch.where(chosen[..., None], centre[:, None].to(pos.dtype), proposal_pos)
                     keep = alive_prev[..., None]
-                    slots = keep * slots + (1 - keep) * (proposal + seed[:, None, :])
+                    slots = keep * slots + (1 - keep) * proposal
                     pos = keep * pos + (1 - keep) * proposal_pos
                 slots, pos, attn = self.slot_attention(slots, pos, k_all[:, i], v_all[:, i], self.coords,
                                                        s.video_iterations)
@@ -152,15 +165,30 @@ class ObjectDecomposer(nn.Module):
                 gate = torch.ones_like(logits)
             elif self.training:
                 gate = hard_concrete(logits)
-            else:
-                gate = (torch.sigmoid(logits) > s.alive_threshold).float()
+            else:  # hysteresis: a proposal needs birth_alive_threshold to be born, an alive slot keeps living above alive_threshold
+                threshold = torch.full_like(logits, s.birth_alive_threshold)
+                if alive_prev is not None:
+                    threshold = torch.where(alive_prev > 0.5, s.alive_threshold, threshold)
+                gate = (torch.sigmoid(logits) > threshold).float()
             if bg:
                 gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
-            recon, _, alphas = self.decoder(slots, pos, gate)
+            content, alpha_logits = self.decoder.decode(slots, pos)
+            recon, alphas = self.decoder.composite(content, alpha_logits, gate)
+            if gating and not self.training and s.min_area > 0:  # death by area: an alive slot that draws (almost) nothing is dead
+                owner = alphas.detach().argmax(dim=1)  # (B, R, R): the slot each pixel is drawn by
+                share = F.one_hot(owner, alphas.shape[1]).flatten(1, 2).float().mean(1)  # (B, K)
+                covers = (share >= s.min_area).float()
+                if bg:
+                    covers[:, 0] = 1.0
+                gate = gate * covers
+                recon, alphas = self.decoder.composite(content, alpha_logits, gate)
             if s.dynamic and i + 1 < t:  # birth seed for the next frame: tokens the alive slots leave unexplained
                 err = (recon.detach().float() - target[:, i].float()).pow(2).mean(dim=1, keepdim=True)
+                if bg:  # what the background layer paints wrong; an object slot's own blurry edges are not a new object
+                    err = err * alphas[:, :1].detach().float()
                 err = F.adaptive_avg_pool2d(err, g).flatten(1)  # (B, M)
-                seed, _ = self.birth(v_all[:, i], self.birth.unexplained(err, s.birth_threshold))
+                seed, centre, has_seed = self.birth(v_all[:, i], self.birth.unexplained(err, s.birth_threshold),
+                                                    self.coords)
             alive_prev = gate.detach()
             for name, val in zip(outs, (slots, pos, logits, gate, alphas, recon, attn)):
                 outs[name].append(val)

@@ -40,12 +40,9 @@ class SpatialBroadcastDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
         self.register_buffer("grid", coord_grid(cfg.grid_size), persistent=False)  # (G*G, 2)
 
-    def forward(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """slots (B, K, d), positions (B, K, 2) in [-1, 1], alive gate (B, K) in [0, 1].
-
-        Returns (recon (B, d_out, R, R), per-slot content (B, K, d_out, R, R), alphas (B, K, R, R)).
-        """
+    def decode(self, slots: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (B, K, d), positions (B, K, 2) in [-1, 1] -> per-slot content (B, K, d_out, R, R) and
+        alpha logits (B, K, R, R), fp32."""
         n_bg = int(self.background is not None)
         bg_slot, slots, positions = slots[:, :n_bg], slots[:, n_bg:], positions[:, n_bg:]
         b, k, d = slots.shape
@@ -64,8 +61,23 @@ class SpatialBroadcastDecoder(nn.Module):
         if self.background is not None:  # constant layer behind the objects
             flat = self.background(bg_slot)[..., None, None].expand(-1, -1, -1, r, r)  # (B, 1, d_out + 1, R, R)
             out = torch.cat([flat.to(out.dtype), out], dim=1)
-        content, logits = out[:, :, :self.d_out], out[:, :, self.d_out].float()
+        return out[:, :, :self.d_out], out[:, :, self.d_out].float()
+
+    @staticmethod
+    def composite(content: torch.Tensor, logits: torch.Tensor, alive: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alive-only alpha compositing: (recon (B, d_out, R, R), alphas (B, K, R, R)) for gate (B, K)."""
         soft = logits.softmax(dim=1) * alive.float()[:, :, None, None]
         alphas = soft / soft.sum(dim=1, keepdim=True).clamp_min(1e-8)
         recon = (alphas.unsqueeze(2).to(content.dtype) * content).sum(dim=1)
+        return recon, alphas
+
+    def forward(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """slots (B, K, d), positions (B, K, 2) in [-1, 1], alive gate (B, K) in [0, 1].
+
+        Returns (recon (B, d_out, R, R), per-slot content (B, K, d_out, R, R), alphas (B, K, R, R)).
+        """
+        content, logits = self.decode(slots, positions)
+        recon, alphas = self.composite(content, logits, alive)
         return recon, content, alphas

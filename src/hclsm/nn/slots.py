@@ -146,11 +146,17 @@ def hard_concrete(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 
 class BirthSeeder(nn.Module):
-    """Seed for dead slots: the residual-weighted mean of the frame's token values, through an MLP.
+    """Seed and place a birth proposal where the alive slots explain the frame worst.
 
     ``residual`` (B, M) is the detached per-token error of the alive slots' reconstruction, with the
-    tokens below ``threshold`` zeroed, so a seed only forms where something is left unexplained.
+    tokens below ``threshold`` zeroed, so a seed only forms where something is left unexplained. The
+    proposal goes to the worst token: the residual is windowed by a Gaussian of width ``BIRTH_RADIUS``
+    around its peak, and the seed is that window's residual-weighted mean of the token values (through
+    an MLP), its centre the window's residual-weighted mean position. One blob per frame: a second
+    unexplained object is picked up on a later frame.
     """
+
+    BIRTH_RADIUS = 0.2  # width of the window around the residual's peak, in [-1, 1] image coordinates
 
     def __init__(self, d_slot: int):
         super().__init__()
@@ -161,9 +167,16 @@ class BirthSeeder(nn.Module):
         """(B, M) weights of the tokens whose residual exceeds ``threshold`` (0 elsewhere)."""
         return torch.where(residual > threshold, residual, torch.zeros_like(residual))
 
-    def forward(self, values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """values (B, M, d), weights (B, M) -> (seed (B, d), has_seed (B,) bool)."""
-        total = weights.sum(dim=1, keepdim=True)
-        pooled = (weights.unsqueeze(-1) * values.float()).sum(dim=1) / total.clamp_min(1e-6)
+    def forward(self, values: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """values (B, M, d), weights (B, M), token coords (M, 2) -> seed (B, d), centre (B, 2), has_seed (B,)."""
+        weights = weights.float()
+        peak = coords[weights.argmax(dim=1)]  # (B, 2)
+        d2 = (coords[None] - peak[:, None]).pow(2).sum(-1)  # (B, M)
+        local = weights * torch.exp(-d2 / (2 * self.BIRTH_RADIUS ** 2))
+        total = local.sum(dim=1, keepdim=True)
         has = total.squeeze(1) > 0
-        return self.net(pooled.to(values.dtype)) * has[:, None].to(values.dtype), has
+        norm = local / total.clamp_min(1e-6)
+        pooled = torch.einsum("bm,bmd->bd", norm, values.float())
+        centre = norm @ coords.float()
+        return self.net(pooled.to(values.dtype)) * has[:, None].to(values.dtype), centre, has
