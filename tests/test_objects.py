@@ -40,7 +40,7 @@ def test_every_trainable_parameter_gets_a_gradient_in_a_stage1_step(extra):
     model = build_model(cfg.model).train()
     video = torch.rand(8, 4, 3, 32, 32)
     out = model({"video": video}, progress=0.6, stage=1)  # past existence_start: gates and prior are on
-    assert set(out.losses) == {"sbd", "diversity", "existence"}
+    assert set(out.losses) == {"sbd", "diversity", "existence", "object_area"}
     if not cfg.model.slots.dynamic:  # fixed slots: no existence head, every slot alive on every frame
         assert model.objects.existence is None and out.objects.alive.all()
     sum(out.losses.values()).backward()
@@ -337,7 +337,7 @@ def test_a_stage1_training_step_of_the_real_model_is_finite_and_updates_weights(
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     target_before = [p.detach().clone() for p in model.objects.target_encoder.parameters()]
     res = train_step(model, opt, {"video": torch.rand(4, 3, 3, 32, 32)}, cfg=cfg.train, stage=1, progress=0.7)
-    assert res.skipped is None and np.isfinite(res.loss) and set(res.losses) == {"sbd", "diversity", "existence"}
+    assert res.skipped is None and np.isfinite(res.loss) and set(res.losses) == {"sbd", "diversity", "existence", "object_area"}
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
     # the EMA target encoder moved towards the online encoder, but only by (1 - tau)
     moved = [not torch.equal(a, b) for a, b in zip(target_before, model.objects.target_encoder.parameters())]
@@ -363,7 +363,7 @@ def test_hclsm_train_stage1_cli_end_to_end_with_the_real_model(tmp_path, capsys)
     run = tmp_path / "runs" / "r"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0 and 0 <= summary["val"]["fg_ari"] <= 1
-    assert summary["final_losses"].keys() >= {"sbd", "diversity", "existence"}
+    assert summary["final_losses"].keys() >= {"sbd", "diversity", "existence", "object_area"}
     assert list((run / "checkpoints").glob("step_*/model.safetensors"))
     # stage 1 only: the whole run stayed in stage 1 (HCLSM's stage 2 is not built yet)
     assert all(r.get("stage", 1) == 1 for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()))

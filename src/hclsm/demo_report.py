@@ -83,6 +83,7 @@ TensorBoard logs in `tb/`, the checkpoint in `checkpoints/`, `summary.json`.
 | SBD reconstruction | {_fmt(losses.get('sbd'), '.4f')} | {_indicator(losses.get('sbd'), SEED_SBD)} |
 | slot diversity | {_fmt(losses.get('diversity'), '.4f')} | {_indicator(losses.get('diversity'), SEED_DIVERSITY)} |
 | existence prior | {_fmt(losses.get('existence'), '.4f')} | — |
+| object-area prior | {_fmt(losses.get('object_area'), '.4f')} | — |
 
 ## Objects on held-out episodes
 

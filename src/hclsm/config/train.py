@@ -13,7 +13,7 @@ from hclsm.config.model import check, check_min, check_one_of, check_prob
 
 PRECISIONS = ("fp32", "bf16")
 STAGES = (1, 2)
-LOSS_NAMES = ("sbd", "diversity", "existence", "jepa", "obj", "causal", "event")  # what models may return
+LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "event")  # what models may return
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -29,10 +29,11 @@ class LossWeights:
     causal: float = 0.1  # NOTEARS DAG constraint + l1 sparsity (stage 2)
     event: float = 0.05  # event-rate hinge + contrastive event loss (stage 2)
     existence: float = 1.0  # slot existence prior (the model scales it by its own ramp)
+    object_area: float = 0.01  # share of the frame drawn by object slots: the background is the default (ramped like existence)
 
     def __post_init__(self) -> None:
         check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal", "event",
-                  "existence")
+                  "existence", "object_area")
 
     def weight(self, name: str, stage: int) -> float:
         """The weight of loss ``name`` (one of ``LOSS_NAMES``) in training stage ``stage`` (1 or 2).

@@ -22,7 +22,8 @@ happens. The background slot (index 0, when ``slots.background``) is always aliv
 
 Losses (unweighted, by name): ``sbd`` reconstruction MSE; ``diversity`` a squared hinge on the cosine
 similarity of pairs of alive object slots above ``DIVERSITY_MARGIN`` (duplicate suppression); ``existence`` the sparsity prior ``-log(1 - p_alive)`` averaged over
-object slots, its weight ramped in over training (a dead slot costs nothing).
+object slots, its weight ramped in over training (a dead slot costs nothing); ``object_area`` the
+share of the frame drawn by object slots (with a background slot; ramped in the same way).
 """
 from __future__ import annotations
 
@@ -212,12 +213,19 @@ class ObjectDecomposer(nn.Module):
         sim = F.relu(torch.einsum("btnd,btmd->btnm", z, z) - DIVERSITY_MARGIN).pow(2)
         pair = w[..., :, None] * w[..., None, :] * (1 - torch.eye(z.shape[2], device=z.device))
         diversity = (sim * pair).sum() / pair.sum().clamp_min(1.0)
-        ramp = (progress - s.existence_start) / max(s.existence_ramp, 1e-8)
-        weight = s.existence_sparsity * min(max(ramp, 0.0), 1.0)
+        ramp = min(max((progress - s.existence_start) / max(s.existence_ramp, 1e-8), 0.0), 1.0)
         if s.dynamic:
             # -log(1 - p_alive) = softplus(logit): unlike the mean p_alive, its gradient does not vanish
             # once a slot's p_alive saturates at 1 (which the reconstruction drives every slot to)
-            existence = weight * F.softplus(out.alive_logits[:, :, bg:]).mean()
+            existence = ramp * s.existence_sparsity * F.softplus(out.alive_logits[:, :, bg:]).mean()
         else:
             existence = out.alive_logits.new_zeros(())
-        return {"sbd": sbd, "diversity": diversity, "existence": existence}
+        # share of the frame the object slots draw: where the background layer reconstructs as well, it
+        # should draw, so object masks shrink to their objects (otherwise object slots may tile the
+        # background, and areas, counts and mIoU mean little). Ramped in with the existence prior: early on
+        # it would hand the whole frame to the background before any slot found an object
+        if bg:
+            object_area = ramp * out.alphas[:, :, bg:].float().sum(2).mean()
+        else:
+            object_area = out.alphas.new_zeros((), dtype=torch.float32)
+        return {"sbd": sbd, "diversity": diversity, "existence": existence, "object_area": object_area}
