@@ -261,9 +261,13 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     logger = RunLogger(run_dir)
-    bar = tqdm(total=t.steps, desc=f"train {run_dir.name}", unit="step", disable=not progress, dynamic_ncols=True)
     generator = torch.Generator().manual_seed(t.seed)  # the batch sampler's own stream (checkpointed)
     budget = 60.0 * t.max_minutes
+    # a wall-clock budget that ends training before train.steps does is what the bar counts down (in
+    # seconds); otherwise it counts steps
+    timed = budget > 0
+    bar = tqdm(total=round(budget) if timed else t.steps, desc=f"train {run_dir.name}", unit="s" if timed else "step",
+               disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     step, skipped, in_a_row, stopped = 0, 0, 0, "steps"
     interval, last_losses, metrics = _Interval(), {}, {}
@@ -328,8 +332,12 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
                     break
             else:
                 in_a_row = 0
-                bar.set_postfix(loss=f"{result.loss:.4f}", stage=stage, refresh=False)
-            bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", stage=stage, **({"step": step} if timed else {}),
+                                refresh=False)
+            if timed:
+                bar.update(min(round(time.perf_counter() - start), bar.total) - bar.n)
+            else:
+                bar.update(1)
             if step % t.log_every == 0:
                 log_interval()
             if t.eval_every and step % t.eval_every == 0:
