@@ -31,7 +31,7 @@ from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.physics import PhysicsSource
 from hclsm.errors import DataError
 
-from cli_helpers import assert_user_error, run
+from helpers import assert_user_error, run
 
 PUSHT = ["--episodes", "2", "--max-steps", "12", "--quiet"]
 PHYSICS = ["--episodes", "3", "--frames", "8", "--quiet"]

@@ -19,11 +19,8 @@ import torch
 from hclsm import demo
 from hclsm.config import load_config
 
-from cli_helpers import assert_user_error, run
+from helpers import SMALL, assert_user_error, run
 
-SMALL = ["model.perception.d_model=16", "model.perception.d_world=16", "model.slots.d_slot=16",
-         "model.slots.mlp_hidden=16", "model.slots.num_slots=4", "model.decoder.hidden=16",
-         "model.perception.image_size=32", "model.decoder.grid_size=8", "model.decoder.resolution=16"]
 TINY_RUN = ["--minutes", "1", "--quiet", "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=20",
             "--set", "train.steps=3", "--set", "train.warmup_steps=0", "--set", "train.batch_size=2",
             *[f"--{o}" for o in SMALL]]

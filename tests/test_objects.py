@@ -18,9 +18,7 @@ from hclsm.nn.decoders import SpatialBroadcastDecoder
 from hclsm.nn.matching import pairwise_cost, permute, sinkhorn, sinkhorn_match
 from hclsm.nn.slots import BirthSeeder, hard_concrete
 
-SMALL = ["model.perception.d_model=16", "model.perception.d_world=16", "model.slots.d_slot=16",
-         "model.slots.mlp_hidden=16", "model.slots.num_slots=4", "model.decoder.hidden=16",
-         "model.perception.image_size=32", "model.decoder.grid_size=8", "model.decoder.resolution=16"]
+from helpers import SMALL
 
 
 def small_cfg(*extra: str):

@@ -1,7 +1,12 @@
-"""Shared helpers of the command-line tests: run ``hclsm`` in-process and check one-line user errors."""
+"""Shared test helpers: a small model config, and running ``hclsm`` in-process with one-line user errors."""
 from __future__ import annotations
 
 from hclsm import cli
+
+# overrides shrinking the tiny preset's object layers to a model that trains a step in well under a second
+SMALL = ["model.perception.d_model=16", "model.perception.d_world=16", "model.slots.d_slot=16",
+         "model.slots.mlp_hidden=16", "model.slots.num_slots=4", "model.decoder.hidden=16",
+         "model.perception.image_size=32", "model.decoder.grid_size=8", "model.decoder.resolution=16"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
