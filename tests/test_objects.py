@@ -88,7 +88,8 @@ def test_object_model_is_causal_in_time():
 
 def test_dead_slots_are_rearmed_and_births_deaths_follow_the_gate():
     torch.manual_seed(0)
-    cfg = small_cfg("model.slots.min_area=0")  # the gate alone decides here
+    cfg = small_cfg("model.slots.min_area=0", "model.slots.birth_min_new=0",
+                    "model.slots.settle_rounds=0")  # the gate alone decides here
     net = ObjectDecomposer(cfg.model).eval()
     # force slot 1 alive on frames 0-1, dead on 2-3, alive again on 4 (through the existence head's bias)
     schedule = iter([5.0, 5.0, -5.0, -5.0, 5.0])
@@ -122,21 +123,54 @@ def _scripted_existence(net: ObjectDecomposer, probs: dict[int, list[float]]) ->
     net.existence.forward = fake
 
 
-def test_alive_hysteresis_a_proposal_needs_the_birth_threshold_an_alive_slot_only_the_lower_one():
+def test_settle_rounds_give_the_first_frame_births_at_evaluation_only():
     torch.manual_seed(0)
-    net = ObjectDecomposer(small_cfg("model.slots.min_area=0", "model.slots.alive_threshold=0.5",
-                                     "model.slots.birth_alive_threshold=0.9").model).eval()
-    _scripted_existence(net, {1: [0.7, 0.95, 0.7, 0.3, 0.7]})
+    cfg = small_cfg("model.slots.min_area=0", "model.slots.birth_min_new=0", "model.slots.settle_rounds=2")
+    net = ObjectDecomposer(cfg.model).eval()
+    # slot 1 is dead after the first frame-0 round and alive from the second (its re-armed proposal) on
+    _scripted_existence(net, {1: [0.01, 0.99, 0.99, 0.99, 0.99]})
     with torch.no_grad():
-        out = net(torch.rand(1, 5, 3, 32, 32))
-    # 0.7 is not enough to be born (frame 0, frame 4) but enough to stay alive (frame 2)
-    assert out.alive[0, :, 1].tolist() == [False, True, True, False, False]
+        out = net(torch.rand(1, 3, 3, 32, 32))
+    assert out.alive[0, :, 1].tolist() == [True, True, True]  # alive on frame 0 already: settled there
+    assert not out.births.any() and not out.deaths.any()  # a settled first frame has no births
+    assert out.alive_logits.shape[1] == 3  # one output per frame, not per round
+
+    calls = []
+    net = ObjectDecomposer(cfg.model).train()
+    orig = net.existence.forward
+    net.existence.forward = lambda slots: calls.append(1) or orig(slots)
+    net(torch.rand(1, 3, 3, 32, 32), progress=1.0)
+    assert len(calls) == 3  # training runs one round per frame
+
+
+@pytest.mark.parametrize("where,born", [("background", True), ("inside slot 1", False)])
+def test_a_birth_must_take_its_pixels_from_the_background_not_from_an_alive_slot(where, born):
+    torch.manual_seed(0)
+    net = ObjectDecomposer(small_cfg("model.slots.min_area=0", "model.slots.settle_rounds=0").model).eval()
+    _scripted_existence(net, {2: [0.01, 0.99]})  # slot 2 is a proposal on frame 1 that wants to live
+    left = torch.zeros(16, 16)
+    left[:, :8] = 1.0
+    target = left if where == "inside slot 1" else 1 - left
+
+    def decode(slots, positions):  # slot 1 draws the left half; slot 2 would draw `target` above everything
+        content = torch.zeros(slots.shape[0], slots.shape[1], 3, 16, 16)
+        logits = torch.full((slots.shape[0], slots.shape[1], 16, 16), -10.0)
+        logits[:, 0] = 0.0
+        logits[:, 1] = 20.0 * left - 10.0
+        logits[:, 2] = 40.0 * target - 10.0
+        return content, logits
+
+    net.decoder.decode = decode
+    with torch.no_grad():
+        out = net(torch.rand(1, 2, 3, 32, 32))
+    assert out.alive[0, :, 2].tolist() == [False, born]
+    assert out.alive[0, :, 1].all()
 
 
 @pytest.mark.parametrize("min_area,alive", [(0.0, True), (0.01, False)])
 def test_an_object_slot_that_draws_no_pixel_dies_by_the_area_rule(min_area, alive):
     torch.manual_seed(0)
-    net = ObjectDecomposer(small_cfg(f"model.slots.min_area={min_area}").model).eval()
+    net = ObjectDecomposer(small_cfg(f"model.slots.min_area={min_area}", "model.slots.settle_rounds=0").model).eval()
     _scripted_existence(net, {2: [0.99] * 3})
     decode = net.decoder.decode
 
@@ -171,7 +205,7 @@ def test_birth_seed_forms_only_where_the_residual_is_unexplained_and_goes_to_its
 
 def test_the_birth_proposal_nearest_the_unexplained_blob_moves_onto_it():
     torch.manual_seed(0)
-    net = ObjectDecomposer(small_cfg("model.slots.min_area=0").model).eval()
+    net = ObjectDecomposer(small_cfg("model.slots.min_area=0", "model.slots.settle_rounds=0").model).eval()
     _scripted_existence(net, {2: [0.01, 0.01], 3: [0.01, 0.01]})  # slots 2, 3 dead on frame 0: proposals on frame 1
     with torch.no_grad():
         net.slot_attention.query_pos.copy_(torch.tensor([[0.0, 0.0], [-0.8, -0.8], [0.9, 0.9], [0.8, -0.8], [-0.8, 0.8]]))
@@ -240,7 +274,8 @@ def test_sinkhorn_match_is_a_permutation_even_on_ties():
     ("model.decoder.resolution=24", "model.decoder.resolution"),
     ("model.decoder.kernel=2", "model.decoder.kernel"),
     ("model.perception.patch_size=3", "model.perception.patch_size"),
-    ("model.slots.birth_alive_threshold=0.3", "model.slots.birth_alive_threshold"),
+    ("model.slots.birth_min_new=1.5", "model.slots.birth_min_new"),
+    ("model.slots.settle_rounds=-1", "model.slots.settle_rounds"),
     ("model.slots.min_area=1.5", "model.slots.min_area"),
 ])
 def test_bad_object_configs_name_the_key(override, key):

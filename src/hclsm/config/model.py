@@ -88,7 +88,9 @@ class SlotConfig:
     Frame 0 runs ``iterations`` from learned per-slot queries; every later frame starts from the previous
     frame's slots and runs ``video_iterations``. Each object slot has an existence probability p_alive; a
     slot is alive when p_alive > ``alive_threshold``. Dead slots are re-armed as birth proposals seeded
-    from what the alive slots failed to reconstruct on the previous frame.
+    from what the alive slots failed to reconstruct on the previous frame; at evaluation the first frame
+    gets ``settle_rounds`` such birth rounds on itself, so objects its initial slots missed are picked up
+    before the clip starts instead of one per frame over its first frames.
     """
 
     num_slots: int = 7  # N_max object proposals (the background slot is extra)
@@ -101,9 +103,10 @@ class SlotConfig:
     spatial_prior: bool = True  # slots start at learned positions; attention favours tokens near a slot
     query_noise: float = 1.0  # initial noise on the learned queries (x |query|), annealed to 0 ...
     noise_anneal: float = 0.3  # ... over this fraction of training (cosine)
-    alive_threshold: float = 0.5  # an alive slot stays alive while p_alive exceeds this (evaluation)
-    birth_alive_threshold: float = 0.5  # (evaluation) a dead slot is born when p_alive exceeds this (>= alive_threshold)
-    min_area: float = 0.002  # (evaluation) an object slot that is the top alpha on < this share of the pixels dies; 0 = off
+    alive_threshold: float = 0.3  # (evaluation) a slot is alive when p_alive exceeds this ...
+    min_area: float = 0.002  # ... and it is the top alpha on >= this share of the pixels (0 = no area rule)
+    birth_min_new: float = 0.8  # (evaluation) share of a newborn slot's pixels that must come from the background layer
+    settle_rounds: int = 3  # (evaluation) extra birth rounds on the first frame, one placed proposal each; 0 = off
     birth_threshold: float = 0.05  # mean squared residual of a pixel above which it counts as unexplained
     existence_sparsity: float = 0.02  # weight of the prior -log(1 - p_alive), averaged over the object slots
     existence_start: float = 0.5  # training progress at which existence gating and its prior switch on
@@ -112,12 +115,9 @@ class SlotConfig:
     def __post_init__(self) -> None:
         p = "model.slots"
         check_min(self, p, 1, "num_slots", "d_slot", "iterations", "video_iterations", "mlp_hidden")
-        check_prob(self, p, "alive_threshold", "birth_alive_threshold", "birth_threshold", "min_area", "noise_anneal",
+        check_prob(self, p, "alive_threshold", "birth_threshold", "birth_min_new", "min_area", "noise_anneal",
                    "existence_start", "existence_ramp")
-        check_min(self, p, 0.0, "existence_sparsity", "query_noise")
-        check(self.birth_alive_threshold >= self.alive_threshold, f"{p}.birth_alive_threshold",
-              f"must be >= model.slots.alive_threshold ({self.alive_threshold}), got {self.birth_alive_threshold}; "
-              f"a proposal needs at least the confidence that keeps a slot alive")
+        check_min(self, p, 0.0, "existence_sparsity", "query_noise", "settle_rounds")
 
 
 @dataclass

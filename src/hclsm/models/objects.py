@@ -9,16 +9,19 @@ end other models reuse. Per clip:
   (its learned query and position), and the one nearest the blob the alive slots explained worst on
   frame t-1 is moved onto that blob with a seed pooled from its tokens (``BirthSeeder``);
 * an existence head gives p_alive per object slot; in training the alive gate is a straight-through
-  binary-concrete sample (after ``existence_start`` of training; all slots alive before), at evaluation
-  ``p_alive`` above a threshold (``birth_alive_threshold`` for a slot dead on the previous frame, the lower
-  ``alive_threshold`` for one alive on it: hysteresis against flicker), and a gated-in object slot that
-  is the top alpha on less than ``min_area`` of the frame's pixels is dead too (it draws nothing: a
-  duplicate or an empty proposal). Both rules are evaluation-time decisions: in training the area rule
-  would cut the gate's straight-through gradient, and a slot it killed could never earn its life back.
-  The decoder composites alive slots only.
+  binary-concrete sample (after ``existence_start`` of training; all slots alive before). At evaluation
+  a slot is alive when p_alive > ``alive_threshold`` and it is the top alpha on at least
+  ``min_area`` of the frame's pixels (a slot that draws nothing is a duplicate or an empty proposal),
+  and a birth must take ``birth_min_new`` of its pixels from the background layer (not split an object
+  another slot draws). These rules act at evaluation only: in training they would cut the gate's
+  straight-through gradient, and a slot they killed could never earn its life back;
+* at evaluation the first frame also gets ``settle_rounds`` birth rounds on itself (re-arm the dead
+  slots, place one proposal on the worst-explained blob, iterate, decide again), so the objects the
+  initial slots missed are found before the clip starts, not one per frame during it.
 
-A slot is *born* at frame t when it is alive at t but was dead at t-1, and *dies* when the reverse
-happens. The background slot (index 0, when ``slots.background``) is always alive and never counted.
+The decoder composites alive slots only. A slot is *born* at frame t when it is alive at t but was dead
+at t-1, and *dies* when the reverse happens. The background slot (index 0, when ``slots.background``) is
+always alive and never counted.
 
 Losses (unweighted, by name): ``sbd`` reconstruction MSE; ``diversity`` a squared hinge on the cosine
 similarity of pairs of alive object slots above ``DIVERSITY_MARGIN`` (duplicate suppression); ``existence`` the sparsity prior ``-log(1 - p_alive)`` averaged over
@@ -132,65 +135,30 @@ class ObjectDecomposer(nn.Module):
         tokens = self.encoder(video)  # (B, T, M, d_world)
         k_all, v_all = self.slot_attention.project(tokens)
         target = self._targets(video)
-        g = self.cfg.perception.grid_size
         gating = s.dynamic and (not self.training or progress >= s.existence_start)
         noise = self._noise(progress)
         bg = int(s.background)
 
         slots, pos = self.slot_attention.initial(b, noise)
-        alive_prev = None
-        seed = centre = has_seed = None
+        alive_prev = seed = centre = has_seed = None
         outs: dict[str, list[torch.Tensor]] = {n: [] for n in
                                                ("slots", "pos", "logits", "gate", "alphas", "recon", "attn")}
+        settle = s.settle_rounds if gating and not self.training else 0
         for i in range(t):
-            if i == 0:
-                slots, pos, attn = self.slot_attention(slots, pos, k_all[:, 0], v_all[:, 0], self.coords, s.iterations,
-                                                       straight_through=True)
-            else:  # alive slots carry on; dead ones are re-armed as birth proposals
-                if s.dynamic:
-                    proposal, proposal_pos = self.slot_attention.initial(b, noise)
-                    # the dead slot whose proposal sits nearest the unexplained blob takes the seed and moves there
-                    dead = alive_prev < 0.5
-                    dist = (proposal_pos - centre[:, None]).pow(2).sum(-1).masked_fill(~dead, float("inf"))
-                    chosen = F.one_hot(dist.argmin(1), dist.shape[1]).bool() & dead & has_seed[:, None]
-                    c = chosen[..., None].to(slots.dtype)
-                    proposal = proposal + c * seed[:, None, :]
-                    proposal_pos = torch.where(chosen[..., None], centre[:, None].to(pos.dtype), proposal_pos)
-                    keep = alive_prev[..., None]
-                    slots = keep * slots + (1 - keep) * proposal
-                    pos = keep * pos + (1 - keep) * proposal_pos
-                slots, pos, attn = self.slot_attention(slots, pos, k_all[:, i], v_all[:, i], self.coords,
-                                                       s.video_iterations)
-            logits = self.existence(slots) if s.dynamic else slots.new_full(slots.shape[:2], 20.0)  # (B, K)
-            if not gating:
-                gate = torch.ones_like(logits)
-            elif self.training:
-                gate = hard_concrete(logits)
-            else:  # hysteresis: a proposal needs birth_alive_threshold to be born, an alive slot keeps living above alive_threshold
-                threshold = torch.full_like(logits, s.birth_alive_threshold)
-                if alive_prev is not None:
-                    threshold = torch.where(alive_prev > 0.5, s.alive_threshold, threshold)
-                gate = (torch.sigmoid(logits) > threshold).float()
-            if bg:
-                gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
-            content, alpha_logits = self.decoder.decode(slots, pos)
-            recon, alphas = self.decoder.composite(content, alpha_logits, gate)
-            if gating and not self.training and s.min_area > 0:  # death by area: an alive slot that draws (almost) nothing is dead
-                owner = alphas.detach().argmax(dim=1)  # (B, R, R): the slot each pixel is drawn by
-                share = F.one_hot(owner, alphas.shape[1]).flatten(1, 2).float().mean(1)  # (B, K)
-                covers = (share >= s.min_area).float()
-                if bg:
-                    covers[:, 0] = 1.0
-                gate = gate * covers
-                recon, alphas = self.decoder.composite(content, alpha_logits, gate)
-            if s.dynamic and i + 1 < t:  # birth seed for the next frame: tokens the alive slots leave unexplained
-                err = (recon.detach().float() - target[:, i].float()).pow(2).mean(dim=1, keepdim=True)
-                if bg:  # what the background layer paints wrong; an object slot's own blurry edges are not a new object
-                    err = err * alphas[:, :1].detach().float()
-                err = F.adaptive_avg_pool2d(err, g).flatten(1)  # (B, M)
-                seed, centre, has_seed = self.birth(v_all[:, i], self.birth.unexplained(err, s.birth_threshold),
-                                                    self.coords)
-            alive_prev = gate.detach()
+            rounds = 1 + (settle if i == 0 else 0)
+            for r in range(rounds):
+                if i == 0 and r == 0:
+                    slots, pos, attn = self.slot_attention(slots, pos, k_all[:, 0], v_all[:, 0], self.coords,
+                                                           s.iterations, straight_through=True)
+                else:  # alive slots carry on; dead ones are re-armed as birth proposals
+                    if s.dynamic:
+                        slots, pos = self._rearm(slots, pos, alive_prev, seed, centre, has_seed, noise)
+                    slots, pos, attn = self.slot_attention(slots, pos, k_all[:, i], v_all[:, i], self.coords,
+                                                           s.video_iterations)
+                logits, gate, alphas, recon = self._gate_and_draw(slots, pos, alive_prev, gating)
+                if s.dynamic and (i + 1 < t or r + 1 < rounds):  # birth seed: what the alive slots leave unexplained
+                    seed, centre, has_seed = self._birth_seed(recon, alphas, target[:, i], v_all[:, i])
+                alive_prev = gate.detach()
             for name, val in zip(outs, (slots, pos, logits, gate, alphas, recon, attn)):
                 outs[name].append(val)
 
@@ -200,6 +168,75 @@ class ObjectDecomposer(nn.Module):
         return ObjectOutput(slots=st["slots"], positions=st["pos"], alive_logits=st["logits"], alive=alive,
                             alphas=st["alphas"], recon=st["recon"], target=target, attn=st["attn"],
                             gate=st["gate"], births=alive & ~prev, deaths=~alive & prev, has_background=bool(bg))
+
+    def _rearm(self, slots: torch.Tensor, pos: torch.Tensor, alive_prev: torch.Tensor, seed: torch.Tensor,
+               centre: torch.Tensor, has_seed: torch.Tensor, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alive slots keep their state; each dead one becomes its birth proposal (learned query and
+        position), and the dead proposal nearest the unexplained blob takes the seed and moves onto it."""
+        proposal, proposal_pos = self.slot_attention.initial(slots.shape[0], noise)
+        dead = alive_prev < 0.5
+        dist = (proposal_pos - centre[:, None]).pow(2).sum(-1).masked_fill(~dead, float("inf"))
+        chosen = F.one_hot(dist.argmin(1), dist.shape[1]).bool() & dead & has_seed[:, None]
+        proposal = proposal + chosen[..., None].to(slots.dtype) * seed[:, None, :]
+        proposal_pos = torch.where(chosen[..., None], centre[:, None].to(pos.dtype), proposal_pos)
+        keep = alive_prev[..., None]
+        return keep * slots + (1 - keep) * proposal, keep * pos + (1 - keep) * proposal_pos
+
+    def _gate_and_draw(self, slots: torch.Tensor, pos: torch.Tensor, alive_prev: torch.Tensor | None, gating: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Existence logits, alive gate, alphas and reconstruction of one frame's slots."""
+        s = self.cfg.slots
+        logits = self.existence(slots) if s.dynamic else slots.new_full(slots.shape[:2], 20.0)  # (B, K)
+        content, alpha_logits = self.decoder.decode(slots, pos)
+        if not gating:
+            gate = torch.ones_like(logits)
+        elif self.training:
+            gate = hard_concrete(logits)
+        else:
+            gate = self._decide_alive(logits, content, alpha_logits, alive_prev)
+        if s.background:
+            gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
+        recon, alphas = self.decoder.composite(content, alpha_logits, gate)
+        return logits, gate, alphas, recon
+
+    def _decide_alive(self, logits: torch.Tensor, content: torch.Tensor, alpha_logits: torch.Tensor,
+                      alive_prev: torch.Tensor | None) -> torch.Tensor:
+        """Evaluation-time alive gate (B, K), background column included.
+
+        An object slot is alive when p_alive > ``alive_threshold`` and, with ``min_area``, it is the top
+        alpha (among those slots) on at least that share of the pixels: an alive slot that draws (almost)
+        nothing is a duplicate or an empty proposal. A slot dead on the previous frame (a birth) must
+        also take at least ``birth_min_new`` of its pixels from the background layer: a new object is
+        something nothing explained, not a piece of an object another slot already draws.
+        """
+        s = self.cfg.slots
+        gate = (torch.sigmoid(logits) > s.alive_threshold).float()
+        if s.background:
+            gate[:, 0] = 1.0
+
+        def owners(g: torch.Tensor) -> torch.Tensor:  # (B, R*R) the slot each pixel is drawn by
+            return self.decoder.composite(content, alpha_logits, g)[1].argmax(dim=1).flatten(1)
+
+        if s.min_area > 0:
+            share = F.one_hot(owners(gate), gate.shape[1]).float().mean(1)  # (B, K)
+            gate = gate * (share >= s.min_area).float()
+        if s.background and s.birth_min_new > 0 and alive_prev is not None:
+            born = gate * (1 - alive_prev)
+            if born.any():
+                took = F.one_hot(owners(gate), gate.shape[1]).float()  # (B, P, K)
+                from_bg = (owners(gate - born) == 0).float()  # (B, P) drawn by the background without the newborn
+                new = (took * from_bg[..., None]).sum(1) / took.sum(1).clamp_min(1.0)  # (B, K)
+                gate = gate * (1 - born * (new < s.birth_min_new).float())
+        return gate
+
+    def _birth_seed(self, recon: torch.Tensor, alphas: torch.Tensor, target: torch.Tensor, values: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Seed, centre and has-seed of the next birth proposal from one frame's reconstruction error."""
+        err = (recon.detach().float() - target.float()).pow(2).mean(dim=1, keepdim=True)
+        if self.cfg.slots.background:  # what the background paints wrong; a slot's own blurry edges are no new object
+            err = err * alphas[:, :1].detach().float()
+        err = F.adaptive_avg_pool2d(err, self.cfg.perception.grid_size).flatten(1)  # (B, M)
+        return self.birth(values, self.birth.unexplained(err, self.cfg.slots.birth_threshold), self.coords)
 
     def losses(self, out: ObjectOutput, progress: float) -> dict[str, torch.Tensor]:
         s = self.cfg.slots
