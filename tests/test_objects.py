@@ -328,10 +328,6 @@ def _owner(out, mask: torch.Tensor, obj: int) -> torch.Tensor:
                         for i in range(mask.shape[0])])
 
 
-OPEN = ("issue 3 is open: the trained tiny model does not do this yet (BENCHMARKS.md, objects); strict, so "
-        "this fails as soon as it starts passing and the mark must go")
-
-
 def test_trained_slots_keep_their_object_across_frames():
     net = trained_decomposer()
     video, mask = render_clip(_moving_balls())
@@ -343,7 +339,6 @@ def test_trained_slots_keep_their_object_across_frames():
         assert (own == own[0]).all(), own.tolist()  # ... and each keeps its slot on every frame
 
 
-@pytest.mark.xfail(strict=True, reason=OPEN)
 def test_trained_model_death_when_an_object_disappears_and_birth_when_it_appears():
     net = trained_decomposer()
     pos = _moving_balls()
