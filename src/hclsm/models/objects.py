@@ -193,26 +193,25 @@ class ObjectDecomposer(nn.Module):
         elif self.training:
             gate = hard_concrete(logits)
         else:
-            gate = self._decide_alive(logits, content, alpha_logits, alive_prev)
+            gate = (torch.sigmoid(logits) > s.alive_threshold).float()
         if s.background:
             gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
+        if gating and not self.training:
+            gate = self._area_rules(gate, content, alpha_logits, alive_prev)
         recon, alphas = self.decoder.composite(content, alpha_logits, gate)
         return logits, gate, alphas, recon
 
-    def _decide_alive(self, logits: torch.Tensor, content: torch.Tensor, alpha_logits: torch.Tensor,
-                      alive_prev: torch.Tensor | None) -> torch.Tensor:
-        """Evaluation-time alive gate (B, K), background column included.
+    def _area_rules(self, gate: torch.Tensor, content: torch.Tensor, alpha_logits: torch.Tensor,
+                    alive_prev: torch.Tensor | None) -> torch.Tensor:
+        """Evaluation-time rules on the alive gate (B, K) by what the slots draw.
 
-        An object slot is alive when p_alive > ``alive_threshold`` and, with ``min_area``, it is the top
-        alpha (among those slots) on at least that share of the pixels: an alive slot that draws (almost)
-        nothing is a duplicate or an empty proposal. A slot dead on the previous frame (a birth) must
-        also take at least ``birth_min_new`` of its pixels from the background layer: a new object is
-        something nothing explained, not a piece of an object another slot already draws.
+        With ``min_area``, an alive object slot must be the top alpha (among the alive slots) on at least
+        that share of the pixels: one that draws (almost) nothing is a duplicate or an empty proposal. A
+        slot dead on the previous frame (a birth) must also take at least ``birth_min_new`` of its pixels
+        from the background layer: a new object is something nothing explained, not a piece of an object
+        another slot already draws.
         """
         s = self.cfg.slots
-        gate = (torch.sigmoid(logits) > s.alive_threshold).float()
-        if s.background:
-            gate[:, 0] = 1.0
 
         def owners(g: torch.Tensor) -> torch.Tensor:  # (B, R*R) the slot each pixel is drawn by
             return self.decoder.composite(content, alpha_logits, g)[1].argmax(dim=1).flatten(1)
