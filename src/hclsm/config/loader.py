@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -104,10 +105,15 @@ def _coerce(value: Any, tp: Any, key: str, current: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
-            return float(value)
+            number = float(value)
+        elif isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+            number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # YAML's .inf / .nan, or 1e999: no setting means that
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

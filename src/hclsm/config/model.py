@@ -6,6 +6,7 @@ value fails when the config is built, not deep inside a module.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hclsm.errors import ConfigError
@@ -27,6 +28,7 @@ def check_min(obj: object, prefix: str, minimum: float, *names: str) -> None:
         v = getattr(obj, name)
         check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{prefix}.{name}",
               f"must be a number, got {v!r}")
+        check(math.isfinite(v), f"{prefix}.{name}", f"must be a finite number, got {v}")
         check(v >= minimum, f"{prefix}.{name}", f"must be >= {minimum}, got {v}")
 
 
@@ -67,6 +69,8 @@ class PerceptionConfig:
         check_one_of(self.encoder, f"{p}.encoder", ENCODERS)
         check_min(self, p, 1, "image_size", "channels", "patch_size", "d_model", "layers", "heads", "d_world",
                   "max_frames")
+        check(self.channels == 3, f"{p}.channels",
+              f"must be 3: every hclsm dataset reader serves RGB frames, got {self.channels}")
         check(self.image_size % self.patch_size == 0, f"{p}.patch_size",
               f"must divide model.perception.image_size ({self.image_size}), got {self.patch_size}")
         check_heads(self.d_model, self.heads, p)
@@ -272,6 +276,9 @@ class ModelConfig:
         check_one_of(self.name, "model.name", MODEL_NAMES)
         check_min(self, "model", 0, "d_action")
         grid = self.perception.grid_size
+        check(self.slots.num_slots <= grid * grid, "model.slots.num_slots",
+              f"must be <= the {grid * grid} tokens per frame ((model.perception.image_size / patch_size) ** 2 = "
+              f"{grid}x{grid}) the slots compete for, got {self.slots.num_slots}")
         if self.decoder.target == "features":
             check(self.decoder.resolution == grid, "model.decoder.resolution",
                   f"must equal the perception grid ({grid}) for feature targets, got {self.decoder.resolution}")

@@ -6,6 +6,7 @@ trains only the spatial broadcast decoder and slot diversity (SBD weight 5.0) fo
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -80,7 +81,9 @@ class TrainConfig:
         check(self.stage in STAGES, f"{p}.stage", f"must be 1 or 2, got {self.stage!r}")
         check_min(self, p, 1, "steps", "batch_size", "log_every", "keep_last")
         check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "seed")
-        check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), f"{p}.lr",
+              f"must be a number, got {self.lr!r}")
+        check(self.lr > 0 and math.isfinite(self.lr), f"{p}.lr", f"must be > 0 and finite, got {self.lr}")
         check_min(self, p, 0.0, "weight_decay", "grad_clip", "max_minutes")
         check_prob(self, p, "min_lr_ratio", "ema_tau", "stage1_fraction", "val_fraction")
         check(self.warmup_steps <= self.steps, f"{p}.warmup_steps",

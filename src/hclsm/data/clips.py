@@ -54,6 +54,9 @@ class ClipDataset(Dataset):
         self.source = source
         self.clip = clip or ClipConfig()
         lengths = list(source.episode_lengths)
+        if not lengths:
+            raise DataError(f"{source.name}: the dataset has no episodes; make one with `hclsm data physics --out DIR` "
+                            f"or `hclsm data pusht --out DIR`")
         self.windows = clip_windows(lengths, self.clip.length, self.clip.frame_skip, self.clip.stride, episodes)
         if len(self.windows) == 0:
             span = (self.clip.length - 1) * self.clip.frame_skip + 1

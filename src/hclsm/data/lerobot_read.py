@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class LeRobotSource:
         elif video_key not in videos:
             raise DataError(f"{self.root}: video key {video_key!r} not found; available: {videos}")
         self.video_key = video_key
+        self.frame_size = self._frame_size()
         self._npz = lru_cache(maxsize=64)(_load_npz)  # per dataset, so a rewritten dataset is never stale
         self.episodes = self._load_episodes()
         self._load_frames()
@@ -108,7 +110,24 @@ class LeRobotSource:
         missing = [k for k in ("fps", "features") if k not in info]
         if missing:
             raise DataError(f"{path} lacks required keys {missing}; the dataset is corrupt, {_FIX}")
+        fps = info["fps"]
+        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0 or fps == float("inf"):
+            raise DataError(f"{path}: fps must be a positive number, got {fps!r}; the dataset is corrupt, {_FIX}")
+        feats = info["features"]
+        if not isinstance(feats, dict) or not all(isinstance(f, dict) for f in feats.values()):
+            raise DataError(f"{path}: features must map each feature name to an object (dtype, shape, names); "
+                            f"the dataset is corrupt, {_FIX}")
         return info
+
+    def _frame_size(self) -> tuple[int, int] | None:
+        """(height, width) of the video feature as meta/info.json declares it, or None when it does not."""
+        feat = self.info["features"][self.video_key]
+        shape, names = feat.get("shape"), feat.get("names")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) for v in shape)):
+            return None
+        if isinstance(names, list) and len(names) == 3 and {"height", "width"} <= set(names):
+            return shape[names.index("height")], shape[names.index("width")]
+        return (shape[1], shape[2]) if shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4) else (shape[0], shape[1])
 
     def _load_episodes(self) -> dict[str, np.ndarray]:
         files = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
@@ -126,6 +145,10 @@ class LeRobotSource:
         eps = {c: v[order] for c, v in eps.items()}
         if len(eps["episode_index"]) == 0:
             raise DataError(f"{self.root} has no episodes; {_FIX}")
+        empty = eps["episode_index"][eps["length"] < 1].tolist()
+        if empty:
+            raise DataError(f"{self.root}/meta/episodes: episodes {empty[:5]} have no frames; the dataset is corrupt, "
+                            f"{_FIX}")
         return eps
 
     def _load_frames(self) -> None:
@@ -147,12 +170,12 @@ class LeRobotSource:
         ep_col, fr_col = self.columns["episode_index"], self.columns["frame_index"]
         order = np.lexsort((fr_col, ep_col))
         bounds = np.searchsorted(ep_col[order], self.episodes["episode_index"], side="left")
+        ends = np.searchsorted(ep_col[order], self.episodes["episode_index"], side="right")
         for i, (ep, length) in enumerate(zip(self.episodes["episode_index"], self.episodes["length"])):
-            rows = order[bounds[i]:bounds[i] + int(length)]
-            if len(rows) != length or not np.all(ep_col[rows] == ep):
-                raise DataError(f"{self.root}: episode {ep} has {int(np.sum(ep_col == ep))} frames in data/ but "
+            if ends[i] - bounds[i] != length:
+                raise DataError(f"{self.root}: episode {ep} has {int(ends[i] - bounds[i])} frames in data/ but "
                                 f"meta/episodes says {length}; the dataset is corrupt, {_FIX}")
-            self._rows.append(rows)
+            self._rows.append(order[bounds[i]:ends[i]])
         present = {c: _COLUMNS[c] for c in _COLUMNS if c in self.columns}
         self.batch_columns = present
 
@@ -176,7 +199,13 @@ class LeRobotSource:
         start = float(self.episodes[f"videos/{self.video_key}/from_timestamp"][episode])
         ts = start + self.columns["timestamp"][rows].astype(np.float64)
         tol = 0.5 / self.fps  # timestamps are stored as float32; any error below half a frame is unambiguous
-        return decode_frames(self.video_path(episode), ts, tolerance_s=tol)
+        path = self.video_path(episode)
+        video = decode_frames(path, ts, tolerance_s=tol)
+        if self.frame_size is not None and video.shape[1:3] != self.frame_size:
+            (h, w), (mh, mw) = video.shape[1:3], self.frame_size
+            raise DataError(f"video {path} has {h}x{w} frames but meta/info.json says {mh}x{mw} for "
+                            f"{self.video_key}; the dataset is inconsistent, {_FIX}")
+        return video
 
     def load_clip(self, episode: int, frames: np.ndarray) -> dict[str, torch.Tensor]:
         frames = np.asarray(frames)
@@ -193,16 +222,25 @@ class LeRobotSource:
             out[keys.POSITIONS] = out[keys.POSITIONS].reshape(len(frames), -1, 2)
         mask = self._load_extra("mask", episode)
         if mask is not None:
+            want = (len(self._rows[episode]), *video.shape[-2:])
+            if mask.shape != want:
+                raise DataError(f"{self._extra_path('mask', episode)}: mask has shape {mask.shape} but episode "
+                                f"{episode} has {want[0]} frames of {want[1]}x{want[2]}; the dataset is inconsistent, "
+                                f"{_FIX}")
             out[keys.MASK] = torch.from_numpy(mask[frames].astype(np.int64))  # (T, H, W)
         if self.image_size is not None:
             out = self._resize(out)
         return out
 
-    def _load_extra(self, name: str, episode: int) -> np.ndarray | None:
+    def _extra_path(self, name: str, episode: int) -> Path | None:
         template = self.info.get("hclsm_extras", {}).get(name)
         if template is None:
             return None
-        return self._npz(self.root / template.format(episode_index=int(self.episodes["episode_index"][episode])), name)
+        return self.root / template.format(episode_index=int(self.episodes["episode_index"][episode]))
+
+    def _load_extra(self, name: str, episode: int) -> np.ndarray | None:
+        path = self._extra_path(name, episode)
+        return None if path is None else self._npz(path, name)
 
     def _resize(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s, (h, w) = self.image_size, out[keys.VIDEO].shape[-2:]
@@ -219,9 +257,15 @@ class LeRobotSource:
 
 def _load_npz(path: Path, name: str) -> np.ndarray:
     try:
-        with np.load(path) as z:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":  # an npz is a zip archive; anything else would be tried as a pickle
+                raise DataError(f"cannot read {path} (not an .npz archive); the file is corrupt, {_FIX}")
+        with np.load(path, allow_pickle=False) as z:
+            if name not in z.files:
+                raise DataError(f"{path} has no array {name!r} (it has {z.files[:5]}); the file is corrupt, {_FIX}")
             return z[name]
     except FileNotFoundError:
         raise DataError(f"{path} is missing; the dataset is incomplete, {_FIX}") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read {path} ({e.__class__.__name__}); the file is corrupt, {_FIX}") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path} ({e.__class__.__name__}: {' '.join(str(e).split())}); the file is corrupt, "
+                        f"{_FIX}") from None

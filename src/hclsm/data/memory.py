@@ -10,6 +10,7 @@ gather per key. The windows are exactly those of ``clip_windows`` (and ``ClipDat
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -63,6 +64,30 @@ def _narrow_int(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _check_frames(name: str, episode: int, n: int, video: torch.Tensor | None) -> None:
+    """An episode's frames are (n, 3, H, W), floating point, finite and in [0, 1]: checked once on load, so a
+    NaN, an Inf or a wrong shape is named here instead of silently becoming garbage pixels (the in-memory
+    store is uint8, where a NaN has no value) or failing deep inside a model."""
+    where = f"{name}: episode {episode}"
+    fix = "the dataset is corrupt, regenerate it or fix its reader"
+    if video is None:
+        raise DataError(f"{where} has no {keys.VIDEO!r} frames; {fix}")
+    if video.dim() != 4 or video.shape[0] != n or video.shape[1] != 3:
+        raise DataError(f"{where}: frames have shape {tuple(video.shape)}, expected ({n}, 3, H, W) RGB; {fix}")
+    if not video.is_floating_point():
+        raise DataError(f"{where}: frames are {video.dtype}, expected floats in [0, 1]; {fix}")
+    if video.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(video))  # one pass; a NaN anywhere makes both NaN
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = (~torch.isfinite(video)).flatten(1).any(1).nonzero()[:, 0].tolist()  # frames holding a NaN or Inf
+        kind = "NaN" if math.isnan(lo) else "Inf"
+        raise DataError(f"{where}: frames hold {kind} values (frames {bad[:5]}{', ...' if len(bad) > 5 else ''}); "
+                        f"{fix}")
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(f"{where}: frame values span [{lo:.4g}, {hi:.4g}], expected [0, 1]; {fix}")
+
+
 def _resize_episode(ep: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     """Frames to ``size`` x ``size`` (area interpolation), masks nearest, pixel coordinates scaled."""
     video = ep[keys.VIDEO]  # (T, 3, H, W) float in [0, 1]
@@ -102,6 +127,11 @@ class MemoryClips:
         self.image_size = image_size
         lengths = [int(n) for n in source.episode_lengths]
         self.episodes = list(range(len(lengths)) if episodes is None else episodes)
+        if not lengths:
+            raise DataError(f"{source.name}: the dataset has no episodes; {_MAKE_ONE}")
+        if not self.episodes:
+            raise DataError(f"{source.name}: no episodes chosen (an empty split); choose at least one of its "
+                            f"{len(lengths)} episodes")
         bad = [e for e in self.episodes if not 0 <= e < len(lengths)]
         if bad:
             raise DataError(f"{source.name}: episodes {bad[:5]} out of range [0, {len(lengths)})")
@@ -124,6 +154,7 @@ class MemoryClips:
                       leave=False):
             n = lengths[e]
             ep = self.source.load_clip(e, np.arange(n))
+            _check_frames(self.source.name, e, n, ep.get(keys.VIDEO))
             if self.image_size is not None:
                 ep = _resize_episode(ep, self.image_size)
             for k, v in ep.items():

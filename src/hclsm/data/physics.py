@@ -156,6 +156,19 @@ class PhysicsSource:
         missing = [k for k in ("episodes", "frames", "max_objects", "counterfactual") if k not in meta]
         if missing:
             raise DataError(f"{path}: lacks required keys {missing}; {_regenerate_hint(self.root)}")
+        for key, least in (("episodes", 0), ("frames", 1), ("max_objects", 0), ("image_size", 1)):
+            v = meta.get(key)
+            if key == "image_size" and v is None:
+                continue  # optional: frames of any size are accepted
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise DataError(f"{path}: {key} must be an integer >= {least}, got {v!r}; "
+                                f"{_regenerate_hint(self.root)}")
+        if meta["episodes"] == 0:
+            raise DataError(f"{self.root} is empty (meta.json says 0 episodes); {_regenerate_hint(self.root)} and "
+                            f"--episodes N")
+        if not isinstance(meta["counterfactual"], bool):
+            raise DataError(f"{path}: counterfactual must be true or false, got {meta['counterfactual']!r}; "
+                            f"{_regenerate_hint(self.root)}")
         return meta
 
     def episode_path(self, index: int, counterfactual: bool = False) -> Path:
@@ -165,6 +178,12 @@ class PhysicsSource:
 
     def _read_npz(self, path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+            if magic[:2] != b"PK":  # an npz is a zip archive; anything else would be tried as a pickle
+                what = "empty" if not magic else "not an .npz (zip) archive"
+                raise DataError(f"{path}: corrupt physics episode (the file is {what}); "
+                                f"{_regenerate_hint(self.root)}")
             with np.load(path, allow_pickle=False) as data:
                 missing = [n for n in names if n not in data.files]
                 if missing:
@@ -174,11 +193,42 @@ class PhysicsSource:
         except FileNotFoundError:
             raise DataError(f"{path}: episode file is missing; {_regenerate_hint(self.root)}") from None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise DataError(f"{path}: corrupt physics episode ({type(e).__name__}: {e}); "
+            raise DataError(f"{path}: corrupt physics episode ({type(e).__name__}: {' '.join(str(e).split())}); "
                             f"{_regenerate_hint(self.root)}") from None
+        self._check_arrays(path, arrays)
         for a in arrays.values():
             a.flags.writeable = False  # cached and shared between calls
         return arrays
+
+    def _check_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        """The shapes and dtypes the format promises (see the module docstring), checked once per file read,
+        so a wrong-sized, grayscale or float episode fails here with its name instead of deep in a model."""
+        def bad(what: str) -> DataError:
+            return DataError(f"{path}: {what}; the episode does not match the hclsm physics format, "
+                             f"{_regenerate_hint(self.root)}")
+
+        video, mask = arrays["video"], arrays["mask"]
+        if video.ndim != 4 or video.shape[-1] != 3:
+            got = f"{video.shape[-1]} channels" if video.ndim == 4 else f"{video.ndim} dimensions"
+            raise bad(f"video has shape {video.shape} ({got}), expected (T, H, W, 3) RGB frames")
+        if video.dtype != np.uint8:
+            raise bad(f"video is {video.dtype}, expected uint8 frames in [0, 255]")
+        frames, size = self.meta["frames"], self.meta.get("image_size")
+        if video.shape[0] != frames:
+            raise bad(f"video has {video.shape[0]} frames but meta.json says {frames}")
+        if size is not None and video.shape[1:3] != (size, size):
+            raise bad(f"video frames are {video.shape[1]}x{video.shape[2]} but meta.json says {size}x{size}")
+        if mask.shape != video.shape[:3] or mask.dtype.kind not in "iu":
+            raise bad(f"mask is {mask.dtype} {mask.shape}, expected integer ids of shape {video.shape[:3]}")
+        k = len(arrays["radii"])
+        if k > self.max_objects:
+            raise bad(f"has {k} objects but meta.json says at most {self.max_objects}")
+        for name in ("positions", "velocities"):
+            if arrays[name].shape != (frames, k, 2):
+                raise bad(f"{name} has shape {arrays[name].shape}, expected {(frames, k, 2)}")
+        if arrays["events"].shape != (frames,) or arrays["graph"].shape != (k, k):
+            raise bad(f"events {arrays['events'].shape} / graph {arrays['graph'].shape} do not match {frames} frames "
+                      f"and {k} objects")
 
     def load_episode(self, index: int, counterfactual: bool = False) -> dict:
         """Raw arrays of one episode (read-only); twins also carry the intervention metadata, with

@@ -210,8 +210,19 @@ def _resolve(path: str | os.PathLike) -> Path:
                           f"RUN or RUN/checkpoints/step_NNNNNNN")
 
 
+# how pickles start: torch.save's zip archive, or a raw pickle (protocol 2+ opens with 0x80); a safetensors
+# file opens with its header's 8-byte length and then the JSON header's "{"
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head[8:9] != b"{" and head.startswith(_PICKLE_MAGIC):
+            raise CheckpointError(f"{path} is a pickle (torch.save) file, not safetensors; hclsm never unpickles "
+                                  f"checkpoints (a pickle can run code): use a checkpoint written by hclsm, or "
+                                  f"convert a trusted one with safetensors.torch.save_file")
         return load_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, use another one") from None
