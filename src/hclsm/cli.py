@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hclsm.config import MODEL_NAMES, PRESETS, Config, load_config
 from hclsm.errors import HclsmError
@@ -103,14 +104,50 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _resume_target(args: argparse.Namespace, extra: list[str]) -> tuple[Config, str, Path]:
+    """The run ``--resume`` continues: its own config, its dataset (``--data`` or the one it was
+    trained on) and its directory. Options that would change the run are refused."""
+    from hclsm.train import latest_checkpoint
+
+    changed = [flag for flag, value in (("--model", args.model), ("--stage", args.stage), ("--steps", args.steps),
+                                        ("--name", args.name), ("--out", args.out), ("--minutes", args.minutes),
+                                        ("--preset", args.preset), ("--config", args.config)) if value is not None]
+    changed += [f"--{o}" for o in [*args.overrides, *extra]]
+    if changed:
+        raise HclsmError(f"--resume continues a run with its own config.yaml, so {changed[0]} cannot be given; "
+                         f"drop it, or start a new run")
+    run = Path(args.resume)
+    if not (run / "config.yaml").is_file():
+        raise HclsmError(f"--resume {run}: not a run directory (no config.yaml); pass OUT/NAME of an earlier "
+                         f"`hclsm train`")
+    cfg = load_config(yaml_path=run / "config.yaml")
+    data = args.data
+    if data is None:
+        ckpt = latest_checkpoint(run)
+        try:
+            data = json.loads((ckpt / "state.json").read_text())["extra"]["data_root"] if ckpt else None
+        except (OSError, ValueError, KeyError, TypeError):
+            data = None
+        if data is None:
+            raise HclsmError(f"--resume {run}: its checkpoint does not name its dataset; pass --data DIR")
+    return cfg, data, run
+
+
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from hclsm.train import train
+    from hclsm.train.distributed import env_world
 
-    flags = {"model.name": args.model, "train.stage": args.stage, "train.steps": args.steps,
-             "train.run_name": args.name, "train.out_dir": args.out, "train.max_minutes": args.minutes}
-    if args.stage == 1:  # stage 1 only: the whole run is stage 1
-        flags["train.stage1_fraction"] = 1.0
-    cfg = _config(args, extra + [f"{k}={v}" for k, v in flags.items() if v is not None])
+    if args.resume is not None:
+        cfg, data, run_dir = _resume_target(args, extra)
+    else:
+        if args.data is None:
+            raise HclsmError("hclsm train needs --data DIR (or --resume RUN to continue a run)")
+        flags = {"model.name": args.model, "train.stage": args.stage, "train.steps": args.steps,
+                 "train.run_name": args.name, "train.out_dir": args.out, "train.max_minutes": args.minutes}
+        if args.stage == 1:  # stage 1 only: the whole run is stage 1
+            flags["train.stage1_fraction"] = 1.0
+        cfg = _config(args, extra + [f"{k}={v}" for k, v in flags.items() if v is not None])
+        data, run_dir = args.data, None
     eval_fn = None
     try:  # the object metrics (FG-ARI, mIoU of the slot masks), when this version has them
         from hclsm.eval.objects import make_eval_fn
@@ -119,7 +156,9 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             raise
     else:
         eval_fn = make_eval_fn(cfg)
-    result = train(cfg, args.data, eval_fn=eval_fn, progress=not args.quiet)
+    result = train(cfg, data, run_dir=run_dir, eval_fn=eval_fn, progress=not args.quiet, resume=run_dir is not None)
+    if not env_world().main:  # under torchrun, rank 0 reports
+        return 0
     print(f"run: {result.run_dir}")
     print(f"{result.steps} steps in {result.seconds:.1f} s (stopped by {result.stopped}; "
           f"{result.skipped} skipped); checkpoint: {result.checkpoint}")
@@ -166,9 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on a dataset (physics scenes or LeRobot v3 / PushT)",
                        description="Train a model on a dataset directory; writes OUT/NAME with config.yaml, log.jsonl, "
-                                   "tb/ (TensorBoard), checkpoints/ and summary.json.")
-    t.add_argument("--data", required=True, metavar="DIR",
+                                   "tb/ (TensorBoard), checkpoints/ and summary.json. Under torchrun it trains "
+                                   "data-parallel (see the README).")
+    t.add_argument("--data", metavar="DIR",
                    help="dataset directory (from `hclsm data physics` or `hclsm data pusht`, or a LeRobot v3 copy)")
+    t.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue the run in RUN (OUT/NAME) from its newest checkpoint, with its own config; on "
+                        "the CPU it ends exactly as an uninterrupted run would")
     t.add_argument("--model", choices=MODEL_NAMES, default=None, help="model to train (model.name; default hclsm)")
     t.add_argument("--stage", type=int, choices=(1, 2), default=None,
                    help="train only this stage: 1 = objects (SBD, diversity, existence), 2 = the full loss; "

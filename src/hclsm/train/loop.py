@@ -9,7 +9,13 @@ clipping, AdamW, then the model's EMA target update. A step whose loss or gradie
 is skipped (no update), reported on stderr and in the log, and counted; nothing is clamped.
 
 A run directory holds ``config.yaml``, ``log.jsonl``, ``tb/`` (TensorBoard), ``checkpoints/`` and,
-at the end, ``summary.json``.
+at the end, ``summary.json``. ``train(..., resume=True)`` continues a run from its newest checkpoint:
+weights, optimizer, step, the batch sampler's stream and the global RNGs are restored, so on the CPU
+the resumed run ends with the same weights, bit for bit, as one never interrupted.
+
+Under ``torchrun`` the loop runs data-parallel (``hclsm.train.distributed``): each rank takes its share
+of the same global batch, DDP averages the gradients, losses are averaged across ranks, and rank 0
+alone writes the run directory.
 
 The model's interface: ``model(batch, progress=p, stage=s).losses`` is a dict of scalar tensors named
 from ``hclsm.config.train.LOSS_NAMES``; an optional ``model.update_target(tau)`` is called after every
@@ -39,7 +45,8 @@ from hclsm.config.train import LossWeights, TrainConfig
 from hclsm.data.clips import clip_windows, split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.errors import ConfigError, HclsmError
-from hclsm.train.checkpoint import save_checkpoint
+from hclsm.train import distributed
+from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hclsm.train.logging import RunLogger
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.utils.atomic import atomic_write_text
@@ -159,19 +166,25 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor], *,
-               cfg: TrainConfig, stage: int, progress: float) -> StepResult:
+               cfg: TrainConfig, stage: int, progress: float, world: distributed.Dist | None = None) -> StepResult:
     """One optimizer step on ``batch`` (already on the model's device); the update is skipped when the
-    weighted loss or the gradient norm is not finite."""
+    weighted loss or the gradient norm is not finite. With ``world`` (data-parallel, ``model`` in DDP)
+    the reported losses are the mean over ranks, and every rank skips or applies the same step."""
+    world = world or distributed.Dist()
     device_type = next(model.parameters()).device.type
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = model(batch, progress=progress, stage=stage)
     losses = out if isinstance(out, Mapping) else out.losses
     total = weighted_loss(losses, cfg.loss, stage)
-    values = torch.stack([total.detach(), *(v.detach().float() for v in losses.values())]).tolist()  # one sync
+    stacked = torch.stack([total.detach(), *(v.detach().float() for v in losses.values())])
+    values = world.mean(stacked).tolist()  # one sync (and one collective when distributed)
     names = list(losses)
     floats = dict(zip(names, values[1:]))
     if not math.isfinite(values[0]):
+        if world.active:  # DDP expects the backward of every forward; the update is still skipped
+            total.backward()
+            optimizer.zero_grad(set_to_none=True)
         return StepResult(values[0], floats, skipped="loss")
     total.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -181,7 +194,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
         optimizer.zero_grad(set_to_none=True)
         return StepResult(values[0], floats, grad_norm, skipped="grad")
     optimizer.step()
-    update_target = getattr(model, "update_target", None)
+    update_target = getattr(distributed.unwrap(model), "update_target", None)
     if callable(update_target):
         with torch.no_grad():
             update_target(cfg.ema_tau)
@@ -209,7 +222,8 @@ def _finite(d: Mapping[str, float]) -> dict[str, float | None]:
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike | None = None,
-          eval_fn: EvalFn | None = None, progress: bool = True, model: nn.Module | None = None) -> TrainResult:
+          eval_fn: EvalFn | None = None, progress: bool = True, model: nn.Module | None = None,
+          resume: bool = False) -> TrainResult:
     """Train ``model`` (default ``hclsm.models.build_model(cfg.model)``) on the dataset at ``data_root``.
 
     Args:
@@ -221,17 +235,57 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
             the end on the held-out episodes (logged as ``val/NAME``).
         progress: show tqdm bars.
         model: a model to train instead of building one.
+        resume: continue the run in ``run_dir`` from its newest checkpoint (``cfg`` must be the run's
+            own config, e.g. ``load_config(yaml_path=run_dir / "config.yaml")``).
 
-    Raises ``HclsmError`` (before anything is written) for a bad dataset, an existing run directory or
-    an unavailable device, and ``TrainingDiverged`` after ``MAX_CONSECUTIVE_SKIPS`` non-finite steps
-    in a row.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel; see ``hclsm.train.distributed``.
+
+    Raises ``HclsmError`` (before anything is written) for a bad dataset, an existing run directory (or,
+    with ``resume``, one without a checkpoint) or an unavailable device, and ``TrainingDiverged`` after
+    ``MAX_CONSECUTIVE_SKIPS`` non-finite steps in a row.
     """
     t = cfg.train
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    check_run_dir(run_dir)
-    device = resolve_device(t.device)
+    if resume:
+        resume_from = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if resume_from is None:
+            raise HclsmError(f"cannot resume {run_dir}: it holds no checkpoint (checkpoints/step_*); start a new run "
+                             f"instead, or pass the run directory that has them")
+    else:
+        check_run_dir(run_dir)
+    world, device = distributed.setup(resolve_device(t.device), t.batch_size)
+    try:
+        return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model,
+                      resume_from if resume else None, world, device)
+    finally:
+        distributed.teardown(world)
+
+
+class _NoLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _drop_log_after(path: Path, step: int) -> None:
+    """Remove the log lines a killed run wrote after the checkpoint it is resumed from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(kept))
+
+
+def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: EvalFn | None, progress: bool,
+           model: nn.Module | None, resume_from: Path | None, world: distributed.Dist, device: torch.device
+           ) -> TrainResult:
+    t = cfg.train
     seed_everything(t.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world))
 
     # data: every chosen episode in memory, at the model's frame size
     source = open_dataset(data_root)
@@ -256,20 +310,37 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
     model.to(device).train()
     optimizer = build_optimizer(model, t)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    generator = torch.Generator().manual_seed(t.seed)  # the batch sampler's own stream (checkpointed)
+    step, skipped, in_a_row, stopped, elapsed_before = 0, 0, 0, "steps", 0.0
+    if resume_from is not None:  # weights, optimizer, global RNGs, then the loop's own counters
+        state = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
+        extra = state["extra"]
+        step, skipped = int(state["step"]), int(extra.get("skipped", 0))
+        elapsed_before = float(extra.get("elapsed", 0.0))
+        generator.set_state(torch.tensor(extra["sampler_rng"], dtype=torch.uint8))
+    if world.rank:  # the other ranks' noise (slot init, gates) must not repeat rank 0's
+        torch.manual_seed(t.seed + 1_000_003 * world.rank + step)
+    model = distributed.wrap(model, world, device)
 
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    logger = RunLogger(run_dir)
-    generator = torch.Generator().manual_seed(t.seed)  # the batch sampler's own stream (checkpointed)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            save_config(cfg, run_dir / "config.yaml")
+        else:
+            _drop_log_after(run_dir / "log.jsonl", step)
+            for stale in (run_dir / "checkpoints").glob(".step_*"):  # a checkpoint the kill cut short
+                shutil.rmtree(stale, ignore_errors=True)
+    logger: RunLogger | _NoLogger = RunLogger(run_dir) if world.main else _NoLogger()
+    if resume_from is not None:
+        logger.log({"step": step, "event": "resumed", "checkpoint": str(resume_from)}, scalars=False)
     budget = 60.0 * t.max_minutes
     # a wall-clock budget that ends training before train.steps does is what the bar counts down (in
     # seconds); otherwise it counts steps
     timed = budget > 0
     bar = tqdm(total=round(budget) if timed else t.steps, desc=f"train {run_dir.name}", unit="s" if timed else "step",
-               disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    step, skipped, in_a_row, stopped = 0, 0, 0, "steps"
+               disable=not progress, dynamic_ncols=True, initial=round(elapsed_before) if timed else step)
+    start = time.perf_counter() - elapsed_before
     interval, last_losses, metrics = _Interval(), {}, {}
     last_eval = last_ckpt = -1
     checkpoint: Path | None = None
@@ -291,40 +362,48 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
 
     def run_eval() -> None:
         nonlocal metrics, last_eval
-        if eval_fn is None or val_clips is None or last_eval == step:
+        if eval_fn is None or val_clips is None or last_eval == step or not world.main:
             return
-        metrics = evaluate(model, eval_fn, val_clips)
+        metrics = evaluate(distributed.unwrap(model), eval_fn, val_clips)
         last_eval = step
         logger.log({"step": step, "val": metrics})
         bar.write(f"step {step}: " + ", ".join(f"val/{k} {v:.4g}" for k, v in metrics.items()))
 
     def run_ckpt() -> None:
         nonlocal checkpoint, last_ckpt
-        if last_ckpt == step:
+        if last_ckpt == step or not world.main:
             return
         extra = {"config": config_to_dict(cfg), "sampler_rng": generator.get_state().tolist(), "skipped": skipped,
-                 "elapsed": time.perf_counter() - start, "progress": p, "losses": _finite(last_losses)}
-        checkpoint = save_checkpoint(run_dir, step, model, optimizer, extra, stage=stage, keep_last=t.keep_last)
+                 "elapsed": time.perf_counter() - start, "progress": p, "losses": _finite(last_losses),
+                 "data_root": str(Path(data_root).resolve())}
+        checkpoint = save_checkpoint(run_dir, step, distributed.unwrap(model), optimizer, extra, stage=stage,
+                                     keep_last=t.keep_last)
         last_ckpt = step
 
     try:
         while step < t.steps:
             elapsed = time.perf_counter() - start
+            if budget > 0 and world.active:  # every rank must stop, and schedule, at the same step
+                elapsed = world.from_main(elapsed)
             if budget > 0 and elapsed >= budget:
                 stopped = "time"
                 break
             p = progress_at(step, t.steps, elapsed, budget)
             stage = t.stage_at(step, p if budget > 0 else None)
             set_lr(optimizer, lr_at(step, t, p if budget > 0 else None))
-            batch = to_device(train_clips.sample(t.batch_size, generator), device)
-            result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=p)
+            # every rank draws the same global batch and keeps its share: N ranks see what one process would
+            indices = torch.randint(len(train_clips), (t.batch_size,), generator=generator)
+            batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
+            result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=p, world=world)
             step += 1
             interval.add(result)
             if result.skipped:
                 skipped, in_a_row = skipped + 1, in_a_row + 1
                 what = "loss" if result.skipped == "loss" else f"gradient norm ({result.grad_norm})"
                 detail = ", ".join(f"{k}={v:.4g}" for k, v in result.losses.items())
-                _warn(f"step {step}: non-finite {what}; update skipped ({skipped} skipped so far); losses: {detail}")
+                if world.main:
+                    _warn(f"step {step}: non-finite {what}; update skipped ({skipped} skipped so far); "
+                          f"losses: {detail}")
                 logger.log({"step": step, "event": "skipped_step", "reason": f"non-finite {result.skipped}",
                             "losses": _finite(result.losses), "skipped": skipped}, scalars=False)
                 if in_a_row >= MAX_CONSECUTIVE_SKIPS:
@@ -350,7 +429,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
             run_eval()
         run_ckpt()
     except BaseException:
-        if created and step == 0:  # failed before training started: leave no half-made run behind
+        if created and step == 0 and world.main:  # failed before training started: leave no half-made run behind
             logger.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -359,6 +438,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
         logger.close()
 
     seconds = time.perf_counter() - start
+    model = distributed.unwrap(model)
     summary = {
         "run_dir": str(run_dir), "model": cfg.model.name, "preset": cfg.preset, "device": str(device),
         "parameters": n_params, "steps": step, "planned_steps": t.steps, "stopped": stopped,
@@ -366,9 +446,11 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
         "skipped_steps": skipped, "final_losses": _finite(last_losses), "val": _finite(metrics),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "train_episodes": len(train_eps), "val_episodes": len(val_eps) if val_clips is not None else 0,
-        "train_clips": len(train_clips),
+        "train_clips": len(train_clips), "processes": world.world,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    if world.main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if stopped == "diverged":
         raise TrainingDiverged(f"training diverged: {MAX_CONSECUTIVE_SKIPS} steps in a row had a non-finite loss or "
                                f"gradient (last at step {step}); lower train.lr or use train.precision=fp32; "

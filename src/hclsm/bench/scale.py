@@ -1,0 +1,180 @@
+"""``hclsm bench ddp`` and ``hclsm bench resume``: scale-out and interruption, measured.
+
+Both run ``hclsm train`` as separate processes, exactly as a user would, on a generated physics dataset
+with the tiny HCLSM (stage 1), and compare the final checkpoints tensor by tensor.
+
+* ``ddp``: ``torchrun --nproc_per_node 2`` (gloo, CPU) against one process with the same global batch
+  for the same steps. The slot-query noise and the stochastic existence gates draw random numbers per
+  rank, so they are switched off here: with them on the runs differ by design, not by error. Reported:
+  the largest absolute weight difference (target <= 1e-5: float reduction order only), also after a
+  single step (the reduction-order difference itself, before training amplifies it), and the speed of
+  2 ranks against 1 (on a 2-core machine the two ranks share the cores one process would use).
+* ``resume``: the same run uninterrupted, and again killed with SIGKILL at a random step (chosen from
+  the seed) and continued with ``hclsm train --resume``. Reported: whether the final weights and
+  optimizer state are bit-identical, and that every checkpoint left on disk after the kill loads
+  strictly (none is corrupt).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from hclsm.bench import BenchResult, register
+from hclsm.config import load_config
+from hclsm.config.data import PhysicsDataConfig
+from hclsm.data.physics import generate_physics_dataset
+from hclsm.errors import HclsmError
+from hclsm.models import build_model
+from hclsm.train import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+
+# the stochastic parts off (see the module docstring); everything else is the tiny preset's stage 1
+_DETERMINISTIC = ("--model.slots.query_noise=0", "--model.slots.existence_start=1.0")
+
+
+def _hclsm(*args: str, torchrun: int = 0) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+                "--master_port", str(29_500 + random.Random().randrange(1000))] if torchrun else [sys.executable]
+    return [*launcher, "-m", "hclsm", "train", "--quiet", "--stage", "1", *args]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise HclsmError(f"{what} failed (exit {done.returncode}): {' | '.join(tail)}")
+
+
+def _data(root: Path, quick: bool, seed: int) -> Path:
+    cfg = PhysicsDataConfig(episodes=8 if quick else 24, frames=16, image_size=64, seed=seed, counterfactual=False)
+    generate_physics_dataset(root, cfg, progress=False)
+    return root
+
+
+def _tensors(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise HclsmError(f"{run} has no checkpoint")
+    out = {f"model.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
+    out |= {f"optimizer.{k}": v for k, v in load_file(ckpt / "optimizer.safetensors").items()}
+    return out
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "model.") -> float:
+    if set(a) != set(b):
+        raise HclsmError("the two runs' checkpoints hold different tensors")
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if k.startswith(prefix))
+
+
+def _train_seconds(run: Path) -> tuple[float, int]:
+    s = json.loads((run / "summary.json").read_text())
+    return float(s["seconds"]), int(s["steps"])
+
+
+@register("ddp")
+def bench_ddp(quick: bool, seed: int) -> BenchResult:
+    steps, batch = (6, 4) if quick else (20, 8)
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-ddp-") as tmp:
+        data = _data(Path(tmp) / "physics", quick, seed)
+        def args(n: int) -> list[str]:
+            return ["--data", str(data), "--steps", str(n), "--out", tmp, f"--train.batch_size={batch}",
+                    f"--train.warmup_steps={n // 4}", f"--train.seed={seed}", "--train.log_every=5",
+                    "--train.eval_every=0", "--train.val_fraction=0", *_DETERMINISTIC]
+
+        _run(_hclsm(*args(steps), "--name", "one"), "1-process training")
+        _run(_hclsm(*args(steps), "--name", "two", torchrun=2), "2-process torchrun training")
+        one, two = _tensors(Path(tmp) / "one"), _tensors(Path(tmp) / "two")
+        diff = _max_diff(one, two)
+        (s1, n1), (s2, n2) = _train_seconds(Path(tmp) / "one"), _train_seconds(Path(tmp) / "two")
+        # the same comparison after one step: the reduction-order difference itself, before training
+        # dynamics amplify it
+        _run(_hclsm(*args(1), "--name", "one-1"), "1-process training, 1 step")
+        _run(_hclsm(*args(1), "--name", "two-1", torchrun=2), "2-process torchrun training, 1 step")
+        diff_1 = _max_diff(_tensors(Path(tmp) / "one-1"), _tensors(Path(tmp) / "two-1"))
+    metrics = {"max_abs_weight_diff": diff, "max_abs_weight_diff_step1": diff_1, "steps": n1, "global_batch": batch,
+               "steps_per_s_1": n1 / s1, "steps_per_s_2": n2 / s2, "speedup_2_vs_1": (n2 / s2) / (n1 / s1)}
+    rows = [{"processes": 1, "steps": n1, "global batch": batch, "steps/s": round(n1 / s1, 2)},
+            {"processes": 2, "steps": n2, "global batch": batch, "steps/s": round(n2 / s2, 2),
+             f"max |w1 - w2| after {n1} steps": f"{diff:.2e}", "after 1 step": f"{diff_1:.2e}"}]
+    config = {"backend": "gloo", "preset": "tiny", "stage": 1, "image_size": 64, "clip_length": 4,
+              "stochastic_parts": "off (query noise, existence gates)", "machine": platform.machine(),
+              "cpus": os.cpu_count()}
+    title = (f"ddp: tiny HCLSM stage 1, {steps} steps, global batch {batch}: torchrun 2 ranks (gloo) vs 1 process "
+             f"on {os.cpu_count()} CPUs")
+    return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
+
+
+def _kill_at(cmd: list[str], run: Path, step: int, timeout: float = 600.0) -> int:
+    """Start ``cmd`` and SIGKILL it once its log shows ``step``; returns the last logged step."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, last, t0 = run / "log.jsonl", 0, time.monotonic()
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < timeout:
+            if log.exists():
+                lines = [ln for ln in log.read_text().splitlines() if ln.endswith("}")]
+                steps = [json.loads(ln).get("step", 0) for ln in lines]
+                last = max(steps, default=0)
+                if last >= step:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    if last < step:
+        raise HclsmError(f"the run to interrupt ended before step {step} (exit {proc.returncode})")
+    return last
+
+
+def _check_checkpoints(run: Path) -> tuple[int, int]:
+    """(checkpoints on disk, corrupt ones): each must load strictly into a model of the run's config."""
+    cfg = load_config(yaml_path=run / "config.yaml")
+    bad, ckpts = 0, list_checkpoints(run)
+    for ckpt in ckpts:
+        try:
+            load_checkpoint(ckpt, build_model(cfg.model), None)
+        except CheckpointError:
+            bad += 1
+    return len(ckpts), bad
+
+
+@register("resume")
+def bench_resume(quick: bool, seed: int) -> BenchResult:
+    steps = 20 if quick else 200
+    kill_step = random.Random(seed).randrange(1, steps)
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-resume-") as tmp:
+        data = _data(Path(tmp) / "physics", quick, seed)
+        common = ["--data", str(data), "--steps", str(steps), "--out", tmp, "--train.batch_size=8",
+                  f"--train.warmup_steps={steps // 10}",
+                  f"--train.seed={seed}", "--train.log_every=1", "--train.eval_every=0", "--train.ckpt_every=5",
+                  "--train.keep_last=3"]
+        _run(_hclsm(*common, "--name", "whole"), "uninterrupted training")
+        killed = Path(tmp) / "killed"
+        last = _kill_at(_hclsm(*common, "--name", "killed"), killed, kill_step)
+        on_disk, corrupt = _check_checkpoints(killed)
+        resumed_from = latest_checkpoint(killed)
+        _run([sys.executable, "-m", "hclsm", "train", "--quiet", "--resume", str(killed)], "resumed training")
+        whole, again = _tensors(Path(tmp) / "whole"), _tensors(killed)
+        identical = set(whole) == set(again) and all(torch.equal(whole[k], again[k]) for k in whole)
+        diff = _max_diff(whole, again, prefix="")
+        resumed_step = int(resumed_from.name.split("_")[1]) if resumed_from else 0
+    metrics = {"bit_identical": float(identical), "max_abs_diff": diff, "steps": steps, "killed_after_step": last,
+               "resumed_from_step": resumed_step, "checkpoints_after_kill": on_disk, "corrupt_checkpoints": corrupt}
+    rows = [{"run": "uninterrupted", "steps": steps},
+            {"run": f"SIGKILL after step {last}, --resume from step {resumed_step}", "steps": steps,
+             "bit-identical (weights + optimizer)": identical, "corrupt checkpoints": f"{corrupt}/{on_disk}"}]
+    config = {"preset": "tiny", "stage": 1, "image_size": 64, "batch_size": 8, "ckpt_every": 5,
+              "machine": platform.machine(), "cpus": os.cpu_count()}
+    title = f"resume: tiny HCLSM stage 1, {steps} steps, killed with SIGKILL at a random step and resumed"
+    return BenchResult(metrics=metrics, config=config, rows=rows, title=title)

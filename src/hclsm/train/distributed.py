@@ -1,0 +1,126 @@
+"""Multi-process training with PyTorch's own engine: ``torchrun`` + ``torch.distributed`` + DDP.
+
+The training loop calls ``setup()``; it reads the environment ``torchrun`` sets (``WORLD_SIZE``,
+``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and, with more than one process, joins the
+process group (``nccl`` on CUDA, ``gloo`` on CPU). A single process (plain ``python`` / ``hclsm``)
+gets a ``Dist`` with ``world == 1`` and every helper here is a no-op, so the loop has one code path.
+
+What the loop does with it: each rank draws the same *global* batch indices from the same sampler
+stream and keeps its own contiguous share (so N ranks see exactly the batch one process would), the
+model is wrapped in ``DistributedDataParallel`` (gradients averaged), the losses are averaged across
+ranks before the finiteness check (so every rank skips or applies the same step), the EMA target is
+updated on every rank from identical weights, and only rank 0 writes files or prints.
+
+    torchrun --nproc_per_node 2 -m hclsm train --data data/physics --steps 2000      # one machine
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv_backend c10d \\
+             --rdzv_endpoint HOST:29500 -m hclsm train --data data/physics             # two machines
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hclsm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job (``world == 1``: not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1  # processes on this machine (they share its CPU cores)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes files, logs and progress bars."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def share(self, global_batch: int) -> slice:
+        """This rank's contiguous slice of a global batch of ``global_batch`` samples."""
+        per = global_batch // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over ranks (every rank gets it); ``values`` itself when not distributed."""
+        if not self.active:
+            return values
+        out = values.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.world
+
+    def from_main(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank (decisions that must agree, e.g. a wall-clock budget)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._device())
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def _device(self) -> torch.device:
+        on_gpu = dist.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
+def env_world() -> Dist:
+    """The ``Dist`` the environment describes (without joining anything)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError:
+        raise ConfigError("WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers; launch with "
+                          "torchrun") from None
+    return Dist(rank=rank, world=world, local_rank=local, local_world=local_world)
+
+
+def setup(device: torch.device, global_batch: int) -> tuple[Dist, torch.device]:
+    """Join the process group ``torchrun`` describes (when there is one) and return this rank's
+    ``Dist`` and device (``cuda:LOCAL_RANK`` on GPUs). The global batch must split evenly."""
+    d = env_world()
+    if not d.active:
+        return d, device
+    if global_batch % d.world:
+        raise ConfigError(f"train.batch_size: the global batch ({global_batch}) must split evenly over "
+                          f"{d.world} processes; use a multiple of {d.world}")
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` when distributed (rank 0's weights are broadcast to all).
+
+    ``find_unused_parameters``: which parameters a step uses changes over training (e.g. the existence
+    head only once gating starts), and DDP must not wait for gradients that never come."""
+    if not d.active:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def teardown(d: Dist) -> None:
+    if d.active and dist.is_initialized():
+        dist.destroy_process_group()
