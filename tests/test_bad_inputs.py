@@ -429,6 +429,9 @@ BAD_TRAIN_CONFIGS = {  # train.lr=-1: test_cli.py::test_not_built_commands_repor
     "lr-a-word": (["--train.lr=fast"], ["train.lr", "expected float", "'fast'"]),
     "precision-a-number": (["--train.precision=16"], ["train.precision", "fp32", "bf16"]),
     "device-tpu": (["--train.device=tpu"], ["train.device", "auto, cpu, cuda"]),
+    # a batch whose clips need ~100 GB: the first step cannot allocate it
+    "huge-batch": (["--train.batch_size=8000000"], ["out of memory at step 1", "train.batch_size=8000000",
+                                                     "lower them"]),
     "section-a-number": (["--model.slots=3"], ["model.slots", "mapping"]),
 }
 

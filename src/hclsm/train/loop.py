@@ -211,6 +211,14 @@ def evaluate(model: nn.Module, eval_fn: EvalFn, clips: MemoryClips) -> dict[str,
         model.train()
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure (GPU or CPU), as opposed to any other error."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "DefaultCPUAllocator" in text or "out of memory" in text
+
+
 def _warn(message: str) -> None:
     tqdm.write(f"WARNING: {message}", file=sys.stderr)
 
@@ -322,7 +330,8 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         torch.manual_seed(t.seed + 1_000_003 * world.rank + step)
     model = distributed.wrap(model, world, device)
 
-    created = not run_dir.exists()
+    # the outermost directory this run creates (the run directory, or an --out root that is not there yet)
+    created = ([d for d in (run_dir, *run_dir.parents) if not d.exists()] or [None])[-1]
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
@@ -393,8 +402,15 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
             set_lr(optimizer, lr_at(step, t, p if budget > 0 else None))
             # every rank draws the same global batch and keeps its share: N ranks see what one process would
             indices = torch.randint(len(train_clips), (t.batch_size,), generator=generator)
-            batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
-            result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=p, world=world)
+            try:
+                batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
+                result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=p, world=world)
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                if not _out_of_memory(e):
+                    raise
+                raise HclsmError(f"out of memory at step {step + 1} on {device} (train.batch_size={t.batch_size}, "
+                                 f"data.clip.length={clip.length}, model.perception.image_size={size}); lower "
+                                 f"them or use a smaller preset") from None
             step += 1
             interval.add(result)
             if result.skipped:
@@ -429,9 +445,9 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
             run_eval()
         run_ckpt()
     except BaseException:
-        if created and step == 0 and world.main:  # failed before training started: leave no half-made run behind
+        if created is not None and step == 0 and world.main:  # failed before training: leave no half-made run
             logger.close()
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         bar.close()
