@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,23 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, data):
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3
+
+
+def test_every_rank_ends_with_the_same_weights_and_ema_target(tmp_path, data):
+    """Under DDP every rank applies the same averaged gradient and the same EMA update, so the ranks'
+    weights (the EMA target encoder included) are bit-identical, and they match one process."""
+    root = Path(__file__).resolve().parents[1]
+    worker = [str(root / "tests" / "ddp_worker.py"), str(data)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29518", *worker, str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    r0, r1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
+    single = load_file(tmp_path / "one" / "rank0.safetensors")
+    ema = [k for k in r0 if ".target_encoder." in k]
+    assert ema and r0.keys() == r1.keys() == single.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
+    assert max(float((r0[k] - single[k]).abs().max()) for k in r0) <= 1e-5
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["rank0.safetensors", "rank1.safetensors", "run"]
