@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from hclsm.config import PhysicsDataConfig, load_config
 from hclsm.data.physics import generate_physics_dataset
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.models import build_model
-from hclsm.train import latest_checkpoint, read_log, train
+from hclsm.train import latest_checkpoint, list_checkpoints, read_log, train
 from hclsm.train import loop as train_loop
 from hclsm.train.distributed import Dist, setup
 from tests.helpers import SMALL, assert_user_error, run
@@ -144,3 +145,33 @@ def test_every_rank_ends_with_the_same_weights_and_ema_target(tmp_path, data):
     assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
     assert max(float((r0[k] - single[k]).abs().max()) for k in r0) <= 1e-5
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["rank0.safetensors", "rank1.safetensors", "run"]
+
+
+def test_fsdp_shards_train_like_one_process_and_resume_exactly(tmp_path, data):
+    """train.parallel=fsdp: 2 ranks holding shards end within 1e-5 of one process (rank 0's gathered
+    checkpoint, the EMA target encoder included), and a run resumed from an earlier checkpoint ends
+    bit-identical to the uninterrupted one."""
+    root = Path(__file__).resolve().parents[1]
+    worker = [str(root / "tests" / "ddp_worker.py"), str(data)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    two = subprocess.run([*launch, *worker, str(tmp_path / "two"), "fsdp"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    final = latest_checkpoint(tmp_path / "two" / "run")
+    a, b = load_file(tmp_path / "one" / "rank0.safetensors"), load_file(final / "model.safetensors")
+    assert a.keys() == b.keys() and any(".target_encoder." in k for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+    cut = tmp_path / "cut"  # the same run, as if killed after the checkpoint of step 1
+    shutil.copytree(tmp_path / "two" / "run", cut)
+    for later in list_checkpoints(cut)[1:]:
+        shutil.rmtree(later)
+    (cut / "summary.json").unlink()
+    again = subprocess.run([*launch, "-m", "hclsm", "train", "--resume", str(cut), "--quiet"], capture_output=True,
+                           text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        x, y = load_file(final / name), load_file(latest_checkpoint(cut) / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from hclsm.config.model import check, check_min, check_one_of, check_prob
 
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")  # how a torchrun job spreads the model: full copies, or sharded (FSDP2)
 STAGES = (1, 2)
 LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "event")  # what models may return
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -64,6 +65,9 @@ class TrainConfig:
     ema_tau: float = 0.996  # EMA target encoder: theta- <- tau * theta- + (1 - tau) * theta
     precision: str = "fp32"  # one of PRECISIONS (bf16 = autocast; numerically sensitive parts stay fp32)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # under torchrun: ddp = every rank holds the whole model; fsdp = parameters, gradients and optimizer
+    # state sharded across ranks (for models that do not fit one GPU); ignored in a single process
+    parallel: str = "ddp"
     seed: int = 0
     log_every: int = 25  # steps between log lines
     eval_every: int = 500  # steps between evaluations; 0 = only at the end
@@ -90,6 +94,7 @@ class TrainConfig:
               f"must be <= train.steps ({self.steps}), got {self.warmup_steps}; lower it, e.g. "
               f"--set train.warmup_steps={self.steps // 10}")
         check_one_of(self.precision, f"{p}.precision", PRECISIONS)
+        check_one_of(self.parallel, f"{p}.parallel", PARALLEL)
         check(isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device) is not None, f"{p}.device",
               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         check(isinstance(self.out_dir, str) and self.out_dir.strip() != "", f"{p}.out_dir",

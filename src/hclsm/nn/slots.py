@@ -46,14 +46,14 @@ class SlotAttention(nn.Module):
             c = torch.linspace(-0.6, 0.6, side)
             grid = torch.stack(torch.meshgrid(c, c, indexing="xy"), dim=-1).reshape(-1, 2)[:num_slots]
             self.query_pos = nn.Parameter(grid.clone())  # (K, 2) learned initial positions
-            self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma_init)))
+            self.log_sigma = nn.Parameter(torch.full((1,), math.log(sigma_init)))  # 1-D: FSDP shards no scalars
             prior_mask = torch.ones(num_slots)
             if background:
                 prior_mask[0] = 0.0
             self.register_buffer("prior_mask", prior_mask, persistent=False)
         # learned inverse temperature of the attention logits (log-parameterised); > 1 at init gives
         # sharper token-to-slot assignments from the start (a sqrt(d) temperature is too soft here)
-        self.log_sharpness = nn.Parameter(torch.tensor(math.log(sharpness_init)))
+        self.log_sharpness = nn.Parameter(torch.full((1,), math.log(sharpness_init)))  # 1-D: FSDP shards no scalars
         self.norm_in = nn.LayerNorm(d_in)
         self.to_k = nn.Linear(d_in, d_slot, bias=False)
         self.to_v = nn.Linear(d_in, d_slot, bias=False)

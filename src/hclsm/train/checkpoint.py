@@ -108,8 +108,7 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in sd["state"].items():
@@ -150,24 +149,33 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module | None,
                     optimizer: torch.optim.Optimizer | None, extra: dict[str, Any] | None = None, *,
-                    stage: int | None = None, keep_last: int = 0) -> Path:
+                    stage: int | None = None, keep_last: int = 0, model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint of ``step`` atomically and return its directory.
 
     ``extra`` must be JSON-able (the loop stores the config, its batch sampler's RNG and counters).
     With ``keep_last`` > 0 only the newest ``keep_last`` checkpoints are kept. A checkpoint of the
-    same step is replaced.
+    same step is replaced. ``model_state`` / ``optimizer_state`` (a state dict in the optimizer's own
+    layout) stand in for ``model.state_dict()`` / ``optimizer.state_dict()`` when given (sharded
+    training gathers them first).
     """
+    if model_state is None:
+        if model is None:
+            raise ValueError("save_checkpoint needs a model or a model_state")
+        model_state = model.state_dict()
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "version": VERSION, "step": int(step), "stage": stage, "extra": extra or {},
              "rng": rng_state()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        save_file(_cpu_tensors(model.state_dict()), tmp / MODEL_FILE, metadata={"format": "pt"})
-        if optimizer is not None:
-            tensors, state["optimizer"] = _flatten_optimizer(optimizer)
+        save_file(_cpu_tensors(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
+        if optimizer_state is not None:
+            tensors, state["optimizer"] = _flatten_optimizer(optimizer_state)
             save_file(tensors, tmp / OPTIM_FILE, metadata={"format": "pt"})
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=False) + "\n")
         for f in tmp.iterdir():
@@ -230,6 +238,21 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); use another checkpoint") from None
 
 
+def read_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state dict stored in a checkpoint, checked to fit ``optimizer``'s parameter groups."""
+    ckpt = _resolve(path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {ckpt} has no optimizer state; load it without an optimizer")
+    sd = _unflatten_optimizer(_load_tensors(ckpt / OPTIM_FILE), state["optimizer"])
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    saved = [len(g["params"]) for g in sd["param_groups"]]
+    if have != saved:
+        raise CheckpointError(f"checkpoint {ckpt}: optimizer groups hold {saved} parameters but this optimizer's "
+                              f"hold {have}; it was made with another config or model")
+    return sd
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = False) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (and ``optimizer``), strictly; return its ``state.json``.
@@ -262,15 +285,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                               f"was made with another config: build the model from the run's config.yaml")
     model.load_state_dict(tensors, strict=True)
     if optimizer is not None:
-        if "optimizer" not in state:
-            raise CheckpointError(f"checkpoint {ckpt} has no optimizer state; load it without an optimizer")
-        sd = _unflatten_optimizer(_load_tensors(ckpt / OPTIM_FILE), state["optimizer"])
-        have = [len(g["params"]) for g in optimizer.param_groups]
-        saved = [len(g["params"]) for g in sd["param_groups"]]
-        if have != saved:
-            raise CheckpointError(f"checkpoint {ckpt}: optimizer groups hold {saved} parameters but this optimizer's "
-                                  f"hold {have}; it was made with another config or model")
-        optimizer.load_state_dict(sd)
+        optimizer.load_state_dict(read_optimizer_state(ckpt, optimizer))
     if restore_rng:
         set_rng_state(state["rng"])
     state["path"] = str(ckpt)

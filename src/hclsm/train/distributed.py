@@ -7,9 +7,12 @@ gets a ``Dist`` with ``world == 1`` and every helper here is a no-op, so the loo
 
 What the loop does with it: each rank draws the same *global* batch indices from the same sampler
 stream and keeps its own contiguous share (so N ranks see exactly the batch one process would), the
-model is wrapped in ``DistributedDataParallel`` (gradients averaged), the losses are averaged across
-ranks before the finiteness check (so every rank skips or applies the same step), the EMA target is
-updated on every rank from identical weights, and only rank 0 writes files or prints.
+model is wrapped in ``DistributedDataParallel`` (gradients averaged) or, with ``train.parallel=fsdp``,
+sharded in place by FSDP2's ``fully_shard`` (parameters, gradients and optimizer state split across
+ranks; checkpoints gather them into the single-process layout, so a run can be resumed or evaluated
+with any number of processes), the losses are averaged across ranks before the finiteness check (so
+every rank skips or applies the same step), the EMA target is updated on every rank from identical
+weights, and only rank 0 writes files or prints.
 
     torchrun --nproc_per_node 2 -m hclsm train --data data/physics --steps 2000      # one machine
     torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv_backend c10d \\
@@ -17,7 +20,9 @@ updated on every rank from identical weights, and only rank 0 writes files or pr
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,15 +110,81 @@ def setup(device: torch.device, global_batch: int) -> tuple[Dist, torch.device]:
     return d, device
 
 
-def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
-    """``model`` in ``DistributedDataParallel`` when distributed (rank 0's weights are broadcast to all).
+def wrap(model: nn.Module, d: Dist, device: torch.device, parallel: str = "ddp") -> nn.Module:
+    """``model`` ready for data-parallel training when distributed; build the optimizer after this.
 
-    ``find_unused_parameters``: which parameters a step uses changes over training (e.g. the existence
-    head only once gating starts), and DDP must not wait for gradients that never come."""
+    ``ddp``: ``DistributedDataParallel`` (rank 0's weights are broadcast to all);
+    ``find_unused_parameters`` because which parameters a step uses changes over training (e.g. the
+    existence head only once gating starts), and DDP must not wait for gradients that never come.
+    ``fsdp``: FSDP2 ``fully_shard`` on the whole model, in place: every parameter (and so its gradient
+    and optimizer state) is split across the ranks and gathered for the step's forward and backward.
+    """
     if not d.active:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP shards (DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Inside: an FSDP model's parameters are whole on every rank (all-gathered), so any of its
+    submodules can run; outside they are shards again. A no-op for other models."""
+    if not sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def _fqn_ids(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order: position i is the parameter the optimizer calls i."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The whole (unsharded) model and optimizer state dicts on every rank, the optimizer's in its own
+    numbered layout, as a single process would save them. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    model_sd = {k: v.detach().cpu() for k, v in get_model_state_dict(model, options=opts).items()}
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    index = {name: i for i, name in enumerate(_fqn_ids(model, optimizer))}
+    state = {index[name]: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+             for name, st in osd["state"].items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a numbered (single-process layout) optimizer state dict, into shards when ``model`` is FSDP."""
+    if not sharded(model):
+        optimizer.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _fqn_ids(model, optimizer)
+    fqn = {"state": {names[int(i)]: st for i, st in sd["state"].items()},
+           "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -46,7 +46,7 @@ from hclsm.data.clips import clip_windows, split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
-from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint, read_optimizer_state, save_checkpoint
 from hclsm.train.logging import RunLogger
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.utils.atomic import atomic_write_text
@@ -189,7 +189,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
     total.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure only
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(values[0], floats, grad_norm, skipped="grad")
@@ -316,19 +317,22 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
 
         model = build_model(cfg.model)
     model.to(device).train()
-    optimizer = build_optimizer(model, t)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     generator = torch.Generator().manual_seed(t.seed)  # the batch sampler's own stream (checkpointed)
     step, skipped, in_a_row, stopped, elapsed_before = 0, 0, 0, "steps", 0.0
-    if resume_from is not None:  # weights, optimizer, global RNGs, then the loop's own counters
-        state = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
+    if resume_from is not None:  # weights, global RNGs, the loop's own counters (the optimizer below)
+        state = load_checkpoint(resume_from, model, None, restore_rng=True)
         extra = state["extra"]
         step, skipped = int(state["step"]), int(extra.get("skipped", 0))
         elapsed_before = float(extra.get("elapsed", 0.0))
         generator.set_state(torch.tensor(extra["sampler_rng"], dtype=torch.uint8))
     if world.rank:  # the other ranks' noise (slot init, gates) must not repeat rank 0's
         torch.manual_seed(t.seed + 1_000_003 * world.rank + step)
-    model = distributed.wrap(model, world, device)
+    model = distributed.wrap(model, world, device, t.parallel)
+    shards = distributed.sharded(model)  # FSDP: checkpoints and evaluation need every rank
+    optimizer = build_optimizer(distributed.unwrap(model), t)  # after wrapping: FSDP replaces the parameters
+    if resume_from is not None:
+        distributed.load_optimizer(distributed.unwrap(model), optimizer, read_optimizer_state(resume_from, optimizer))
 
     # the outermost directory this run creates (the run directory, or an --out root that is not there yet)
     created = ([d for d in (run_dir, *run_dir.parents) if not d.exists()] or [None])[-1]
@@ -371,23 +375,29 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
 
     def run_eval() -> None:
         nonlocal metrics, last_eval
-        if eval_fn is None or val_clips is None or last_eval == step or not world.main:
+        if eval_fn is None or val_clips is None or last_eval == step or not (world.main or shards):
             return
-        metrics = evaluate(distributed.unwrap(model), eval_fn, val_clips)
+        with distributed.gathered(model):  # FSDP: the whole weights, as evaluation calls submodules directly
+            metrics = evaluate(distributed.unwrap(model), eval_fn, val_clips)
         last_eval = step
+        if not world.main:  # a shard holder that took part in the forward passes
+            return
         logger.log({"step": step, "val": metrics})
         bar.write(f"step {step}: " + ", ".join(f"val/{k} {v:.4g}" for k, v in metrics.items()))
 
     def run_ckpt() -> None:
         nonlocal checkpoint, last_ckpt
-        if last_ckpt == step or not world.main:
+        if last_ckpt == step or not (world.main or shards):
+            return
+        full = distributed.full_state(model, optimizer) if shards else (None, None)  # collective under FSDP
+        last_ckpt = step
+        if not world.main:
             return
         extra = {"config": config_to_dict(cfg), "sampler_rng": generator.get_state().tolist(), "skipped": skipped,
                  "elapsed": time.perf_counter() - start, "progress": p, "losses": _finite(last_losses),
                  "data_root": str(Path(data_root).resolve())}
         checkpoint = save_checkpoint(run_dir, step, distributed.unwrap(model), optimizer, extra, stage=stage,
-                                     keep_last=t.keep_last)
-        last_ckpt = step
+                                     keep_last=t.keep_last, model_state=full[0], optimizer_state=full[1])
 
     try:
         while step < t.steps:
