@@ -57,6 +57,8 @@ def test_resume_after_an_interruption_ends_bit_identical(tmp_path, data, monkeyp
     monkeypatch.setattr(train_loop, "train_step", real_step)
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000006"
     (tmp_path / "cut" / "checkpoints" / ".step_0000009.tmp-x").mkdir()  # a checkpoint the kill cut short
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # and a log line it cut in half
 
     resumed = train(cfg, data, run_dir=tmp_path / "cut", progress=False, resume=True)
     assert resumed.steps == whole.steps == 9

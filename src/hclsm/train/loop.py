@@ -281,11 +281,18 @@ class _NoLogger:
 
 
 def _drop_log_after(path: Path, step: int) -> None:
-    """Remove the log lines a killed run wrote after the checkpoint it is resumed from."""
+    """Remove the log lines a killed run wrote after the checkpoint it is resumed from (and a last line
+    the kill cut in half)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
 
 
