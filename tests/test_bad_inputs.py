@@ -3,8 +3,9 @@
 Every case damages a small dataset, config or checkpoint the way a user (or a bad disk, or a hostile
 file) could, then checks the project rule: a non-zero exit (2) with exactly one ``error:`` line on
 stderr that names the problem and the fix, no traceback, and no output left behind (``hclsm train``
-creates no run directory, nor even its ``--out`` root). Checkpoints have no CLI command yet, so those
-cases call ``load_checkpoint`` and check the same one-line ``HclsmError`` there.
+creates no run directory, nor even its ``--out`` root). Checkpoint cases call ``load_checkpoint`` and
+check the same one-line ``HclsmError`` there, then go through ``hclsm train --resume``, the command
+line's checkpoint loader.
 
 Cases already covered elsewhere are not repeated: bad paths and unreadable JSON metadata for both
 readers (test_cli.py, test_lerobot.py), library-level corrupt parquet / mp4 / mask files
@@ -540,3 +541,26 @@ def test_checkpoint_state_json_holding_a_pickle(tmp_path, checkpoint):
         load_checkpoint(ckpt, _model())
     assert not marker.exists()
     assert str(exc.value).startswith(f"{ckpt / 'state.json'}: cannot read") and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("damage", ["pickle", "other-config"])
+def test_resume_from_a_bad_checkpoint_is_one_line_and_changes_nothing(capsys, tmp_path, physics_ds, damage):
+    """`hclsm train --resume` is the command line's checkpoint loader: the same refusals, through the CLI,
+    and the run directory is left exactly as it was."""
+    code, _, err = run(capsys, "train", "--data", physics_ds, "--out", tmp_path / "runs", *TRAIN)
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "r"
+    ckpt = next((run_dir / "checkpoints").iterdir())
+    marker = tmp_path / "ran"
+    if damage == "pickle":
+        torch.save({"objects.slot_attention.queries": Payload(marker)}, ckpt / "model.safetensors")
+        needles = ["is a pickle (torch.save) file, not safetensors", "never unpickles"]
+    else:  # the run's config edited afterwards: its checkpoint no longer fits the model it describes
+        cfg = run_dir / "config.yaml"
+        cfg.write_text(cfg.read_text().replace("num_slots: 4", "num_slots: 3"))
+        needles = ["does not fit this model", "objects.slot_attention.queries (5, 16) vs (4, 16)"]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, stdout, err = run(capsys, "train", "--resume", run_dir, "--quiet")
+    assert_user_error(code, err, *needles)
+    assert stdout == "" and not marker.exists()
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
