@@ -178,3 +178,43 @@ def bench_resume(quick: bool, seed: int) -> BenchResult:
               "machine": platform.machine(), "cpus": os.cpu_count()}
     title = f"resume: tiny HCLSM stage 1, {steps} steps, killed with SIGKILL at a random step and resumed"
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
+
+
+@register("stability")
+def bench_stability(quick: bool, seed: int) -> BenchResult:
+    """Seeds x steps of the tiny HCLSM under bf16 autocast on the CPU: how many runs diverge (stop after
+    ``MAX_CONSECUTIVE_SKIPS`` non-finite steps in a row), and how many steps the NaN/Inf guard skipped.
+
+    Only stage 1 exists in this version, so the runs are stage 1; stage 2 joins them when it is built."""
+    from hclsm.train import TrainingDiverged, train
+
+    seeds, steps = (2, 20) if quick else (10, 1000)
+    rows, diverged, skips, finite = [], 0, 0, 0
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-stability-") as tmp:
+        data = _data(Path(tmp) / "physics", quick, seed)
+        for s in range(seed, seed + seeds):
+            cfg = load_config("tiny", overrides=[f"train.steps={steps}", f"train.seed={s}", "train.precision=bf16",
+                                                 "train.stage1_fraction=1.0", "train.eval_every=0", "train.val_fraction=0",
+                                                 f"train.warmup_steps={steps // 10}", "train.log_every=50",
+                                                 "data.clip.length=4"])
+            t0 = time.perf_counter()
+            try:
+                result = train(cfg, data, run_dir=Path(tmp) / f"seed{s}", progress=not quick)
+                state, skipped = "ok", result.skipped
+                ok = all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
+                loss = result.losses.get("loss", float("nan"))
+            except TrainingDiverged:
+                summary = json.loads((Path(tmp) / f"seed{s}" / "summary.json").read_text())
+                state, skipped, ok, loss = "diverged", int(summary["skipped_steps"]), False, float("nan")
+            diverged += state == "diverged"
+            skips += skipped
+            finite += ok
+            rows.append({"seed": s, "steps": steps, "run": state, "guard skips": skipped,
+                         "final loss": round(loss, 5), "finite weights": ok,
+                         "minutes": round((time.perf_counter() - t0) / 60, 1)})
+    metrics = {"runs": seeds, "diverged": diverged, "guard_skips": skips, "finite_weight_runs": finite,
+               "steps_per_run": steps}
+    config = {"preset": "tiny", "precision": "bf16 autocast", "stages": [1], "batch_size": 16, "clip_length": 4,
+              "image_size": 64, "machine": platform.machine(), "cpus": os.cpu_count()}
+    title = f"stability: tiny HCLSM stage 1, bf16 autocast on CPU, {seeds} seeds x {steps} steps"
+    return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
