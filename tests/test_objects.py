@@ -354,7 +354,7 @@ def test_trained_model_death_when_an_object_disappears_and_birth_when_it_appears
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_stage1_training_step_of_the_real_model_is_finite_and_updates_weights(precision):
-    from hclsm.train.loop import train_step
+    from hclsm.train.step import train_step
     from hclsm.train.optim import build_optimizer
 
     torch.manual_seed(0)

@@ -12,22 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hclsm.config import PhysicsDataConfig, load_config
-from hclsm.data.physics import generate_physics_dataset
+from hclsm.config import load_config
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.models import build_model
 from hclsm.train import latest_checkpoint, list_checkpoints, read_log, train
 from hclsm.train import loop as train_loop
 from hclsm.train.distributed import Dist, setup
 from tests.helpers import SMALL, assert_user_error, run
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("scale-data") / "physics"
-    generate_physics_dataset(out, PhysicsDataConfig(episodes=4, frames=8, image_size=32, max_objects=4),
-                             progress=False)
-    return out
 
 
 def small_cfg(*extra: str):

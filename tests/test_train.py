@@ -3,7 +3,7 @@
 A small fake model (a conv, a layer norm, a linear head and a learned query) stands in for the real
 models: it reconstructs the frames and returns unweighted ``sbd`` / ``diversity`` losses (plus ``jepa``
 in stage 2), and counts its ``update_target`` calls. The dataset is a tiny generated physics dataset
-(4 episodes x 8 frames at 32 px), loaded once per module.
+(4 episodes x 8 frames at 32 px, the shared ``data`` fixture of conftest.py).
 """
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ from safetensors import safe_open
 from torch import nn
 
 from hclsm import cli, keys
-from hclsm.config import ClipConfig, PhysicsDataConfig, load_config
+from hclsm.config import ClipConfig, load_config
 from hclsm.config.train import LossWeights, TrainConfig
 from hclsm.data.clips import ClipDataset
 from hclsm.data.memory import MemoryClips, open_dataset
-from hclsm.data.physics import generate_physics_dataset
 from hclsm.errors import ConfigError, DataError, HclsmError
 from hclsm.train import (
     CheckpointError,
@@ -81,14 +80,6 @@ def make_cfg(tmp_path: Path, *extra: str, **train: object):
     base.update(train)
     overrides = [f"train.{k}={v}" for k, v in base.items()]
     return load_config("tiny", overrides=[*overrides, "data.clip.length=4", "model.perception.image_size=16", *extra])
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train-data") / "physics"
-    generate_physics_dataset(out, PhysicsDataConfig(episodes=4, frames=8, image_size=32, max_objects=4),
-                             progress=False)
-    return out
 
 
 def first_batch(data: Path, cfg) -> dict:

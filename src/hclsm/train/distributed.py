@@ -71,10 +71,6 @@ class Dist:
         dist.broadcast(t, src=0)
         return float(t.item())
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
     def _device(self) -> torch.device:
         on_gpu = dist.get_backend() == "nccl"
         return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")

@@ -3,7 +3,7 @@
 ``train(cfg, data_root)`` loads the dataset into memory (a train / val split of its episodes), builds
 the model (or takes one), and runs AdamW with warmup + cosine over ``cfg.train.steps`` optimizer steps
 (or until ``cfg.train.max_minutes`` of wall-clock, whichever comes first), switching from stage 1 to
-stage 2 as ``TrainConfig.stage_at`` says. Each step: forward (optionally under bf16 autocast), the
+stage 2 as ``TrainConfig.stage_at`` says. Each step (``hclsm.train.step.train_step``): forward (optionally under bf16 autocast), the
 weighted sum of the model's unweighted losses (``LossWeights.weight``), backward, global-norm
 clipping, AdamW, then the model's EMA target update. A step whose loss or gradient norm is not finite
 is skipped (no update), reported on stderr and in the log, and counted; nothing is clamped.
@@ -14,8 +14,8 @@ weights, optimizer, step, the batch sampler's stream and the global RNGs are res
 the resumed run ends with the same weights, bit for bit, as one never interrupted.
 
 Under ``torchrun`` the loop runs data-parallel (``hclsm.train.distributed``): each rank takes its share
-of the same global batch, DDP averages the gradients, losses are averaged across ranks, and rank 0
-alone writes the run directory.
+of the same global batch, DDP averages the gradients (or FSDP shards the model), losses are averaged
+across ranks, and rank 0 alone writes the run directory.
 
 The model's interface: ``model(batch, progress=p, stage=s).losses`` is a dict of scalar tensors named
 from ``hclsm.config.train.LOSS_NAMES``; an optional ``model.update_target(tau)`` is called after every
@@ -41,12 +41,12 @@ from torch import nn
 from tqdm import tqdm
 
 from hclsm.config import Config, config_to_dict, save_config
-from hclsm.config.train import LossWeights, TrainConfig
 from hclsm.data.clips import clip_windows, split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
 from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint, read_optimizer_state, save_checkpoint
+from hclsm.train.step import StepResult, out_of_memory, train_step
 from hclsm.train.logging import RunLogger
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.utils.atomic import atomic_write_text
@@ -73,16 +73,6 @@ class TrainResult:
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     stopped: str = "steps"  # why the loop ended: "steps" or "time"
     checkpoint: Path | None = None
-
-
-@dataclass
-class StepResult:
-    """One optimizer step: the weighted total, the unweighted losses (floats), the gradient norm."""
-
-    loss: float
-    losses: dict[str, float]
-    grad_norm: float = math.nan
-    skipped: str | None = None  # why the update was not applied ("loss" or "grad"), or None
 
 
 @dataclass
@@ -142,17 +132,6 @@ def check_run_dir(run_dir: Path) -> None:
                          f"(train.run_name) or --out (train.out_dir), or remove it")
 
 
-def weighted_loss(losses: Mapping[str, torch.Tensor], weights: LossWeights, stage: int) -> torch.Tensor:
-    """``sum(weight(name, stage) * loss)`` over the losses with a non-zero weight (in fp32)."""
-    terms = [weights.weight(name, stage) * value.float() for name, value in losses.items()
-             if weights.weight(name, stage) != 0.0]
-    if not terms:
-        names = ", ".join(losses) or "none"
-        raise ConfigError(f"train.loss: every loss the model returned in stage {stage} ({names}) has weight 0; "
-                          f"nothing would be trained, give one of them a positive weight")
-    return torch.stack(terms).sum()
-
-
 def progress_at(step: int, steps: int, elapsed: float, budget_s: float) -> float:
     """Training progress in [0, 1]: ``max(step / steps, elapsed / budget)`` (the budget when set)."""
     p = step / steps
@@ -165,43 +144,6 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor], *,
-               cfg: TrainConfig, stage: int, progress: float, world: distributed.Dist | None = None) -> StepResult:
-    """One optimizer step on ``batch`` (already on the model's device); the update is skipped when the
-    weighted loss or the gradient norm is not finite. With ``world`` (data-parallel, ``model`` in DDP)
-    the reported losses are the mean over ranks, and every rank skips or applies the same step."""
-    world = world or distributed.Dist()
-    device_type = next(model.parameters()).device.type
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(batch, progress=progress, stage=stage)
-    losses = out if isinstance(out, Mapping) else out.losses
-    total = weighted_loss(losses, cfg.loss, stage)
-    stacked = torch.stack([total.detach(), *(v.detach().float() for v in losses.values())])
-    values = world.mean(stacked).tolist()  # one sync (and one collective when distributed)
-    names = list(losses)
-    floats = dict(zip(names, values[1:]))
-    if not math.isfinite(values[0]):
-        if world.active:  # DDP expects the backward of every forward; the update is still skipped
-            total.backward()
-            optimizer.zero_grad(set_to_none=True)
-        return StepResult(values[0], floats, skipped="loss")
-    total.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure only
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(values[0], floats, grad_norm, skipped="grad")
-    optimizer.step()
-    update_target = getattr(distributed.unwrap(model), "update_target", None)
-    if callable(update_target):
-        with torch.no_grad():
-            update_target(cfg.ema_tau)
-    return StepResult(values[0], floats, grad_norm)
-
-
 def evaluate(model: nn.Module, eval_fn: EvalFn, clips: MemoryClips) -> dict[str, float]:
     """``eval_fn(model, clips)`` in eval mode without gradients; the model is put back in train mode."""
     model.eval()
@@ -210,14 +152,6 @@ def evaluate(model: nn.Module, eval_fn: EvalFn, clips: MemoryClips) -> dict[str,
             return {k: float(v) for k, v in eval_fn(model, clips).items()}
     finally:
         model.train()
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """An allocation failure (GPU or CPU), as opposed to any other error."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(e)
-    return "can't allocate memory" in text or "DefaultCPUAllocator" in text or "out of memory" in text
 
 
 def _warn(message: str) -> None:
@@ -423,7 +357,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
                 batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
                 result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=p, world=world)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-                if not _out_of_memory(e):
+                if not out_of_memory(e):
                     raise
                 raise HclsmError(f"out of memory at step {step + 1} on {device} (train.batch_size={t.batch_size}, "
                                  f"data.clip.length={clip.length}, model.perception.image_size={size}); lower "

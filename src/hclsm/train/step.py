@@ -1,0 +1,86 @@
+"""One optimizer step, the unit the training loop repeats (and tests and callers can run alone).
+
+``train_step`` runs the model's forward (optionally under bf16 autocast), takes the weighted sum of its
+unweighted losses (``weighted_loss``), and applies backward, global-norm clipping, the optimizer and the
+model's EMA target update. When the loss or the gradient norm is not finite the update is skipped and
+the result says why; nothing is clamped. Under data-parallel training (``world``) the losses are the
+mean over ranks, so every rank makes the same decision.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hclsm.config.train import LossWeights, TrainConfig
+from hclsm.errors import ConfigError
+from hclsm.train import distributed
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: the weighted total, the unweighted losses (floats), the gradient norm."""
+
+    loss: float
+    losses: dict[str, float]
+    grad_norm: float = math.nan
+    skipped: str | None = None  # why the update was not applied ("loss" or "grad"), or None
+
+
+def weighted_loss(losses: Mapping[str, torch.Tensor], weights: LossWeights, stage: int) -> torch.Tensor:
+    """``sum(weight(name, stage) * loss)`` over the losses with a non-zero weight (in fp32)."""
+    terms = [weights.weight(name, stage) * value.float() for name, value in losses.items()
+             if weights.weight(name, stage) != 0.0]
+    if not terms:
+        names = ", ".join(losses) or "none"
+        raise ConfigError(f"train.loss: every loss the model returned in stage {stage} ({names}) has weight 0; "
+                          f"nothing would be trained, give one of them a positive weight")
+    return torch.stack(terms).sum()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor], *,
+               cfg: TrainConfig, stage: int, progress: float, world: distributed.Dist | None = None) -> StepResult:
+    """One optimizer step on ``batch`` (already on the model's device); the update is skipped when the
+    weighted loss or the gradient norm is not finite. With ``world`` (data-parallel, ``model`` in DDP)
+    the reported losses are the mean over ranks, and every rank skips or applies the same step."""
+    world = world or distributed.Dist()
+    device_type = next(model.parameters()).device.type
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = model(batch, progress=progress, stage=stage)
+    losses = out if isinstance(out, Mapping) else out.losses
+    total = weighted_loss(losses, cfg.loss, stage)
+    stacked = torch.stack([total.detach(), *(v.detach().float() for v in losses.values())])
+    values = world.mean(stacked).tolist()  # one sync (and one collective when distributed)
+    names = list(losses)
+    floats = dict(zip(names, values[1:]))
+    if not math.isfinite(values[0]):
+        if world.active:  # DDP expects the backward of every forward; the update is still skipped
+            total.backward()
+            optimizer.zero_grad(set_to_none=True)
+        return StepResult(values[0], floats, skipped="loss")
+    total.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure only
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(values[0], floats, grad_norm, skipped="grad")
+    optimizer.step()
+    update_target = getattr(distributed.unwrap(model), "update_target", None)
+    if callable(update_target):
+        with torch.no_grad():
+            update_target(cfg.ema_tau)
+    return StepResult(values[0], floats, grad_norm)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failure (GPU or CPU), as opposed to any other error."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "DefaultCPUAllocator" in text or "out of memory" in text
