@@ -1,4 +1,4 @@
-"""``hclsm demo``: data -> HCLSM stage 1 -> held-out evaluation -> report, at smoke size (a few seconds).
+"""``hclsm demo``: data -> HCLSM stages 1 and 2 -> held-out evaluation -> report, at smoke size (seconds).
 
 The full-size demo (6 training minutes) is never run here; these runs use 3 short PushT episodes, a
 small model and a few training steps, and check the report's structure, not its quality.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hclsm import demo
+from hclsm import demo, keys
 from hclsm.config import load_config
 
 from helpers import SMALL, assert_user_error, run
@@ -25,7 +25,12 @@ TINY_RUN = ["--minutes", "1", "--quiet", "--set", "data.pusht.episodes=3", "--se
             "--set", "train.steps=3", "--set", "train.warmup_steps=0", "--set", "train.batch_size=2",
             *[f"--{o}" for o in SMALL]]
 PICTURES = {"pusht_frames_and_masks.png", "slots_clip1.png", "slots_clip2.png", "segmentation.png",
-            "alpha_heatmaps.png", "alive_count.png"}
+            "alpha_heatmaps.png", "alive_count.png", "rollout.png", "slots_pca.png", "event_timeline.png"}
+OBJECT_METRICS = ("agent_iou", "block_iou", "agent_block_miou", "alpha_peakedness", "fg_ari", "miou", "sbd",
+                  "diversity", "alive_slots", "true_objects", "count_frame_acc")
+# dynamics metrics that are defined whatever the model does (the latent errors are None when no slot is alive)
+DYNAMICS_METRICS = ("jepa", "obj", "frame_mse", "frame_mse_copy_last", "events_per_clip", "events_per_16_frames",
+                    "true_events_per_16_frames", "event_precision", "event_recall", "event_f1", "event_prob")
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -54,36 +59,57 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary directories left
 
     text = report.read_text()
-    for phrase in ("Stages run: **data**", "HCLSM stage 1", "Not yet in this version", "3 episodes",
+    for phrase in ("Stages run: **data**", "HCLSM stage 1, the objects", "HCLSM stage 2, the\ndynamics",
+                   "Not yet in this version: the causal graph, memory and planning", "3 episodes",
                    "agent IoU", "block IoU", "alpha peakedness", "FG-ARI", "SBD reconstruction", "slot diversity",
                    "< 0.01", "< 0.15", "alive object slots per frame", "visible objects per frame", "untrained",
-                   "3 steps"):
+                   "3 steps", "`train/stage1/`", "`train/stage2/`", "## Dynamics on held-out episodes",
+                   "stage-2 prediction loss (JEPA", "0.008–0.01: ", "events per 16-frame clip", "2–3: ",
+                   "copy-last frame MSE", "copy-last latent MSE", "event F1 (±1 step)", "contact onsets",
+                   "the first 6 frames are\ncontext, the next 10 are predicted"):
         assert phrase in text, phrase
+    assert "stage 2 (hierarchical dynamics" not in text  # the old "not yet" sentence is gone
     images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
     assert set(images) == PICTURES
     for rel in images:
         assert (run_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
 
     m = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("agent_iou", "block_iou", "agent_block_miou", "alpha_peakedness", "fg_ari", "miou", "sbd",
-                "diversity", "alive_slots", "true_objects", "count_frame_acc"):
-        for which in ("trained", "untrained"):
+    for which in ("trained", "untrained"):
+        for key in OBJECT_METRICS:
             assert key in m[which] and (m[which][key] is None or math.isfinite(m[which][key])), (which, key)
-    assert 0 <= m["trained"]["agent_iou"] <= 1 and m["trained"]["true_objects"] > 0
-    assert m["train"]["steps"] == 3 and m["train"]["minutes_budget"] == 1.0
+        for key in DYNAMICS_METRICS:
+            assert math.isfinite(m[which][key]), (which, key)
+        for key in ("frame_mse", "frame_mse_copy_last", "latent_mse", "latent_mse_copy_last"):
+            assert len(m[which][f"{key}_per_step"]) == 10, (which, key)  # 16-frame clips: context 6, horizon 10
+    t = m["trained"]
+    assert 0 <= t["agent_iou"] <= 1 and t["true_objects"] > 0 and t["jepa"] >= 0 and t["frame_mse_copy_last"] >= 0
+    assert 0 <= t["event_f1"] <= 1 and t["events_per_16_frames"] == t["events_per_clip"]  # 16-frame clips: no scaling
+    assert m["dynamics"] == {"clips": 1, "of_clips": 1, "clip_length": 16, "context": 6, "horizon": 10}
+    assert m["indicators"]["jepa"] == [0.008, 0.01] and m["indicators"]["events_per_16_frames"] == [2, 3]
+    assert m["train"]["steps"] == m["train"]["stage2"]["steps"] == 3 and m["train"]["minutes_budget"] == 1.0
+    assert (m["train"]["clip_length"], m["train"]["stage2"]["clip_length"]) == (4, 8)
     assert {"sbd", "diversity"} <= set(m["train"]["final_losses"])
-    assert len(m["figures"]["count"]) == m["figures"]["count_frames"] == len(m["figures"]["true_count"])
+    assert {"sbd", "jepa", "obj", "event"} <= set(m["train"]["stage2"]["final_losses"])
+    shown = m["figures"]
+    assert len(shown["count"]) == shown["count_frames"] == len(shown["true_count"]) == 20
+    assert all(0 <= s < 20 for s in shown["events_fired"] + shown["contact_onsets"])
     held_out = m["val_episodes"]
-    assert held_out and all(c["episode"] in held_out for c in m["figures"]["clips"])
+    assert held_out and all(c["episode"] in held_out for c in [*shown["clips"], shown["rollout"]])
+    assert shown["count_episode"] in held_out and shown["rollout"]["frames_drawn"] and shown["rollout"]["pca_drawn"]
 
-    # the training run lives inside the demo, with its checkpoint, and names its final location
-    summary = json.loads((run_dir / "train" / "summary.json").read_text())
-    assert summary["run_dir"] == str(run_dir / "train")
-    assert Path(summary["checkpoint"]).is_dir() and Path(summary["checkpoint"]).parent == run_dir / "train/checkpoints"
-    assert (run_dir / "train" / "log.jsonl").is_file()
+    # the two training runs live inside the demo, with their checkpoints, and name their final location
+    for stage in (1, 2):
+        stage_dir = run_dir / "train" / f"stage{stage}"
+        summary = json.loads((stage_dir / "summary.json").read_text())
+        assert summary["run_dir"] == str(stage_dir)
+        assert Path(summary["checkpoint"]).is_dir() and Path(summary["checkpoint"]).parent == stage_dir / "checkpoints"
+        assert (stage_dir / "log.jsonl").is_file()
+        stage_cfg = load_config(yaml_path=stage_dir / "config.yaml")
+        assert (stage_cfg.train.stage, stage_cfg.data.clip.length) == ((1, 4) if stage == 1 else (2, 8))
     cfg = load_config(yaml_path=run_dir / "config.yaml")
-    assert (cfg.train.stage, cfg.train.stage1_fraction, cfg.train.max_minutes) == (1, 1.0, 1.0)
-    assert (cfg.data.pusht.episodes, cfg.data.pusht.max_steps) == (3, 20)
+    assert (cfg.train.stage, cfg.train.stage1_fraction, cfg.train.max_minutes) == (1, 0.4, 1.0)
+    assert (cfg.data.pusht.episodes, cfg.data.pusht.max_steps, cfg.data.clip.length) == (3, 20, 8)
     assert (run_dir / "data/pusht/meta/info.json").is_file()
 
 
@@ -95,7 +121,7 @@ def test_a_failing_demo_leaves_the_earlier_run_and_nothing_else(capsys, tmp_path
     def broken_train(*args, **kwargs):
         raise RuntimeError("training blew up")
 
-    monkeypatch.setattr(demo, "train", broken_train)
+    monkeypatch.setattr(demo, "train_two_stages", broken_train)
     with pytest.raises(RuntimeError, match="blew up"):
         demo.run_demo(load_config("tiny", overrides=["data.pusht.episodes=2", "data.pusht.max_steps=10", *SMALL]),
                       name="d", out_root=root, progress=False, minutes=0.01)
@@ -129,7 +155,11 @@ def test_demo_name_dot_does_not_replace_runs_root(capsys, tmp_path):
     (["--minutes", "nan"], "--minutes"),
     (["--set", "data.pusht.episodes=1"], "data.pusht.episodes"),
     (["--set", "train.val_fraction=0"], "train.val_fraction"),
-], ids=["name-path", "minutes-0", "minutes-negative", "minutes-nan", "one-episode", "no-held-out"])
+    (["--set", "train.stage1_fraction=1"], "train.stage1_fraction"),
+    (["--set", "data.clip.length=1"], "data.clip.length"),
+    (["--set", "model.name=flat_ssm"], "model.name"),
+], ids=["name-path", "minutes-0", "minutes-negative", "minutes-nan", "one-episode", "no-held-out", "no-stage-2",
+        "one-frame-clips", "not-hclsm"])
 def test_demo_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv, needle):
     code, stdout, err = run(capsys, "demo", "--out", tmp_path / "runs", "--quiet", *argv)
     assert_user_error(code, err, needle)
@@ -158,22 +188,27 @@ def test_demo_minutes_default_config_and_flag():
     assert demo.demo_minutes(load_config("tiny", overrides=["train.max_minutes=2.5"])) == 2.5
     assert demo.demo_minutes(cfg, 0.5) == 0.5
     d = demo.demo_config(cfg, 0.5)
-    assert (d.train.stage, d.train.stage1_fraction, d.train.max_minutes) == (1, 1.0, 0.5)
+    assert (d.train.stage, d.train.stage1_fraction, d.train.max_minutes, d.data.clip.length) == (1, 0.4, 0.5, 8)
     assert cfg.train.max_minutes == 0.0  # the caller's config is not changed
+    assert [demo.rollout_split(n) for n in (16, 8, 3, 2)] == [(6, 10), (4, 4), (1, 2), (1, 1)]
 
 
 class _FakeSource:
-    """Two 16-frame episodes of random frames with a square object (id 1) and a bar (id 2)."""
+    """Two 16-frame episodes of random frames with a square object (id 1) and a bar (id 2), random actions,
+    and contact during frames 2-4 and 10-12 (onsets at frames 2 and 10)."""
 
     name = "fake"
     episode_lengths = [16, 16]
 
     def load_clip(self, episode: int, frames) -> dict:
         g = torch.Generator().manual_seed(episode)
+        frames = torch.as_tensor(frames)
         n = len(frames)
         mask = torch.zeros(n, 32, 32, dtype=torch.int64)
         mask[:, 4:12, 4:12], mask[:, 20:24, :] = 1, 2
-        return {"video": torch.rand(n, 3, 32, 32, generator=g), "mask": mask}
+        contact = ((frames >= 2) & (frames <= 4)) | ((frames >= 10) & (frames <= 12))
+        return {"video": torch.rand(n, 3, 32, 32, generator=g), "mask": mask, "action": torch.rand(n, 2, generator=g),
+                "contact": contact}
 
 
 def test_heldout_metrics_run_the_network_once_per_batch_and_match_the_metric_functions(monkeypatch):
@@ -195,3 +230,29 @@ def test_heldout_metrics_run_the_network_once_per_batch_and_match_the_metric_fun
     for k, v in expected.items():
         assert got[k] == pytest.approx(v, nan_ok=True), k
     assert got["true_objects"] == 2.0 and got["alive_slots"] >= 0 and got["sbd"] > 0
+
+
+def test_dynamics_metrics_are_the_models_own_losses_and_scale_events_to_16_frames():
+    from hclsm.models import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny", overrides=SMALL)
+    source = _FakeSource()
+    assert demo.dynamics_clips(source, cfg, [0, 1]).clip.length == 16
+    clips = demo.heldout_clips(source, cfg, [0, 1], length=8)  # windows at frames 0 and 8 of each episode
+    batches = demo.spread_batches(clips, 3)
+    assert [b[keys.FRAMES][:, 0].tolist() for b in batches] == [[0, 0, 8]]  # windows 0, 2, 3: both episodes
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = model(batches[0], progress=1.0, stage=2).losses
+    torch.manual_seed(1)
+    m = demo.dynamics_metrics(model, batches)
+    assert m["jepa"] == pytest.approx(float(expected["jepa"])) and m["obj"] == pytest.approx(float(expected["obj"]))
+    assert m["true_events_per_clip"] == pytest.approx(1.0)  # one contact onset in every 8-frame window
+    assert m["true_events_per_16_frames"] == pytest.approx(2.0)
+    assert m["events_per_16_frames"] == pytest.approx(2 * m["events_per_clip"])
+    assert 0 <= m["event_f1"] <= 1 and 0 < m["event_prob"] < 1
+    for key in ("frame_mse", "frame_mse_copy_last", "latent_mse", "latent_mse_copy_last"):
+        assert len(m[f"{key}_per_step"]) == 4, key  # 8-frame clips: context 4, horizon 4
+    assert math.isfinite(m["frame_mse"]) and m["frame_mse_copy_last"] > 0  # random frames: copying is wrong

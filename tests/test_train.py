@@ -355,10 +355,10 @@ def test_cli_train_runs_with_the_built_model_and_eval(tmp_path, data, capsys, mo
     monkeypatch.setitem(sys.modules, "hclsm.models", fake_models)
     monkeypatch.setitem(sys.modules, "hclsm.eval.objects", fake_eval)
     code = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--name", "r", "--quiet",
-                     "--steps", "4", "--stage", "2", "--model", "slotssm", "--set", "train.warmup_steps=1",
+                     "--steps", "4", "--stage", "2", "--model", "hclsm", "--set", "train.warmup_steps=1",
                      "--train.batch_size=2", "--data.clip.length=4", "--model.perception.image_size=16"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert built == ["slotssm"]
+    assert built == ["hclsm"]
     assert f"run: {tmp_path / 'runs' / 'r'}" in out and "4 steps" in out and "val: windows" in out
     assert (tmp_path / "runs" / "r" / "summary.json").is_file()

@@ -149,12 +149,9 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = _config(args, extra + [f"{k}={v}" for k, v in flags.items() if v is not None])
         data, run_dir = args.data, None
     eval_fn = None
-    try:  # the object metrics (FG-ARI, mIoU of the slot masks), when this version has them
+    if cfg.model.name == "hclsm":  # the object metrics (FG-ARI, mIoU of the slot masks) need slots
         from hclsm.eval.objects import make_eval_fn
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("hclsm.eval"):
-            raise
-    else:
+
         eval_fn = make_eval_fn(cfg)
     result = train(cfg, data, run_dir=run_dir, eval_fn=eval_fn, progress=not args.quiet, resume=run_dir is not None)
     if not env_world().main:  # under torchrun, rank 0 reports
@@ -165,6 +162,50 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     for title, values in (("final losses", result.losses), ("val", result.metrics)):
         if values:
             print(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from hclsm.eval.dynamics import load_run, write_eval
+    from hclsm.train.loop import resolve_device
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4g}"
+
+    if extra:
+        raise HclsmError(f"hclsm eval takes no config overrides (got --{extra[0]}); it evaluates a run with its own "
+                         f"config.yaml")
+    cfg, model, state = load_run(args.run_dir)
+    out = Path(args.out) if args.out is not None else Path(args.run_dir) / "eval"
+    model.to(resolve_device("auto"))
+    meta = {"run": str(Path(args.run_dir).resolve()), "checkpoint": state["path"], "step": state["step"],
+            "stage": state["stage"], "data": str(Path(args.data).resolve())}
+    m = write_eval(model, args.data, out, args.context, args.horizon, args.clips, val_fraction=cfg.train.val_fraction,
+                   seed=cfg.train.seed, frame_skip=cfg.data.clip.frame_skip, progress=not args.quiet, meta=meta)
+    r, ev = m["rollout"], m["events"]
+    print(f"{args.run_dir} step {state['step']}: {r['clips']} {'held-out ' if m['held_out'] else ''}clips, "
+          f"context {args.context}, horizon {args.horizon}")
+    if state["stage"] == 1:
+        print("note: the checkpoint is from stage 1, so the dynamics were not trained yet")
+    print(f"{'':<22}{'model':>10}{'copy-last':>11}")
+    for name, key in (("frame MSE", "frame_mse"), ("latent MSE", "latent_mse")):
+        print(f"{name:<22}{fmt(r[key]):>10}{fmt(r[key + '_copy_last']):>11}")
+    print(f"{'frame MSE by step':<22}" + " ".join(fmt(v) for v in r["frame_mse_per_step"]))
+    line = f"events per clip {fmt(ev['events_per_clip'])}"
+    if "event_f1" in ev:
+        line += (f" (true {fmt(ev['true_events_per_clip'])}); F1 ±1 step {fmt(ev['event_f1'])}, precision "
+                 f"{fmt(ev['event_precision'])}, recall {fmt(ev['event_recall'])}")
+    print(line)
+    print(f"pictures and metrics.json: {out} ({len(m['pictures'])} PNGs)")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
+    from hclsm.models.info import format_info
+
+    if extra:
+        raise HclsmError(f"hclsm info takes no config overrides (got --{extra[0]}); it shows a preset's model")
+    print(format_info(args.preset, args.model))
     return 0
 
 
@@ -225,11 +266,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.set_defaults(func=_cmd_train)
 
-    for name, what, helptext in (("eval", "`hclsm eval`: model evaluation is", "evaluate a checkpoint"),
-                                 ("plan", "`hclsm plan`: the planner is", "plan with a trained world model in PushT")):
-        c = sub.add_parser(name, help=f"{helptext} (not built yet)", description=f"{helptext} (not built yet)")
-        _add_config_args(c)
-        c.set_defaults(func=_cmd_not_built(what))
+    e = sub.add_parser("eval", help="evaluate a trained run's dynamics on held-out clips",
+                       description="Evaluate the newest checkpoint of a run on the held-out episodes of a dataset "
+                                   "(the run's own train/val split): rollout error against the copy-last baseline "
+                                   "(frames and slots), event precision / recall / F1 against true contacts, and "
+                                   "pictures (rollouts, event timelines, PCA of slot trajectories); writes "
+                                   "OUT/metrics.json and PNGs.")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `hclsm train` (OUT/NAME)")
+    e.add_argument("--data", metavar="DIR", required=True, help="the dataset the run was trained on")
+    e.add_argument("--context", type=int, default=6, help="context frames given to the model (default 6)")
+    e.add_argument("--horizon", type=int, default=10, help="frames predicted after the context (default 10)")
+    e.add_argument("--clips", type=int, default=4, help="held-out clips to draw pictures of (default 4)")
+    e.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory (default RUN_DIR/eval; an earlier eval there is replaced)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_eval)
+
+    i = sub.add_parser("info", help="parameter counts of a preset's model, module by module",
+                       description="Parameter counts of a preset's model per module (trainable, and frozen: the EMA "
+                                   "target copies), without allocating its weights.")
+    i.add_argument("--preset", choices=PRESETS, default="tiny", help="model preset (default tiny)")
+    i.add_argument("--model", choices=MODEL_NAMES, default=None, help="model name (default: the preset's, hclsm)")
+    i.set_defaults(func=_cmd_info)
+
+    c = sub.add_parser("plan", help="plan with a trained world model in PushT (not built yet)",
+                       description="plan with a trained world model in PushT (not built yet)")
+    _add_config_args(c)
+    c.set_defaults(func=_cmd_not_built("`hclsm plan`: the planner is"))
 
     b = sub.add_parser("bench", help="run a named benchmark; last stdout line is one JSON object")
     b.add_argument("name", nargs="?", help="benchmark name (see --list)")

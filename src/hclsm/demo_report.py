@@ -6,6 +6,8 @@ import math
 from hclsm.config import Config
 
 SEED_SBD, SEED_DIVERSITY = 0.01, 0.15  # the seed's indicators of a working stage 1 (losses below these)
+SEED_JEPA = (0.008, 0.01)  # the seed's held-out stage-2 prediction loss (a range it reports, not a limit)
+SEED_EVENTS = (2, 3)  # the seed's events per 16-frame clip
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:
@@ -18,13 +20,41 @@ def _indicator(v: float | None, limit: float) -> str:
     return f"< {limit:g}: {'met' if v < limit else 'not met'}"
 
 
+def _seed_range(v: float | None, bounds: tuple[float, float]) -> str:
+    """``v`` placed against a range the seed reports: below, in range or above."""
+    lo, hi = bounds
+    where = "—" if v is None or not math.isfinite(v) else "below" if v < lo else "above" if v > hi else "in range"
+    return f"{lo:g}–{hi:g}: {where}"
+
+
+def _table(rows: list[tuple], m: dict, u: dict) -> str:
+    """Markdown rows ``| label | trained | untrained | seed's indicator |`` for ``(label, key, format, seed)``
+    rows; ``seed`` is an upper limit (a number), a reported range (a pair) or None."""
+    def seed(v: float | None, ref: float | tuple | None) -> str:
+        if ref is None:
+            return "—"
+        return _seed_range(v, ref) if isinstance(ref, tuple) else _indicator(v, ref)
+
+    return "\n".join(f"| {label} | {_fmt(m.get(k), f)} | {_fmt(u.get(k), f)} | {seed(m.get(k), ref)} |"
+                     for label, k, f, ref in rows)
+
+
+def _stopped(cfg: Config, why: str) -> str:
+    return {"time": "the time budget", "steps": f"train.steps = {cfg.train.steps}"}.get(why, why)
+
+
+def _steps(v: list[int]) -> str:
+    return ", ".join(map(str, v)) or "none"
+
+
 def render_report(cfg: Config, s: dict, r: dict) -> str:
     """``report.md`` of a demo run: ``s`` the PushT data summary, ``r`` the record ``run_demo`` writes to
     ``metrics.json`` (trained / untrained metrics, training facts, figures shown, timings)."""
     d, tr, m, u, sec = cfg.data.pusht, r["train"], r["trained"], r["untrained"], r["seconds"]
-    losses = tr["final_losses"]
-    stopped = {"time": "the time budget", "steps": f"train.steps = {cfg.train.steps}"}.get(tr["stopped"], tr["stopped"])
-    rows = [  # label, key, format, the seed's indicator (an upper limit) or None
+    tr2, dyn, shown = tr["stage2"], r["dynamics"], r["figures"]
+    l1, l2 = tr["final_losses"], tr2["final_losses"]
+    share = tr["stage1_fraction"]
+    object_rows = [  # label, key, format, the seed's indicator (an upper limit) or None
         ("agent IoU (best slot, one-to-one)", "agent_iou", ".3f", None),
         ("block IoU (best slot, one-to-one)", "block_iou", ".3f", None),
         ("agent / block mean IoU", "agent_block_miou", ".3f", None),
@@ -37,19 +67,61 @@ def render_report(cfg: Config, s: dict, r: dict) -> str:
         ("visible objects per frame (truth, mean)", "true_objects", ".2f", None),
         ("frames where alive slots = visible objects", "count_frame_acc", ".0%", None),
     ]
-    table = "\n".join(f"| {label} | {_fmt(m.get(k), f)} | {_fmt(u.get(k), f)} | "
-                      f"{'—' if lim is None else _indicator(m.get(k), lim)} |" for label, k, f, lim in rows)
-    shown = r["figures"]
+    h = dyn["horizon"]
+    dynamics_rows = [  # label, key, format, the seed's indicator (an upper limit or a reported range) or None
+        ("stage-2 prediction loss (JEPA: slot MSE against the EMA targets)", "jepa", ".4f", SEED_JEPA),
+        ("position prediction loss (obj)", "obj", ".4f", None),
+        (f"rollout frame MSE (mean over t+1 .. t+{h})", "frame_mse", ".4f", None),
+        ("copy-last frame MSE (last context frame repeated)", "frame_mse_copy_last", ".4f", None),
+        (f"rollout latent MSE (predicted vs inferred slots, mean over t+1 .. t+{h})", "latent_mse", ".4f", None),
+        ("copy-last latent MSE (last context slots repeated)", "latent_mse_copy_last", ".4f", None),
+        ("events per 16-frame clip", "events_per_16_frames", ".2f", SEED_EVENTS),
+        ("contact onsets per 16-frame clip (truth)", "true_events_per_16_frames", ".2f", None),
+        ("event precision (±1 step)", "event_precision", ".3f", None),
+        ("event recall (±1 step)", "event_recall", ".3f", None),
+        ("event F1 (±1 step)", "event_f1", ".3f", None),
+        ("mean event probability", "event_prob", ".3f", None),
+    ]
+    loss_rows = [("SBD reconstruction", "sbd", SEED_SBD), ("slot diversity", "diversity", SEED_DIVERSITY),
+                 ("existence prior", "existence", None), ("object-area prior", "object_area", None),
+                 ("JEPA slot prediction", "jepa", None), ("position prediction (obj)", "obj", None),
+                 ("event detector", "event", None)]
+    losses = "\n".join(f"| {label} | {_fmt(l1.get(k), '.4f')} | {_fmt(l2.get(k), '.4f')} | "
+                       f"{'—' if lim is None else _indicator(l1.get(k), lim)} |" for label, k, lim in loss_rows)
+    per_step = "; ".join(f"t+{i + 1} {_fmt(a, '.4f')} / {_fmt(b, '.4f')}" for i, (a, b) in
+                         enumerate(zip(m["frame_mse_per_step"], m["frame_mse_copy_last_per_step"])))
+    scaled = "" if dyn["clip_length"] == 16 else (
+        f" Events were counted on {dyn['clip_length']}-frame clips (no held-out episode has 16 frames, or "
+        f"`model.perception.max_frames` is less) and scaled to 16 frames (x {16 / dyn['clip_length']:.2f}).")
     clips = "; ".join(f"episode {c['episode']}, frames {c['frames'][0]}-{c['frames'][-1]}" for c in shown["clips"])
     slot_pics = "\n\n".join(f"![slot masks, held-out clip {i + 1}](slots_clip{i + 1}.png)"
                             for i in range(len(shown["clips"])))
+    ro = shown["rollout"]
+    ro_where = f"held-out episode {ro['episode']}, frames {ro['frames'][0]}-{ro['frames'][-1]}"
+    rollout_pic = (f"A rollout on {ro_where}: the {ro['context']} context frames, then the model's prediction of "
+                   f"the next {ro['horizon']} frames (slots predicted step by step and decoded) against the truth "
+                   f"(the decoder's target frames), with the absolute error:\n\n![rollout vs truth](rollout.png)"
+                   if ro["frames_drawn"] else f"No rollout frames for {ro_where}: the decoder reconstructs features.")
+    pca_pic = ("The slot trajectories of that clip projected to their first two principal components (the slots "
+               "inferred from the true frames solid, the rollout dashed from the last context frame):\n\n"
+               "![slot trajectories (PCA)](slots_pca.png)"
+               if ro["pca_drawn"] else "No slot trajectories to project: no slot was alive in that clip.")
+    first, n_long = shown["count_first_frame"], shown["count_frames"]
+    stretch = f"frames {first}-{first + n_long - 1} of held-out episode {shown['count_episode']}"
+    stages = "\n".join(
+        f"| {label} | {t['clip_length']} frames | {tr['minutes_budget'] * part:.2g} min | {t['steps']} | "
+        f"{t['seconds']:.0f} s | {_stopped(cfg, t['stopped'])} | {t['skipped']} | `train/stage{i + 1}/` |"
+        for i, (label, t, part) in enumerate((("1: objects", tr, share), ("2: dynamics + objects", tr2, 1 - share))))
     return f"""# hclsm demo report
 
-Stages run: **data** (PushT from the gym-pusht simulator) and **HCLSM stage 1, the objects**
-(perception, slot attention with existence / birth / death, spatial broadcast decoder; SBD, diversity
-and existence losses), trained {tr['steps']} steps in {tr['seconds'] / 60:.1f} min, then evaluated on
-held-out episodes. Not yet in this version: stage 2 (hierarchical dynamics, JEPA prediction), rollouts,
-the event timeline, the causal graph and planning; they are added here as they land.
+Stages run: **data** (PushT from the gym-pusht simulator); **HCLSM stage 1, the objects** (perception, slot
+attention with existence / birth / death, spatial broadcast decoder; SBD, diversity, existence and
+object-area losses), trained {tr['steps']} steps in {tr['seconds'] / 60:.1f} min; and **HCLSM stage 2, the
+dynamics** (hierarchical dynamics: per-object and global SSMs, the relation GNN, the event detector and event
+transformer, the goal compressor; JEPA slot prediction against an EMA target, position prediction and the
+event losses, on top of the stage-1 losses), trained {tr2['steps']} steps in {tr2['seconds'] / 60:.1f} min;
+then both evaluated on held-out episodes. Not yet in this version: the causal graph, memory and planning;
+they are added here as they land.
 
 ## Data: PushT from the real simulator
 
@@ -69,31 +141,55 @@ state (even rows; blue agent, red block, green goal region):
 
 ![frames and masks](pusht_frames_and_masks.png)
 
-## Training: HCLSM stage 1
+## Training: HCLSM stages 1 and 2
 
 The `{cfg.preset}` HCLSM ({tr['parameters']:,} trainable parameters, {cfg.model.slots.num_slots} object slots
 + {'a background slot' if cfg.model.slots.background else 'no background slot'}, frames at
-{cfg.model.perception.image_size} px, clips of {cfg.data.clip.length} frames, batch {cfg.train.batch_size}) on the
-training episodes for a budget of {tr['minutes_budget']:g} min: {tr['steps']} steps in {tr['seconds']:.0f} s (stopped
-by {stopped}; {tr['skipped']} steps skipped for a non-finite loss). Run directory `train/`: config, `log.jsonl`,
-TensorBoard logs in `tb/`, the checkpoint in `checkpoints/`, `summary.json`.
+{cfg.model.perception.image_size} px, batch {cfg.train.batch_size}) on the training episodes for a budget of
+{tr['minutes_budget']:g} min, {share:.0%} of it for stage 1 (`train.stage1_fraction`); stage 2 continues
+stage 1's model (its EMA target included).
 
-| final training losses (last logging interval) | value | seed's indicator |
-|---|---|---|
-| SBD reconstruction | {_fmt(losses.get('sbd'), '.4f')} | {_indicator(losses.get('sbd'), SEED_SBD)} |
-| slot diversity | {_fmt(losses.get('diversity'), '.4f')} | {_indicator(losses.get('diversity'), SEED_DIVERSITY)} |
-| existence prior | {_fmt(losses.get('existence'), '.4f')} | — |
-| object-area prior | {_fmt(losses.get('object_area'), '.4f')} | — |
+| stage | clips | budget | steps | time | stopped by | skipped steps | run directory |
+|---|---|---|---|---|---|---|---|
+{stages}
+
+Each run directory has its config, `log.jsonl`, TensorBoard logs in `tb/`, the checkpoint in `checkpoints/`
+and `summary.json`. Steps with a non-finite loss are skipped.
+
+| final training losses (last logging interval, unweighted) | stage 1 | stage 2 | seed's indicator (stage 1) |
+|---|---|---|---|
+{losses}
 
 ## Objects on held-out episodes
 
 {r['clips']} clips of {r['eval_clip_length']} frames from the held-out episodes
 ({', '.join(map(str, r['val_episodes']))}); masks are compared with the simulator's (agent, block, goal region).
-The baseline is the same model untrained (step 0, the same initialisation).
+The model is the final one (after both stages); the baseline is the same model untrained (step 0, the same
+initialisation).
 
 | metric | trained | untrained | seed's indicator (trained) |
 |---|---|---|---|
-{table}
+{_table(object_rows, m, u)}
+
+## Dynamics on held-out episodes
+
+{dyn['clips']} of the {dyn['of_clips']} non-overlapping {dyn['clip_length']}-frame clips of the held-out
+episodes, spread over them (stage 2 trained on {tr2['clip_length']}-frame clips), in eval mode. The prediction
+losses are the model's own stage-2 losses on these clips. Rollouts: the first {dyn['context']} frames are
+context, the next {h} are predicted step by step (the recorded actions given) and decoded, against the
+copy-last baselines; latent errors compare the predicted slots with the slots inferred from the true frames
+(matched per frame, over slots alive in both). Events: where the event gate fires over each clip, against the
+onsets of agent-block contact in the simulator.{scaled}
+
+| metric | trained | untrained | seed's indicator (trained) |
+|---|---|---|---|
+{_table(dynamics_rows, m, u)}
+
+Frame MSE by predicted step, trained rollout / copy-last: {per_step}.
+
+A low JEPA loss alone is not good prediction: slots that barely change from frame to frame (as an untrained
+model's do) make predicting no change easy. The rollout errors against copy-last say whether the dynamics
+predict better than no change.
 
 ## Pictures
 
@@ -112,11 +208,22 @@ Alpha masks of the first clip as heat maps (one row per slot):
 
 ![alpha heat maps](alpha_heatmaps.png)
 
-Alive object slots per frame against the number of visible objects, over {shown['count_frames']} frames of
-held-out episode {shown['count_episode']} (one clip, slots carried from frame to frame):
+{rollout_pic}
+
+{pca_pic}
+
+Alive object slots per frame against the number of visible objects, over {stretch} (the held-out stretch with
+the most contact onsets; one clip, slots carried from frame to frame):
 
 ![alive slots per frame](alive_count.png)
 
-Times: data {sec['data']:.0f} s, baseline {sec['baseline']:.0f} s, training {sec['train']:.0f} s, evaluation and
-pictures {sec['evaluation']:.0f} s; total {sec['total']:.0f} s. Config: `config.yaml`; every number: `metrics.json`.
+The event detector over the same stretch: the event probability per step, the learned threshold, the steps
+where the gate fired (steps {_steps(shown['events_fired'])}) and the true contact onsets (steps
+{_steps(shown['contact_onsets'])}):
+
+![event timeline](event_timeline.png)
+
+Times: data {sec['data']:.0f} s, baseline {sec['baseline']:.0f} s, training {sec['train']:.0f} s (both stages, with
+loading their data), evaluation and pictures {sec['evaluation']:.0f} s; total {sec['total']:.0f} s. Config:
+`config.yaml`; every number: `metrics.json`.
 """

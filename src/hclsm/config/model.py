@@ -13,7 +13,7 @@ from hclsm.errors import ConfigError
 
 ENCODERS = ("cnn", "vit")  # cnn: small conv stack (CPU presets); vit: patch ViT (the seed's encoder)
 DECODER_TARGETS = ("pixels", "features")  # features = EMA-encoder patch features (DINOSAUR-style)
-MODEL_NAMES = ("hclsm", "slotssm", "oc_slotssm", "cjepa")
+MODEL_NAMES = ("hclsm", "flat_ssm", "slotssm", "oc_slotssm", "cjepa")  # flat_ssm: the no-slot baseline
 
 
 def check(cond: bool, key: str, msg: str) -> None:
@@ -176,11 +176,18 @@ class L1Config:
     event_threshold_init: float = 0.7  # initial learned event threshold, strictly inside (0, 1)
     event_rate_min: float = 0.1  # the event-rate hinge keeps the mean event probability in [min, max]
     event_rate_max: float = 0.5
+    event_temperature: float = 1.0  # tau of the straight-through gate sigmoid((logit - threshold_logit) / tau)
+    event_target_quantile: float = 0.9  # the self-supervised event target is divided by this per-sequence quantile
 
     def __post_init__(self) -> None:
         p = "model.dynamics.l1"
         check_min(self, p, 1, "d_model", "layers", "heads")
         check_heads(self.d_model, self.heads, p)
+        check_min(self, p, 0.0, "event_temperature")
+        check(self.event_temperature > 0, f"{p}.event_temperature", f"must be > 0, got {self.event_temperature}")
+        check_prob(self, p, "event_target_quantile")
+        check(self.event_target_quantile > 0, f"{p}.event_target_quantile",
+              f"must be in (0, 1], got {self.event_target_quantile}")
         # 0 and 1 have no logit: the reference crashed on exactly these (its two "ablations")
         check(0.0 < self.event_threshold_init < 1.0, f"{p}.event_threshold_init",
               f"must be strictly between 0 and 1, got {self.event_threshold_init}")

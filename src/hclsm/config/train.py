@@ -15,7 +15,7 @@ from hclsm.config.model import check, check_min, check_one_of, check_prob
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")  # how a torchrun job spreads the model: full copies, or sharded (FSDP2)
 STAGES = (1, 2)
-LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "event")  # what models may return
+LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "event", "frame")  # what models may return
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -32,10 +32,11 @@ class LossWeights:
     event: float = 0.05  # event-rate hinge + contrastive event loss (stage 2)
     existence: float = 1.0  # slot existence prior (the model scales it by its own ramp)
     object_area: float = 0.01  # share of the frame drawn by object slots: the background is the default (ramped like existence)
+    frame: float = 1.0  # pixel loss of a decoded next-step prediction (stage 2; the flat-SSM baseline's frames)
 
     def __post_init__(self) -> None:
         check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal", "event",
-                  "existence", "object_area")
+                  "existence", "object_area", "frame")
 
     def weight(self, name: str, stage: int) -> float:
         """The weight of loss ``name`` (one of ``LOSS_NAMES``) in training stage ``stage`` (1 or 2).
@@ -78,6 +79,9 @@ class TrainConfig:
     run_name: str | None = None  # None = derived from the model, preset and time
     max_minutes: float = 0.0  # wall-clock budget of the training loop; 0 = off (stop at `steps` only)
     val_fraction: float = 0.1  # share of the episodes held out for evaluation (at least one when possible)
+    # where the model's progress-driven schedules (query noise, existence prior) start: a run that continues
+    # another run's training (stage 2 of train_two_stages) starts them at the progress the first one reached
+    progress_start: float = 0.0
     loss: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
@@ -89,7 +93,7 @@ class TrainConfig:
               f"must be a number, got {self.lr!r}")
         check(self.lr > 0 and math.isfinite(self.lr), f"{p}.lr", f"must be > 0 and finite, got {self.lr}")
         check_min(self, p, 0.0, "weight_decay", "grad_clip", "max_minutes")
-        check_prob(self, p, "min_lr_ratio", "ema_tau", "stage1_fraction", "val_fraction")
+        check_prob(self, p, "min_lr_ratio", "ema_tau", "stage1_fraction", "val_fraction", "progress_start")
         check(self.warmup_steps <= self.steps, f"{p}.warmup_steps",
               f"must be <= train.steps ({self.steps}), got {self.warmup_steps}; lower it, e.g. "
               f"--set train.warmup_steps={self.steps // 10}")

@@ -8,9 +8,13 @@ from hclsm.errors import HclsmError
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model named by ``cfg.name`` (``hclsm``; the others are not built yet)."""
+    """The model named by ``cfg.name`` (``hclsm``, ``flat_ssm``; the others are not built yet)."""
     if cfg.name == "hclsm":
         from hclsm.models.hclsm import HCLSM
 
         return HCLSM(cfg)
+    if cfg.name == "flat_ssm":
+        from hclsm.models.flat import FlatSSM
+
+        return FlatSSM(cfg)
     raise HclsmError(f"model {cfg.name!r} is not built yet in this version of hclsm; use --model hclsm")

@@ -1,26 +1,78 @@
 """HCLSM: the hierarchical causal latent state machine (seed 000).
 
-This version has the perception and object layers (seed Layers 1-2): stage-1 training reconstructs the
-frames through the spatial broadcast decoder with slot diversity and the existence prior. The dynamics,
-causal and memory layers join in later stages of the package.
+Perception and object layers (seed Layers 1-2, ``ObjectDecomposer``) and the hierarchical dynamics
+(Layer 3, ``HierarchicalDynamics``), trained in two stages (seed, "Training"):
+
+* **stage 1** reconstructs the frames through the spatial broadcast decoder (``sbd``) with slot
+  ``diversity``, the ``existence`` prior and ``object_area``;
+* **stage 2** adds the dynamics: at every step t the dynamics predicts the slots and positions of t + 1.
+  ``jepa`` scores the slots in latent space against **target slots** from an EMA copy of the object
+  layers (run deterministically, in eval mode); the EMA copy draws its own slots, in its own order, so
+  its slots of each frame are first aligned to the online slots by Sinkhorn matching. ``obj`` scores the
+  predicted positions against where each slot is at t + 1, and ``frame`` the prediction decoded through
+  the spatial broadcast decoder against frame t + 1 (what a rollout shows). ``event`` trains the event
+  detector: an event-rate hinge plus fitting the event probability to the dynamics' own surprise (its
+  per-step prediction error). The stage-1 losses stay on (``sbd`` at its stage-2 weight).
+
+``rollout`` predicts future frames autoregressively from context frames (and actions), decoding the
+predicted slots through the spatial broadcast decoder. The causal and memory layers (Layers 4-5) join in
+later versions of the package.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hclsm import keys
 from hclsm.config.model import ModelConfig
-from hclsm.errors import HclsmError
+from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics
 from hclsm.models.objects import ObjectDecomposer, ObjectOutput
+from hclsm.nn.matching import permute, sinkhorn_match
+
+POSITION_MATCH_WEIGHT = 2.0  # weight of the position in the cost that aligns target slots to online slots
 
 
 @dataclass
 class HCLSMOutput:
     objects: ObjectOutput
+    dynamics: DynamicsOutput | None = None  # stage 2 only
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """An autoregressive prediction of ``horizon`` frames after the context frames."""
+
+    slots: torch.Tensor  # (B, H, K, d_slot)
+    positions: torch.Tensor  # (B, H, K, 2)
+    alive: torch.Tensor  # (B, K) bool: the slots alive on the last context frame (kept through the rollout)
+    frames: torch.Tensor  # (B, H, C, R, R) decoded predictions
+    events: torch.Tensor  # (B, C + H - 1) event gate of every step the dynamics ran
+    context: ObjectOutput  # the object decomposition of the context frames
+
+
+def align_targets(online: ObjectOutput, target: ObjectOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target slots (B, T, K, d) and their alive flags (B, T, K) reordered frame by frame to match the online
+    slots.
+
+    Cost: squared distance between ``[normalised slot; POSITION_MATCH_WEIGHT * position]`` vectors. The
+    background slot (index 0 when there is one) always matches the background.
+    """
+    bg = int(online.has_background)
+    b, t, k, d = online.slots.shape
+
+    def features(o: ObjectOutput) -> torch.Tensor:
+        return torch.cat([F.normalize(o.slots[:, :, bg:].float(), dim=-1),
+                          POSITION_MATCH_WEIGHT * o.positions[:, :, bg:].float()], dim=-1).flatten(0, 1)
+
+    perm = sinkhorn_match(features(online).detach(), features(target))  # (B*T, K - bg)
+    slots = permute(target.slots[:, :, bg:].flatten(0, 1), perm).reshape(b, t, k - bg, d)
+    alive = permute(target.alive[:, :, bg:].flatten(0, 1), perm).reshape(b, t, k - bg)
+    return (torch.cat([target.slots[:, :, :bg], slots], dim=2), torch.cat([target.alive[:, :, :bg], alive], dim=2))
 
 
 class HCLSM(nn.Module):
@@ -28,13 +80,90 @@ class HCLSM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.objects = ObjectDecomposer(cfg)
+        self.dynamics = HierarchicalDynamics(cfg)
+        # stage 2's prediction targets: an EMA copy of the object layers (no gradient; update_target)
+        self.target_objects = copy.deepcopy(self.objects).requires_grad_(False)
 
+    @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        """EMA update of the target encoder (no-op without one)."""
+        """EMA update of the target object layers (and the decoder's feature-target encoder)."""
         self.objects.update_target(tau)
+        for t, o in zip(self.target_objects.parameters(), self.objects.parameters()):
+            t.lerp_(o.detach(), 1 - tau)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0, stage: int = 1) -> HCLSMOutput:
-        if stage != 1:
-            raise HclsmError("HCLSM stage 2 (dynamics, JEPA) is not built yet in this version; train with --stage 1")
-        out = self.objects(batch[keys.VIDEO], progress)
-        return HCLSMOutput(objects=out, losses=self.objects.losses(out, progress))
+        video = batch[keys.VIDEO]
+        out = self.objects(video, progress)
+        losses = self.objects.losses(out, progress)
+        if stage == 1:
+            return HCLSMOutput(objects=out, losses=losses)
+        action = batch.get(keys.ACTION) if self.cfg.d_action > 0 else None
+        if self.cfg.d_action > 0 and action is None:  # a dataset without actions (physics scenes): zero actions
+            action = video.new_zeros(*video.shape[:2], self.cfg.d_action)
+        dyn = self.dynamics(out.slots, out.positions, out.gate, action)
+        self.target_objects.eval()  # deterministic targets: no sampled gates, no query noise
+        with torch.no_grad():
+            tgt_slots, tgt_alive = align_targets(out, self.target_objects(video))
+        losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
+        return HCLSMOutput(objects=out, dynamics=dyn, losses=losses)
+
+    def prediction_losses(self, out: ObjectOutput, dyn: DynamicsOutput, tgt_slots: torch.Tensor,
+                          tgt_alive: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Next-step prediction losses over the object slots alive at t and t + 1.
+
+        ``jepa``: slot MSE against the aligned EMA target slots (pairs whose target slot is alive);
+        ``obj``: position MSE against the slot's own position at t + 1 (a slot keeps its object from frame to
+        frame, so no matching is needed; detached); ``frame``: the predicted slots and positions decoded
+        through the spatial broadcast decoder against frame t + 1; ``event``: the event detector's losses,
+        fitted to the surprise of each step (how badly it was predicted from the step before).
+        """
+        w = (out.gate[:, :-1] * out.gate[:, 1:]).detach().float()  # (B, T-1, K)
+        w_jepa = w * tgt_alive[:, 1:].float()
+        slot_err = (dyn.slots[:, :-1].float() - tgt_slots[:, 1:].float()).pow(2).mean(-1)  # (B, T-1, K)
+        pos_err = (dyn.positions[:, :-1].float() - out.positions[:, 1:].detach().float()).pow(2).mean(-1)
+        jepa = (slot_err * w_jepa).sum() / w_jepa.sum().clamp_min(1.0)
+        obj = (pos_err * w).sum() / w.sum().clamp_min(1.0)
+        recon, _, _ = self.objects.decoder(dyn.slots[:, :-1].flatten(0, 1), dyn.positions[:, :-1].flatten(0, 1),
+                                           out.gate[:, 1:].flatten(0, 1))
+        frame = F.mse_loss(recon.float(), out.target[:, 1:].flatten(0, 1).float())
+        # surprise of step t: how badly step t was predicted from t - 1 (none for the first step)
+        per_step = ((slot_err + pos_err) * w).sum(-1) / w.sum(-1).clamp_min(1.0)  # (B, T-1)
+        surprise = torch.cat([per_step.new_zeros(per_step.shape[0], 1), per_step], dim=1).detach()
+        event_terms = self.dynamics.detector.losses(dyn.events, dyn.pooled, surprise)
+        return {"jepa": jepa, "obj": obj, "frame": frame, "event": sum(event_terms.values())}
+
+    @torch.no_grad()
+    def rollout(self, video: torch.Tensor, horizon: int, action: torch.Tensor | None = None) -> Rollout:
+        """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively.
+
+        ``action`` (B, C + horizon - 1, A) are the actions of every step that is run (the context frames
+        and all predicted frames but the last); omitted for a model without action conditioning.
+        """
+        context = self.objects(video)
+        b, c, k, _ = context.slots.shape
+        if self.cfg.d_action > 0 and action is None:
+            action = video.new_zeros(b, c + horizon - 1, self.cfg.d_action)
+        if action is not None and action.shape[1] < c + horizon - 1:
+            raise ValueError(f"rollout needs actions for {c + horizon - 1} steps (context {c} + horizon {horizon} "
+                             f"- 1), got {action.shape[1]}")
+        alive = context.alive[:, -1]
+        gate = alive.float()
+        state = self.dynamics.init_state(b, k, video.device, context.slots.dtype)
+        slots, pos, events, pred_slots, pred_pos = None, None, [], [], []
+        for t in range(c + horizon - 1):
+            if t < c:
+                slots, pos = context.slots[:, t], context.positions[:, t]
+                g = context.alive[:, t].float()
+            else:
+                g = gate
+            a = action[:, t] if action is not None else None
+            slots, pos, ev, state = self.dynamics.step(slots, pos, g, a, state)
+            events.append(ev)
+            if t >= c - 1:
+                pred_slots.append(slots)
+                pred_pos.append(pos)
+        slots, pos = torch.stack(pred_slots, 1), torch.stack(pred_pos, 1)
+        recon, _, _ = self.objects.decoder(slots.flatten(0, 1), pos.flatten(0, 1),
+                                           gate.repeat_interleave(horizon, 0))
+        frames = recon.reshape(b, horizon, *recon.shape[1:])
+        return Rollout(slots, pos, alive, frames, torch.stack(events, 1), context)

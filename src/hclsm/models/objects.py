@@ -134,6 +134,9 @@ class ObjectDecomposer(nn.Module):
         b, t = video.shape[:2]
         tokens = self.encoder(video)  # (B, T, M, d_world)
         k_all, v_all = self.slot_attention.project(tokens)
+        # per-frame views by unbind: its backward stacks the frames' gradients once (indexing frame by frame
+        # would allocate a full-size zero gradient per frame, quadratic in the clip length)
+        ks, vs = k_all.unbind(1), v_all.unbind(1)
         target = self._targets(video)
         gating = s.dynamic and (not self.training or progress >= s.existence_start)
         noise = self._noise(progress)
@@ -148,16 +151,16 @@ class ObjectDecomposer(nn.Module):
             rounds = 1 + (settle if i == 0 else 0)
             for r in range(rounds):
                 if i == 0 and r == 0:
-                    slots, pos, attn = self.slot_attention(slots, pos, k_all[:, 0], v_all[:, 0], self.coords,
+                    slots, pos, attn = self.slot_attention(slots, pos, ks[0], vs[0], self.coords,
                                                            s.iterations, straight_through=True)
                 else:  # alive slots carry on; dead ones are re-armed as birth proposals
                     if s.dynamic:
                         slots, pos = self._rearm(slots, pos, alive_prev, seed, centre, has_seed, noise)
-                    slots, pos, attn = self.slot_attention(slots, pos, k_all[:, i], v_all[:, i], self.coords,
+                    slots, pos, attn = self.slot_attention(slots, pos, ks[i], vs[i], self.coords,
                                                            s.video_iterations)
                 logits, gate, alphas, recon = self._gate_and_draw(slots, pos, alive_prev, gating)
                 if s.dynamic and (i + 1 < t or r + 1 < rounds):  # birth seed: what the alive slots leave unexplained
-                    seed, centre, has_seed = self._birth_seed(recon, alphas, target[:, i], v_all[:, i])
+                    seed, centre, has_seed = self._birth_seed(recon, alphas, target[:, i], vs[i])
                 alive_prev = gate.detach()
             for name, val in zip(outs, (slots, pos, logits, gate, alphas, recon, attn)):
                 outs[name].append(val)

@@ -17,10 +17,11 @@ from hclsm.train.checkpoint import (
 from hclsm.train.logging import RunLogger, read_log
 from hclsm.train.loop import TrainingDiverged, TrainResult, train
 from hclsm.train.optim import build_optimizer, lr_at, param_groups
+from hclsm.train.stages import train_two_stages
 from hclsm.train.step import train_step, weighted_loss
 
 __all__ = [
-    "train", "train_step", "weighted_loss", "TrainResult", "TrainingDiverged",
+    "train", "train_two_stages", "train_step", "weighted_loss", "TrainResult", "TrainingDiverged",
     "build_optimizer", "param_groups", "lr_at",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "CheckpointError",
     "RunLogger", "read_log",

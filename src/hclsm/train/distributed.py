@@ -180,7 +180,13 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict)
     names = _fqn_ids(model, optimizer)
     fqn = {"state": {names[int(i)]: st for i, st in sd["state"].items()},
            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
+    # not strict: a parameter that never received a gradient (HCLSM's dynamics in a stage-1 run) has no
+    # optimizer state yet; the model's own keys were checked strictly before this
+    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True, strict=False))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for name, param in zip(names, params):  # and it keeps none, as in the uninterrupted run (no zero-filled state)
+        if name not in fqn["state"]:
+            optimizer.state.pop(param, None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -355,7 +355,8 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
             indices = torch.randint(len(train_clips), (t.batch_size,), generator=generator)
             try:
                 batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
-                result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=p, world=world)
+                model_p = t.progress_start + (1 - t.progress_start) * p  # the model's schedules (noise, existence)
+                result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=model_p, world=world)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                 if not out_of_memory(e):
                     raise

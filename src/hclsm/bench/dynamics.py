@@ -1,0 +1,193 @@
+"""Benchmarks of HCLSM's dynamics: ``dynamics`` (rollouts), ``events`` (event detection), ``throughput``.
+
+* ``dynamics``: physics scenes (3-6 balls, 64 px). The tiny HCLSM trains both stages for a wall-clock
+  budget; a flat (no-slot) SSM with a matched number of trainable parameters trains for the same budget.
+  On held-out clips both roll out ``HORIZON`` frames autoregressively from ``CONTEXT`` frames; the table
+  gives pixel MSE (decoder resolution) against the truth beside the copy-last-frame baseline, and the
+  latent error of the predicted slots beside copying the last context slots.
+* ``events``: the same HCLSM training; the dynamics' event gate on held-out clips against the simulator's
+  contact events (tolerance +-1 step): precision, recall, F1, events per 16-frame clip.
+* ``throughput``: seconds per stage-2 training step of the tiny HCLSM at T = 16 and T = 256 frames per
+  clip (same batch), and their ratio (linear in T would be 16).
+
+Trained runs go to a temporary directory, or to ``HCLSM_BENCH_KEEP`` when that names a directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from hclsm import keys
+from hclsm.bench import BenchResult, register
+from hclsm.config import Config, load_config
+from hclsm.config.data import ClipConfig, PhysicsDataConfig
+from hclsm.data.clips import split_episodes
+from hclsm.data.memory import MemoryClips, open_dataset
+from hclsm.data.physics import generate_physics_dataset
+from hclsm.eval.dynamics import event_metrics, rollout_metrics
+from hclsm.models import build_model
+from hclsm.models.flat import flat_config_matching
+from hclsm.train import build_optimizer, train, train_step, train_two_stages
+
+
+def _machine() -> dict:
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+@register("throughput")
+def bench_throughput(quick: bool, seed: int) -> BenchResult:
+    lengths = (4, 16) if quick else (16, 256)
+    batch, size, repeats = 2, 32 if quick else 64, 2 if quick else 3
+    rows, seconds = [], {}
+    for t in lengths:
+        torch.manual_seed(seed)
+        cfg = load_config("tiny", overrides=[f"model.perception.max_frames={max(lengths)}",
+                                             f"model.perception.image_size={size}", f"train.seed={seed}"])
+        model = build_model(cfg.model).train()
+        optimizer = build_optimizer(model, cfg.train)
+        video = torch.rand(batch, t, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        data = {"video": video, "action": torch.zeros(batch, t, cfg.model.d_action)}
+        times = []
+        for i in range(repeats + 1):  # the first step warms up allocators and is not counted
+            start = time.perf_counter()
+            train_step(model, optimizer, data, cfg=cfg.train, stage=2, progress=0.8)
+            if i:
+                times.append(time.perf_counter() - start)
+        seconds[t] = sorted(times)[len(times) // 2]
+        rows.append({"frames": t, "batch": batch, "image_size": size, "s_per_step": seconds[t],
+                     "ms_per_frame": 1000 * seconds[t] / (batch * t)})
+    short, long = lengths
+    metrics = {f"s_per_step_t{short}": seconds[short], f"s_per_step_t{long}": seconds[long],
+               "growth": seconds[long] / seconds[short], "length_ratio": long / short}
+    title = (f"throughput: tiny HCLSM stage-2 train step (fwd + bwd + AdamW), batch {batch}, {size} px, "
+             f"T = {short} vs {long} (growth target <= 18x for 16x the frames)")
+    return BenchResult(metrics=metrics, config={"batch": batch, "image_size": size, "lengths": list(lengths),
+                                                "repeats": repeats, **_machine()}, rows=rows, title=title)
+
+
+# ---- dynamics and events: train on physics scenes, evaluate on held-out clips --------------------------
+
+CONTEXT, HORIZON = 6, 10  # rollout: frames given, frames predicted
+STAGE1_CLIP, STAGE2_CLIP = 4, 8  # frames per training clip: stage 1 learns per-frame objects, stage 2 dynamics
+
+
+def _physics(root: Path, quick: bool, seed: int) -> PhysicsDataConfig:
+    cfg = PhysicsDataConfig(episodes=24 if quick else 300, frames=32 if not quick else CONTEXT + HORIZON + 2,
+                            image_size=64, min_objects=3, max_objects=6, seed=seed)
+    generate_physics_dataset(root, cfg, progress=False)
+    return cfg
+
+
+def _train_config(minutes: float, seed: int, clip: int, *overrides: str) -> Config:
+    # the tiny preset's stage1_fraction (0.4, the seed's) splits the two-stage budget
+    return load_config("tiny", overrides=[f"train.max_minutes={minutes}", "train.steps=1000000",
+                                          "train.eval_every=0", "train.ckpt_every=0", f"train.seed={seed}",
+                                          f"data.clip.length={clip}", *overrides])
+
+
+def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: bool) -> tuple[torch.nn.Module, dict]:
+    """The tiny HCLSM's two stages for ``minutes`` in all (``train_two_stages``: stage 1 on 4-frame clips for
+    40 % of the budget, then stage 2 on 8-frame clips)."""
+    s1, s2 = train_two_stages(_train_config(minutes, seed, STAGE2_CLIP), root, runs / "hclsm", minutes,
+                              stage1_clip=STAGE1_CLIP, progress=progress)
+    return s2.model, {"stage1_steps": s1.steps, "stage2_steps": s2.steps, "minutes": (s1.seconds + s2.seconds) / 60,
+                      "skipped": s1.skipped + s2.skipped, **{f"final_{k}": v for k, v in s2.losses.items()}}
+
+
+def _val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
+    source = open_dataset(root)
+    _, val = split_episodes(len(source.episode_lengths), cfg.train.val_fraction, cfg.train.seed)
+    return MemoryClips(source, ClipConfig(length=length, stride=length), val, cfg.model.perception.image_size,
+                       progress=False)
+
+
+@torch.no_grad()
+def flat_rollout_mse(model: torch.nn.Module, clips: MemoryClips) -> dict[str, float]:
+    """Frame MSE (per step and over the horizon) of the flat SSM's rollouts on ``clips``."""
+    model.eval()
+    errs = []
+    for batch in clips.batches(16):
+        video = batch[keys.VIDEO][:, :CONTEXT + HORIZON]
+        roll = model.rollout(video[:, :CONTEXT], HORIZON)
+        r = roll.frames.shape[-1]
+        truth = F.interpolate(video[:, CONTEXT:].flatten(0, 1), size=(r, r), mode="area").reshape(roll.frames.shape)
+        errs.append((roll.frames.float() - truth).pow(2).flatten(2).mean(-1))  # (B, H)
+    e = torch.cat(errs)
+    return {"frame_mse": float(e.mean()), "frame_mse_per_step": e.mean(0).tolist()}
+
+
+@register("dynamics")
+def bench_dynamics(quick: bool, seed: int) -> BenchResult:
+    minutes = 0.3 if quick else 20.0
+    keep = os.environ.get("HCLSM_BENCH_KEEP")
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-dynamics-") as tmp:
+        runs = Path(keep) if keep else Path(tmp)
+        root = Path(tmp) / "physics"
+        data = _physics(root, quick, seed)
+        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick)
+        model = model.cpu().eval()
+        base = _train_config(minutes, seed, STAGE2_CLIP)
+        clips = _val_clips(root, base, CONTEXT + HORIZON)
+        m = rollout_metrics(model, clips.batches(16), CONTEXT, HORIZON)
+        ev = event_metrics(model, clips.batches(16))
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flat_cfg = flat_config_matching(base.model, n_params)
+        flat = train(dataclasses.replace(base, model=flat_cfg), root, run_dir=runs / "flat-ssm", progress=not quick)
+        f = flat_rollout_mse(flat.model.cpu(), clips)
+        flat_params = sum(p.numel() for p in flat.model.parameters() if p.requires_grad)
+    copy = m["frame_mse_copy_last"]
+    metrics = {"frame_mse": m["frame_mse"], "frame_mse_copy_last": copy, "ratio_vs_copy_last": m["frame_mse"] / copy,
+               "flat_frame_mse": f["frame_mse"], "ratio_vs_flat": m["frame_mse"] / f["frame_mse"],
+               "latent_mse": m["latent_mse"], "latent_mse_copy_last": m["latent_mse_copy_last"],
+               "event_f1": ev.get("event_f1"), "events_per_clip": ev["events_per_clip"],
+               "hclsm_params": n_params, "flat_params": flat_params, "clips": m["clips"],
+               "flat_steps": flat.steps, **info}
+    rows = [{"model": "hclsm (objects + hierarchical dynamics)", "params": n_params,
+             "frame_mse": m["frame_mse"], "latent_mse": m["latent_mse"],
+             "frame_mse_t+1": m["frame_mse_per_step"][0], f"frame_mse_t+{HORIZON}": m["frame_mse_per_step"][-1]},
+            {"model": "flat SSM (no slots), same budget", "params": flat_params, "frame_mse": f["frame_mse"],
+             "frame_mse_t+1": f["frame_mse_per_step"][0], f"frame_mse_t+{HORIZON}": f["frame_mse_per_step"][-1]},
+            {"model": "copy last frame / last slots", "frame_mse": copy, "latent_mse": m["latent_mse_copy_last"],
+             "frame_mse_t+1": m["frame_mse_copy_last_per_step"][0],
+             f"frame_mse_t+{HORIZON}": m["frame_mse_copy_last_per_step"][-1]}]
+    config = {"physics_episodes": data.episodes, "context": CONTEXT, "horizon": HORIZON, "minutes_per_model": minutes,
+              "stage1_fraction": base.train.stage1_fraction, "clip_lengths": [STAGE1_CLIP, STAGE2_CLIP], "preset": "tiny",
+              **_machine()}
+    title = (f"dynamics: held-out physics clips, {CONTEXT} context frames -> {HORIZON}-frame rollout; pixel MSE at "
+             f"the decoder's resolution; {minutes:g} min of training per model (target: hclsm <= 0.6x copy-last "
+             f"and below the flat SSM)")
+    return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
+
+
+@register("events")
+def bench_events(quick: bool, seed: int) -> BenchResult:
+    minutes = 0.3 if quick else 20.0
+    keep = os.environ.get("HCLSM_BENCH_KEEP")
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-events-") as tmp:
+        runs = Path(keep) if keep else Path(tmp)
+        root = Path(tmp) / "physics"
+        data = _physics(root, quick, seed)
+        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick)
+        model = model.cpu().eval()
+        clips = _val_clips(root, _train_config(minutes, seed, STAGE2_CLIP), 16)
+        ev = event_metrics(model, clips.batches(16))
+    threshold = float(torch.sigmoid(model.dynamics.detector.threshold_logit))
+    metrics = {"event_f1": ev.get("event_f1"), "event_precision": ev.get("event_precision"),
+               "event_recall": ev.get("event_recall"), "events_per_clip": ev["events_per_clip"],
+               "true_events_per_clip": ev.get("true_events_per_clip"), "threshold": threshold, "clips": ev["clips"],
+               **info}
+    rows = [{"detector": "hclsm L1 (surprise-trained)", "precision": ev.get("event_precision"),
+             "recall": ev.get("event_recall"), "f1": ev.get("event_f1"), "events_per_16_frames": ev["events_per_clip"],
+             "true_events_per_16_frames": ev.get("true_events_per_clip"), "threshold": threshold}]
+    config = {"physics_episodes": data.episodes, "clip_length": 16, "tolerance_steps": 1, "minutes": minutes,
+              "preset": "tiny", **_machine()}
+    title = (f"events: the dynamics' event gate vs the simulator's contact events (+-1 step) on held-out 16-frame "
+             f"physics clips; {minutes:g} min of training (target F1 >= 0.7)")
+    return BenchResult(metrics=metrics, config=config, rows=rows, title=title)

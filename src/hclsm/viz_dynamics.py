@@ -1,0 +1,280 @@
+"""Pictures of the dynamics, as uint8 RGB arrays (PIL only, in the style of ``hclsm.viz``): a rollout against
+the true frames with its error, a timeline of the event detector against true contact events, and the PCA
+projection of slot trajectories with the predicted part dashed."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from hclsm.viz import (
+    COUNT_RGB,
+    PALETTE,
+    TRUTH_RGB,
+    _as_frames,
+    _font,
+    _np,
+    _slot_labels,
+    _text,
+    _ticks,
+    colormap,
+    labelled_grid,
+)
+
+FIRED_RGB, FIRED_BAND = (214, 39, 40), (250, 222, 222)  # steps where the event gate fired: dot, column shading
+THRESHOLD_RGB = (110, 110, 110)
+MIN_TILE = 40  # rollout tiles are scaled up to at least this many pixels, so the column labels fit
+
+
+def _dashed(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], rgb, width: int = 2,
+            dash: float = 6.0, gap: float = 4.0) -> None:
+    """A dashed straight line from ``a`` to ``b``."""
+    length = math.dist(a, b)
+    if length == 0:
+        return
+    ux, uy = (b[0] - a[0]) / length, (b[1] - a[1]) / length
+    s = 0.0
+    while s < length:
+        e = min(s + dash, length)
+        draw.line([(a[0] + ux * s, a[1] + uy * s), (a[0] + ux * e, a[1] + uy * e)], fill=rgb, width=width)
+        s = e + gap
+
+
+def _lighter(rgb, amount: float = 0.5) -> tuple[int, int, int]:
+    """``rgb`` blended towards white by ``amount``."""
+    return tuple(round(c + (255 - c) * amount) for c in rgb)
+
+
+LegendEntry = tuple[str, tuple[int, int, int], str]  # label, colour, key kind: line / dash / dot / tick
+KEY_W, ITEM_GAP, ROW_H = 22, 14, 16  # a legend key's width, the space between entries, a legend row's height
+
+
+def _legend_layout(entries: list[LegendEntry], font, x0: float, x1: float) -> list[list[tuple[float, LegendEntry]]]:
+    """Entries placed left to right from ``x0``, wrapped before ``x1``: rows of (x of the key, entry)."""
+    rows: list[list[tuple[float, LegendEntry]]] = [[]]
+    x = x0
+    for e in entries:
+        w = KEY_W + font.getlength(e[0])
+        if rows[-1] and x + w > x1:
+            rows.append([])
+            x = x0
+        rows[-1].append((x, e))
+        x += w + ITEM_GAP
+    return rows
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple[float, LegendEntry]]], y0: float, font) -> None:
+    """Draw a legend laid out by ``_legend_layout``, its first row centred on ``y0``."""
+    for r, row in enumerate(rows):
+        y = y0 + r * ROW_H
+        for x, (label, rgb, kind) in row:
+            if kind == "line":
+                draw.line([(x, y), (x + 16, y)], fill=rgb, width=3)
+            elif kind == "dash":
+                _dashed(draw, (x, y), (x + 16, y), rgb, width=2, dash=4, gap=3)
+            elif kind == "dot":
+                draw.ellipse([x + 4.5, y - 3.5, x + 11.5, y + 3.5], fill=rgb)
+            else:  # tick
+                draw.line([(x + 8, y - 6), (x + 8, y + 6)], fill=rgb, width=3)
+            _text(draw, (x + KEY_W, y), label, font, "lm")
+
+
+# ---- rollout ----------------------------------------------------------------------------------------
+
+def rollout_figure(truth, pred, context=None, scale: int | None = None) -> np.ndarray:
+    """A rollout against the true frames: rows truth, prediction and |error|, one column per predicted step.
+
+    Args:
+        truth: (H, 3, R, R) float in [0, 1] (or (H, R, R, 3) uint8), the true frames t+1 .. t+H.
+        pred: the predicted frames, same shape (values outside [0, 1] are clipped).
+        context: (C, 3, R, R) the context frames t-C+1 .. t, shown at the start of the truth row; or None.
+        scale: pixel repeat (default: enough for tiles of ``MIN_TILE`` pixels).
+
+    The error row is the per-pixel mean absolute error over the channels on the viridis map (dark = 0,
+    yellow = 1). Columns are labelled t-C+1 .. t (context) and t+1 .. t+H.
+    """
+    t_frames, p_frames = _as_frames(truth), _as_frames(pred)
+    if t_frames.shape != p_frames.shape:
+        raise ValueError(f"truth {t_frames.shape} and pred {p_frames.shape} must have the same shape (H, R, R, 3)")
+    h, r = t_frames.shape[0], t_frames.shape[1]
+    err = colormap(np.abs(t_frames.astype(np.float32) - p_frames.astype(np.float32)).mean(-1) / 255.0)
+    labels = [f"t+{i + 1}" for i in range(h)]
+    rows = [t_frames, p_frames, err]
+    if context is not None:
+        c_frames = _as_frames(context)
+        if c_frames.shape[1:] != t_frames.shape[1:]:
+            raise ValueError(f"context frames {c_frames.shape[1:]} must match the truth frames {t_frames.shape[1:]}")
+        c = c_frames.shape[0]
+        blank = np.full_like(c_frames, 255)
+        rows = [np.concatenate([c_frames, t_frames]), np.concatenate([blank, p_frames]), np.concatenate([blank, err])]
+        labels = [f"t-{c - 1 - i}" if i < c - 1 else "t" for i in range(c)] + labels
+    scale = scale or max(2, -(-MIN_TILE // r))
+    gap = 2
+    grid = labelled_grid(rows, ["truth", "prediction", "|error|"], scale=scale, gap=gap)
+    margin = grid.shape[1] - (len(labels) * (r + gap) - gap) * scale  # labelled_grid's label margin
+    header = 18
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(grid), (0, header))
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for i, label in enumerate(labels):
+        _text(draw, (margin + (i * (r + gap) + r / 2) * scale, header / 2), label, font, "mm")
+    return np.asarray(canvas)
+
+
+# ---- events -----------------------------------------------------------------------------------------
+
+def event_timeline(prob, gate, threshold: float, truth_events=None, width: int = 480, height: int = 200,
+                   title: str = "event probability per step") -> np.ndarray:
+    """The event detector over one clip, (height, width, 3) uint8.
+
+    ``prob`` (T,) the event probability (blue curve), ``threshold`` the detector's threshold (grey dashed
+    line), ``gate`` (T,) where it fired (> 0.5: shaded column and red dot), ``truth_events`` (T,) bool the
+    true contact events (orange ticks on the step axis), when given.
+    """
+    prob = _np(prob).astype(np.float64).reshape(-1)
+    fired = _np(gate).reshape(-1) > 0.5
+    t = len(prob)
+    if t == 0 or fired.shape != prob.shape:
+        raise ValueError(f"prob {prob.shape} and gate {fired.shape} must be the same non-empty (T,)")
+    truth = None if truth_events is None else _np(truth_events).astype(bool).reshape(-1)
+    if truth is not None and truth.shape != prob.shape:
+        raise ValueError(f"truth_events {truth.shape} must have the shape of prob {prob.shape}")
+    font = _font()
+    legend: list[LegendEntry] = [("probability", COUNT_RGB, "line"), ("threshold", THRESHOLD_RGB, "dash"),
+                                 ("fired", FIRED_RGB, "dot")]
+    if truth is not None:
+        legend.append(("true event", TRUTH_RGB, "tick"))
+    left, right, bottom = 34, 12, 32
+    rows = _legend_layout(legend, font, left, width - right)
+    top = 28 + ROW_H * len(rows)
+    pw, ph = width - left - right, height - top - bottom
+    if pw < 20 or ph < 20:
+        raise ValueError(f"a chart of {width}x{height} px is too small; use at least {left + right + 20}x{top + bottom + 20}")
+
+    def px(step: float) -> float:  # the middle of step i is px(i)
+        return left + pw * (step + 0.5) / t
+
+    def py(v: float) -> float:
+        return top + ph * (1 - v)
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for i in np.flatnonzero(fired):
+        draw.rectangle([left + pw * i / t, top, left + pw * (i + 1) / t, top + ph], fill=FIRED_BAND)
+    for v in (0.0, 0.5, 1.0):
+        draw.line([(left, py(v)), (left + pw, py(v))], fill=(225, 225, 225))
+        draw.line([(left - 4, py(v)), (left, py(v))], fill=(0, 0, 0))
+        _text(draw, (left - 6, py(v)), f"{v:g}", font, "rm")
+    for i in _ticks(t - 1, 10):
+        draw.line([(px(i), top + ph), (px(i), top + ph + 4)], fill=(0, 0, 0))
+        _text(draw, (px(i), top + ph + 6), str(i), font, "mt")
+    draw.line([(left, top), (left, top + ph), (left + pw, top + ph)], fill=(0, 0, 0))
+    _text(draw, (left + pw, height - 2), "step", font, "rd")
+    _text(draw, (left, 4), title, font, "lt")
+    _draw_legend(draw, rows, 26, font)
+
+    y_thr = py(float(np.clip(threshold, 0.0, 1.0)))
+    _dashed(draw, (left, y_thr), (left + pw, y_thr), THRESHOLD_RGB, width=1)
+    if truth is not None:
+        for i in np.flatnonzero(truth):
+            draw.line([(px(i), top + ph - 12), (px(i), top + ph)], fill=TRUTH_RGB, width=3)
+    points = [(px(i), py(float(np.clip(v, 0.0, 1.0)))) for i, v in enumerate(prob)]
+    if t > 1:
+        draw.line(points, fill=COUNT_RGB, width=2)
+    for (x, y), hit in zip(points, fired):
+        rad, rgb = (3.5, FIRED_RGB) if hit else (2.0, COUNT_RGB)
+        draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=rgb)
+    return np.asarray(img)
+
+
+# ---- slot trajectories ----------------------------------------------------------------------------------
+
+def _pca2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, the top two principal directions (2, d) (zero rows where there are fewer) and their variance shares."""
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    n = min(2, len(vt))
+    basis, share = np.zeros((2, x.shape[1])), np.zeros(2)
+    basis[:n] = vt[:n]
+    var = s ** 2
+    if var.sum() > 0:
+        share[:n] = var[:n] / var.sum()
+    return mean, basis, share
+
+
+def slot_pca_figure(slots, alive, predicted=None, background: bool = True, width: int = 480, height: int = 400,
+                    title: str = "PCA projection of slot trajectories") -> np.ndarray:
+    """Slot trajectories projected to their first two principal components, (height, width, 3) uint8.
+
+    Args:
+        slots: (T, K, d) slot vectors per frame (e.g. the object decomposition of a whole clip).
+        alive: (T, K) bool; the PCA is fitted on the alive slot vectors, and only those are drawn.
+        predicted: (H, K, d) with H < T, a rollout of the last H frames of ``slots``: drawn dashed and
+            lighter from each slot's point H + 1 frames before the end (the last context frame), for the
+            slots alive there; None: no prediction.
+        background: slot 0 is the background slot (labelled ``bg`` and drawn black).
+
+    One polyline per slot in ``hclsm.viz.PALETTE`` colours (the colour of its id in the segmentation
+    figures), solid through its alive frames, with a ring on its first point.
+    """
+    x, a = _np(slots).astype(np.float64), _np(alive).astype(bool)
+    if x.ndim != 3 or a.shape != x.shape[:2]:
+        raise ValueError(f"slots must be (T, K, d) and alive (T, K), got {x.shape} and {a.shape}")
+    if not a.any():
+        raise ValueError("no alive slot to project")
+    t, k, d = x.shape
+    p = None if predicted is None else _np(predicted).astype(np.float64)
+    if p is not None and (p.ndim != 3 or p.shape[1:] != (k, d) or not 0 < p.shape[0] < t):
+        raise ValueError(f"predicted must be (H, K={k}, d={d}) with 0 < H < T={t}, got {p.shape}")
+    mean, basis, share = _pca2(x[a])
+    xy = (x - mean) @ basis.T  # (T, K, 2)
+    shown = [xy[a]]
+    if p is not None:
+        start = t - len(p) - 1  # the frame the prediction continues from
+        pxy = (p - mean) @ basis.T  # (H, K, 2)
+        shown.append(pxy[:, a[start]].reshape(-1, 2))
+    lo, hi = np.concatenate(shown).min(0), np.concatenate(shown).max(0)
+    pad = np.maximum((hi - lo) * 0.05, 1e-6)
+    lo, hi = lo - pad, hi + pad
+
+    font = _font()
+    colours = [tuple(int(c) for c in PALETTE[(j + (not background)) % len(PALETTE)]) for j in range(k)]
+    legend: list[LegendEntry] = [(label, colours[j], "line") for j, label in enumerate(_slot_labels(k, background))
+                                 if a[:, j].any()]
+    if p is not None:
+        legend.append(("predicted", (150, 150, 150), "dash"))
+    left, right, bottom = 20, 12, 26
+    rows = _legend_layout(legend, font, left, width - right)
+    top = 28 + ROW_H * len(rows)
+    pw, ph = width - left - right, height - top - bottom
+    if pw < 40 or ph < 40:
+        raise ValueError(f"a chart of {width}x{height} px is too small; use at least {left + right + 40}x{top + bottom + 40}")
+
+    def to_px(v: np.ndarray) -> tuple[float, float]:
+        return (left + pw * (v[0] - lo[0]) / (hi[0] - lo[0]), top + ph * (1 - (v[1] - lo[1]) / (hi[1] - lo[1])))
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
+    _text(draw, (left + pw, height - 2), f"PC1 ({share[0]:.0%} of variance); PC2 ({share[1]:.0%}) upwards", font, "rd")
+    _text(draw, (left, 4), title, font, "lt")
+    _draw_legend(draw, rows, 26, font)
+
+    for j, rgb in enumerate(colours):
+        if p is not None and a[start, j]:
+            path = [to_px(xy[start, j])] + [to_px(v) for v in pxy[:, j]]
+            for u, v in itertools.pairwise(path):
+                _dashed(draw, u, v, _lighter(rgb), width=2)
+        steps = np.flatnonzero(a[:, j])
+        for i in range(1, t):
+            if a[i - 1, j] and a[i, j]:
+                draw.line([to_px(xy[i - 1, j]), to_px(xy[i, j])], fill=rgb, width=2)
+        for i in steps:
+            cx, cy = to_px(xy[i, j])
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=rgb)
+        if len(steps):
+            cx, cy = to_px(xy[steps[0], j])
+            draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=rgb, width=2)
+    return np.asarray(img)

@@ -1,0 +1,160 @@
+"""HCLSM's hierarchical dynamics and stage 2: gradients reach every parameter, the past is blind to the
+future at every level, ``step`` equals ``forward``, targets are aligned, rollouts have the right shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hclsm.config import load_config
+from hclsm.errors import ConfigError
+from hclsm.models import build_model
+from hclsm.models.dynamics import HierarchicalDynamics
+from hclsm.models.hclsm import align_targets
+
+from helpers import SMALL
+
+
+def small_cfg(*extra: str):
+    return load_config("tiny", overrides=[*SMALL, "model.dynamics.l1.d_model=16", "model.dynamics.l2.d_model=16",
+                                          "model.gnn.d_edge=8", *extra])
+
+
+def dynamics_inputs(b: int = 2, t: int = 9, k: int = 5, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randn(b, t, k, d, generator=g)
+    # a jump at step 4 so the event detector has something to fire on
+    slots[:, 4:] += 3 * torch.randn(b, 1, k, d, generator=g)
+    positions = torch.rand(b, t, k, 2, generator=g) * 2 - 1
+    alive = torch.ones(b, t, k)
+    alive[0, :, 3] = 0
+    action = torch.randn(b, t, 2, generator=g)
+    return slots, positions, alive, action
+
+
+def test_every_trainable_parameter_gets_a_gradient_in_a_stage2_step():
+    torch.manual_seed(0)
+    model = build_model(small_cfg().model).train()
+    batch = {"video": torch.rand(4, 6, 3, 32, 32), "action": torch.randn(4, 6, 2)}
+    out = model(batch, progress=0.8, stage=2)
+    assert {"sbd", "diversity", "existence", "object_area", "jepa", "obj", "frame", "event"} <= set(out.losses)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    sum(out.losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, f"parameters without gradient: {missing}"
+    # the EMA target object layers are not trained by gradient
+    assert all(not p.requires_grad for p in model.target_objects.parameters())
+
+
+def test_the_event_threshold_learns_from_the_stage2_loss():
+    torch.manual_seed(1)
+    model = build_model(small_cfg().model).train()
+    batch = {"video": torch.rand(2, 6, 3, 32, 32)}
+    det = model.dynamics.detector
+    with torch.no_grad():  # put the threshold at the median logit so some steps fire and some do not
+        det.threshold_logit.fill_(model(batch, progress=0.8, stage=2).dynamics.events.logit.median())
+    out = model(batch, progress=0.8, stage=2)
+    assert 0 < out.dynamics.events.gate.sum() < out.dynamics.events.gate.numel()
+    out.losses["jepa"].backward(retain_graph=True)  # the prediction loss alone reaches the threshold
+    assert det.threshold_logit.grad is not None and det.threshold_logit.grad.abs() > 0
+
+
+@pytest.mark.parametrize("t_cut", [0, 3, 6])
+def test_dynamics_past_is_blind_to_the_future(t_cut):
+    torch.manual_seed(0)
+    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    slots, positions, alive, action = dynamics_inputs()
+    ref = dyn(slots, positions, alive, action)
+    s2, p2, a2, act2 = slots.clone(), positions.clone(), alive.clone(), action.clone()
+    s2[:, t_cut + 1:] += 5 * torch.randn_like(s2[:, t_cut + 1:])
+    p2[:, t_cut + 1:] = -p2[:, t_cut + 1:]
+    a2[:, t_cut + 1:] = 1 - a2[:, t_cut + 1:]
+    act2[:, t_cut + 1:] += 3.0
+    new = dyn(s2, p2, a2, act2)
+    past = slice(0, t_cut + 1)
+    torch.testing.assert_close(new.slots[:, past], ref.slots[:, past], atol=1e-6, rtol=0)
+    torch.testing.assert_close(new.positions[:, past], ref.positions[:, past], atol=1e-6, rtol=0)
+    torch.testing.assert_close(new.events.prob[:, past], ref.events.prob[:, past], atol=1e-6, rtol=0)
+    assert torch.equal(new.events.gate[:, past], ref.events.gate[:, past])
+    assert not torch.allclose(new.slots[:, t_cut + 1:], ref.slots[:, t_cut + 1:])  # the future does change
+
+
+def test_step_equals_forward():
+    torch.manual_seed(0)
+    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    slots, positions, alive, action = dynamics_inputs()
+    with torch.no_grad():  # a threshold at the median logit: some steps fire, so L1/L2 have events to read
+        dyn.detector.threshold_logit.fill_(dyn(slots, positions, alive, action).events.logit.median())
+    ref = dyn(slots, positions, alive, action)
+    b, t, k, _ = slots.shape
+    state = dyn.init_state(b, k)
+    for i in range(t):
+        s, p, gate, state = dyn.step(slots[:, i], positions[:, i], alive[:, i], action[:, i], state)
+        torch.testing.assert_close(s, ref.slots[:, i], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(p, ref.positions[:, i], atol=2e-5, rtol=1e-5)
+        assert torch.equal(gate, ref.events.gate[:, i])
+    assert 0 < ref.events.gate.sum() < ref.events.gate.numel()
+
+
+def test_actions_are_required_and_change_the_prediction():
+    torch.manual_seed(0)
+    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    slots, positions, alive, action = dynamics_inputs()
+    with pytest.raises(ValueError, match="action"):
+        dyn(slots, positions, alive, None)
+    a = dyn(slots, positions, alive, action).slots
+    b = dyn(slots, positions, alive, action + 1).slots
+    assert not torch.allclose(a, b)
+    unconditioned = HierarchicalDynamics(small_cfg("model.d_action=0").model)
+    assert unconditioned.action is None and unconditioned(slots, positions, alive).slots.shape == slots.shape
+
+
+def test_align_targets_undoes_a_permutation_of_the_object_slots():
+    torch.manual_seed(0)
+    model = build_model(small_cfg().model).eval()
+    with torch.no_grad():
+        online = model.objects(torch.rand(2, 3, 3, 32, 32))
+    perm = torch.tensor([0, 3, 1, 4, 2])  # the background (0) stays, the object slots are shuffled
+    alive = online.alive.clone()
+    alive[:, :, 2] = False
+    target = type(online)(**{**online.__dict__, "slots": online.slots[:, :, perm] + 1e-3,
+                             "positions": online.positions[:, :, perm], "alive": alive[:, :, perm]})
+    slots, target_alive = align_targets(online, target)
+    torch.testing.assert_close(slots, online.slots + 1e-3)
+    assert torch.equal(target_alive, alive)
+
+
+def test_rollout_predicts_decoded_frames_from_context_and_actions():
+    torch.manual_seed(0)
+    model = build_model(small_cfg().model).eval()
+    video, action = torch.rand(2, 4, 3, 32, 32), torch.randn(2, 4 + 5 - 1, 2)
+    roll = model.rollout(video, horizon=5, action=action)
+    k = model.objects.num_slots
+    assert roll.frames.shape == (2, 5, 3, 16, 16) and roll.slots.shape == (2, 5, k, 16)
+    assert roll.positions.shape == (2, 5, k, 2) and roll.events.shape == (2, 8)
+    assert torch.isfinite(roll.frames).all()
+    # the first predicted step equals the forward pass over the context (step == forward, end to end)
+    with torch.no_grad():
+        ctx = roll.context
+        dyn = model.dynamics(ctx.slots, ctx.positions, ctx.alive.float(), action[:, :4])
+    torch.testing.assert_close(roll.slots[:, 0], dyn.slots[:, -1], atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="actions for 8 steps"):
+        model.rollout(video, horizon=5, action=action[:, :6])
+
+
+def test_train_two_stages_runs_stage1_on_short_clips_then_stage2_from_that_model(data, tmp_path):
+    from hclsm.train import train_two_stages
+    from hclsm.train.stages import stage_configs
+
+    cfg = small_cfg("train.steps=2", "train.warmup_steps=0", "train.batch_size=2", "train.log_every=1",
+                    "data.clip.length=6")
+    s1_cfg, s2_cfg = stage_configs(cfg, minutes=10.0, stage1_clip=4)
+    assert (s1_cfg.data.clip.length, s2_cfg.data.clip.length) == (4, 6)
+    assert (s1_cfg.train.max_minutes, s2_cfg.train.max_minutes) == pytest.approx((4.0, 6.0))  # stage1_fraction 0.4
+    assert (s1_cfg.train.progress_start, s2_cfg.train.progress_start) == (0.0, 1.0)  # schedules ran in stage 1
+    s1, s2 = train_two_stages(cfg, data, tmp_path / "run", minutes=10.0, progress=False)
+    assert s1.model is s2.model and s1.steps == s2.steps == 2
+    assert "jepa" not in s1.losses and {"jepa", "obj", "event"} <= set(s2.losses)
+    assert (tmp_path / "run" / "stage1" / "summary.json").exists()
+    assert (tmp_path / "run" / "stage2" / "summary.json").exists()
+    with pytest.raises(ConfigError, match="stage1_fraction"):
+        stage_configs(small_cfg("train.stage1_fraction=1.0"), minutes=1.0)
