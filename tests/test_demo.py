@@ -54,7 +54,7 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
     assert code == 0, err
     run_dir = tmp_path / "d"
     report = run_dir / "report.md"
-    assert f"report: {report}" in stdout and "HCLSM stage 1: 3 steps" in stdout
+    assert f"report: {report}" in stdout and "HCLSM stage 1: 3 steps" in stdout and "HCLSM stage 2: 3 steps" in stdout
     assert "not built yet" not in stdout + err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary directories left
 

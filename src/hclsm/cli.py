@@ -101,6 +101,10 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"HCLSM stage 1: {t['steps']} steps in {t['seconds'] / 60:.1f} min; held-out: "
           + ", ".join(f"{k} {'n/a' if v.get(k) is None else fmt(v[k])}" for k in
                       ("agent_iou", "block_iou", "alpha_peakedness", "sbd", "diversity", "alive_slots", "true_objects")))
+    t2 = t["stage2"]
+    print(f"HCLSM stage 2: {t2['steps']} steps in {t2['seconds'] / 60:.1f} min; held-out: "
+          + ", ".join(f"{k} {'n/a' if v.get(k) is None else fmt(v[k])}" for k in
+                      ("jepa", "frame_mse", "frame_mse_copy_last", "events_per_16_frames", "event_f1")))
     return 0
 
 
@@ -303,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     m = sub.add_parser("demo", help="the main job: data -> model -> report, on CPU",
-                       description="The main job: PushT data from the simulator, HCLSM stage 1 (objects) for a time "
-                                   "budget, evaluation on held-out episodes, OUT/NAME/report.md with pictures.")
+                       description="The main job: PushT data from the simulator, HCLSM stage 1 (objects) then stage 2 "
+                                   "(dynamics) in one time budget, evaluation on held-out episodes (objects, "
+                                   "rollouts, events), OUT/NAME/report.md with pictures.")
     m.add_argument("--name", default="demo", help="run name (report in OUT/NAME/report.md)")
     m.add_argument("--out", default="runs", help="root directory of runs (default runs)")
     m.add_argument("--minutes", type=float, default=None,
