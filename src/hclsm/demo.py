@@ -57,6 +57,7 @@ from hclsm.train import TrainResult, train_two_stages
 from hclsm.train.loop import seed_everything
 from hclsm.train.stages import stage_configs
 from hclsm.utils.atomic import atomic_output_dir, atomic_write_text
+from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import (
     alive_count_figure,
     alpha_heatmaps,
@@ -417,15 +418,6 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
                   "indicators": {"sbd": SEED_SBD, "diversity": SEED_DIVERSITY, "jepa": list(SEED_JEPA),
                                  "events_per_16_frames": list(SEED_EVENTS)},
                   "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()}}
-        (run / "metrics.json").write_text(json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
+        (run / "metrics.json").write_text(json.dumps(finite_or_none(record), indent=2, allow_nan=False) + "\n")
         (run / "report.md").write_text(render_report(cfg, summary, record))
     return final / "report.md"
-
-
-def _finite(v: object) -> object:
-    """``v`` with every non-finite float replaced by None (strict JSON), recursively."""
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return None if isinstance(v, float) and not math.isfinite(v) else v

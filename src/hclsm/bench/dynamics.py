@@ -14,11 +14,13 @@ Trained runs go to a temporary directory, or to ``HCLSM_BENCH_KEEP`` when that n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,10 +28,10 @@ from torch.nn import functional as F
 
 from hclsm import keys
 from hclsm.bench import BenchResult, register
+from hclsm.bench.objects import val_clips
 from hclsm.config import Config, load_config
-from hclsm.config.data import ClipConfig, PhysicsDataConfig
-from hclsm.data.clips import split_episodes
-from hclsm.data.memory import MemoryClips, open_dataset
+from hclsm.config.data import PhysicsDataConfig
+from hclsm.data.memory import MemoryClips
 from hclsm.data.physics import generate_physics_dataset
 from hclsm.eval.dynamics import event_metrics, rollout_metrics
 from hclsm.models import build_model
@@ -101,11 +103,19 @@ def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: boo
                       "skipped": s1.skipped + s2.skipped, **{f"final_{k}": v for k, v in s2.losses.items()}}
 
 
-def _val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
-    source = open_dataset(root)
-    _, val = split_episodes(len(source.episode_lengths), cfg.train.val_fraction, cfg.train.seed)
-    return MemoryClips(source, ClipConfig(length=length, stride=length), val, cfg.model.perception.image_size,
-                       progress=False)
+@contextlib.contextmanager
+def trained_hclsm(name: str, quick: bool, seed: int) -> Iterator[tuple]:
+    """Generate the physics scenes and train the tiny HCLSM's two stages in a temporary directory; yields
+    (data root, runs directory, data config, the trained model on the CPU in eval mode, training facts,
+    minutes). Runs go to ``HCLSM_BENCH_KEEP`` when it names a directory."""
+    minutes = 0.3 if quick else 20.0
+    keep = os.environ.get("HCLSM_BENCH_KEEP")
+    with tempfile.TemporaryDirectory(prefix=f"hclsm-bench-{name}-") as tmp:
+        runs = Path(keep) if keep else Path(tmp)
+        root = Path(tmp) / "physics"
+        data = _physics(root, quick, seed)
+        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick)
+        yield root, runs, data, model.cpu().eval(), info, minutes
 
 
 @torch.no_grad()
@@ -125,16 +135,9 @@ def flat_rollout_mse(model: torch.nn.Module, clips: MemoryClips) -> dict[str, fl
 
 @register("dynamics")
 def bench_dynamics(quick: bool, seed: int) -> BenchResult:
-    minutes = 0.3 if quick else 20.0
-    keep = os.environ.get("HCLSM_BENCH_KEEP")
-    with tempfile.TemporaryDirectory(prefix="hclsm-bench-dynamics-") as tmp:
-        runs = Path(keep) if keep else Path(tmp)
-        root = Path(tmp) / "physics"
-        data = _physics(root, quick, seed)
-        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick)
-        model = model.cpu().eval()
+    with trained_hclsm("dynamics", quick, seed) as (root, runs, data, model, info, minutes):
         base = _train_config(minutes, seed, STAGE2_CLIP)
-        clips = _val_clips(root, base, CONTEXT + HORIZON)
+        clips = val_clips(root, base, CONTEXT + HORIZON)
         m = rollout_metrics(model, clips.batches(16), CONTEXT, HORIZON)
         ev = event_metrics(model, clips.batches(16))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -168,15 +171,8 @@ def bench_dynamics(quick: bool, seed: int) -> BenchResult:
 
 @register("events")
 def bench_events(quick: bool, seed: int) -> BenchResult:
-    minutes = 0.3 if quick else 20.0
-    keep = os.environ.get("HCLSM_BENCH_KEEP")
-    with tempfile.TemporaryDirectory(prefix="hclsm-bench-events-") as tmp:
-        runs = Path(keep) if keep else Path(tmp)
-        root = Path(tmp) / "physics"
-        data = _physics(root, quick, seed)
-        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick)
-        model = model.cpu().eval()
-        clips = _val_clips(root, _train_config(minutes, seed, STAGE2_CLIP), 16)
+    with trained_hclsm("events", quick, seed) as (root, _, data, model, info, minutes):
+        clips = val_clips(root, _train_config(minutes, seed, STAGE2_CLIP), 16)
         ev = event_metrics(model, clips.batches(16))
     threshold = float(torch.sigmoid(model.dynamics.detector.threshold_logit))
     metrics = {"event_f1": ev.get("event_f1"), "event_precision": ev.get("event_precision"),

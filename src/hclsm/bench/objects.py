@@ -43,7 +43,8 @@ def _config(minutes: float, seed: int, *overrides: str) -> Config:
     return cfg
 
 
-def _val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
+def val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
+    """Non-overlapping held-out clips of ``length`` frames (the training loop's split of ``cfg``), at the model's size."""
     source = open_dataset(root)
     _, val = split_episodes(len(source.episode_lengths), cfg.train.val_fraction, cfg.train.seed)
     return MemoryClips(source, ClipConfig(length=length, stride=length), val, cfg.model.perception.image_size,
@@ -136,7 +137,7 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
         for name, extra in (("hclsm (birth/death)", ()), ("fixed slots", ("model.slots.dynamic=false",))):
             cfg = _config(minutes, seed, *extra)
             run = train(cfg, root, run_dir=runs / f"objects-physics-{len(results)}", progress=not quick)
-            val = _val_clips(root, cfg, length=8)
+            val = val_clips(root, cfg, length=8)
             m = evaluate_objects(run.model, val.batches(16))
             _, val_eps = split_episodes(physics.episodes, cfg.train.val_fraction, cfg.train.seed)
             m |= birth_death(run.model, root, val_eps)
@@ -157,7 +158,7 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
         generate_pusht_dataset(proot, pusht, progress=False)
         cfg = _config(pusht_minutes, seed)
         run = train(cfg, proot, run_dir=runs / "objects-pusht", progress=not quick)
-        p = pusht_metrics(run.model, _val_clips(proot, cfg, length=8))
+        p = pusht_metrics(run.model, val_clips(proot, cfg, length=8))
         p |= {"sbd": run.losses.get("sbd"), "diversity": run.losses.get("diversity")}
         metrics |= {f"pusht_{k}": v for k, v in p.items()}
         rows.append({"model": "hclsm on PushT", "minutes": round(run.seconds / 60, 1), "steps": run.steps,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -44,6 +43,7 @@ from hclsm.models.objects import ObjectOutput
 from hclsm.nn.events import EventOutput
 from hclsm.nn.matching import permute, sinkhorn_match
 from hclsm.utils.atomic import atomic_output_dir
+from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import save_png
 from hclsm.viz_dynamics import event_timeline, rollout_figure, slot_pca_figure
 
@@ -259,15 +259,6 @@ def _picked(n_windows: int, clips: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n_windows - 1, min(clips, n_windows)).round()}) if clips else []
 
 
-def _finite(v: Any) -> Any:
-    """``v`` with every non-finite float replaced by None (strict JSON), recursively."""
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os.PathLike, context: int, horizon: int,
                clips: int, *, val_fraction: float = 0.0, seed: int = 0, frame_skip: int = 1,
                batch_size: int = EVAL_BATCH, progress: bool = False, meta: Mapping[str, Any] | None = None
@@ -336,7 +327,7 @@ def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os
                 truth.slots[i], truth.alive[i], roll.slots[i], background=truth.has_background,
                 title=f"{where}: slot trajectories (PCA), rollout dashed")
     record |= {"shown": shown, "pictures": sorted(pictures), **(meta or {})}
-    record = _finite(record)
+    record = finite_or_none(record)
     with atomic_output_dir(out, overwrite=True) as tmp:
         for name, image in pictures.items():
             save_png(image, tmp / name)

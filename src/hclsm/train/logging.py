@@ -9,21 +9,12 @@ slash-joined path (``losses/sbd``) at ``step``. Read the JSONL with
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
+from hclsm.utils.jsonsafe import finite_or_none
 
 
 def flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -57,7 +48,7 @@ class RunLogger:
     def log(self, record: Mapping[str, Any], step: int | None = None, scalars: bool = True) -> None:
         """Append ``record`` to the JSONL file and, when ``scalars``, its numbers to TensorBoard at
         ``step`` (default ``record["step"]``)."""
-        self._file.write(json.dumps(_finite_or_none(dict(record)), allow_nan=False) + "\n")
+        self._file.write(json.dumps(finite_or_none(dict(record)), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None and scalars:
             step = int(record["step"]) if step is None else step
