@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hclsm import demo, keys
+from hclsm import demo, demo_eval, keys
 from hclsm.config import load_config
 
 from helpers import SMALL, assert_user_error, run
@@ -190,7 +190,7 @@ def test_demo_minutes_default_config_and_flag():
     d = demo.demo_config(cfg, 0.5)
     assert (d.train.stage, d.train.stage1_fraction, d.train.max_minutes, d.data.clip.length) == (1, 0.4, 0.5, 8)
     assert cfg.train.max_minutes == 0.0  # the caller's config is not changed
-    assert [demo.rollout_split(n) for n in (16, 8, 3, 2)] == [(6, 10), (4, 4), (1, 2), (1, 1)]
+    assert [demo_eval.rollout_split(n) for n in (16, 8, 3, 2)] == [(6, 10), (4, 4), (1, 2), (1, 1)]
 
 
 class _FakeSource:
@@ -218,15 +218,15 @@ def test_heldout_metrics_run_the_network_once_per_batch_and_match_the_metric_fun
 
     torch.manual_seed(0)
     cfg = load_config("tiny", overrides=[*SMALL, "data.clip.length=4"])
-    clips = demo.heldout_clips(_FakeSource(), cfg, [0, 1])
+    clips = demo_eval.heldout_clips(_FakeSource(), cfg, [0, 1])
     assert len(clips) == 8  # non-overlapping 4-frame windows
     model = build_model(cfg.model)
-    expected = evaluate_objects(model, clips.batches(demo.EVAL_BATCH)) | pusht_metrics(model, clips)
+    expected = evaluate_objects(model, clips.batches(demo_eval.EVAL_BATCH)) | pusht_metrics(model, clips)
     calls = []
     forward = type(model.objects).forward
     monkeypatch.setattr(type(model.objects), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
-    got = demo.heldout_metrics(model, clips)
-    assert len(calls) == math.ceil(len(clips) / demo.EVAL_BATCH)
+    got = demo_eval.heldout_metrics(model, clips)
+    assert len(calls) == math.ceil(len(clips) / demo_eval.EVAL_BATCH)
     for k, v in expected.items():
         assert got[k] == pytest.approx(v, nan_ok=True), k
     assert got["true_objects"] == 2.0 and got["alive_slots"] >= 0 and got["sbd"] > 0
@@ -238,16 +238,16 @@ def test_dynamics_metrics_are_the_models_own_losses_and_scale_events_to_16_frame
     torch.manual_seed(0)
     cfg = load_config("tiny", overrides=SMALL)
     source = _FakeSource()
-    assert demo.dynamics_clips(source, cfg, [0, 1]).clip.length == 16
-    clips = demo.heldout_clips(source, cfg, [0, 1], length=8)  # windows at frames 0 and 8 of each episode
-    batches = demo.spread_batches(clips, 3)
+    assert demo_eval.dynamics_clips(source, cfg, [0, 1]).clip.length == 16
+    clips = demo_eval.heldout_clips(source, cfg, [0, 1], length=8)  # windows at frames 0 and 8 of each episode
+    batches = demo_eval.spread_batches(clips, 3)
     assert [b[keys.FRAMES][:, 0].tolist() for b in batches] == [[0, 0, 8]]  # windows 0, 2, 3: both episodes
     model = build_model(cfg.model).eval()
     with torch.no_grad():
         torch.manual_seed(1)
         expected = model(batches[0], progress=1.0, stage=2).losses
     torch.manual_seed(1)
-    m = demo.dynamics_metrics(model, batches)
+    m = demo_eval.dynamics_metrics(model, batches)
     assert m["jepa"] == pytest.approx(float(expected["jepa"])) and m["obj"] == pytest.approx(float(expected["obj"]))
     assert m["true_events_per_clip"] == pytest.approx(1.0)  # one contact onset in every 8-frame window
     assert m["true_events_per_16_frames"] == pytest.approx(2.0)

@@ -125,6 +125,19 @@ def rollout_figure(truth, pred, context=None, scale: int | None = None) -> np.nd
 
 # ---- events -----------------------------------------------------------------------------------------
 
+def _plot_area(legend: list[LegendEntry], font, width: int, height: int, left: int, right: int, bottom: int,
+               least: int) -> tuple[list, int, int, int]:
+    """The legend's rows, the plot's top edge and its width and height for a ``width`` x ``height`` chart;
+    ValueError when the plot would be smaller than ``least`` px either way."""
+    rows = _legend_layout(legend, font, left, width - right)
+    top = 28 + ROW_H * len(rows)
+    pw, ph = width - left - right, height - top - bottom
+    if pw < least or ph < least:
+        raise ValueError(f"a chart of {width}x{height} px is too small; use at least "
+                         f"{left + right + least}x{top + bottom + least}")
+    return rows, top, pw, ph
+
+
 def event_timeline(prob, gate, threshold: float, truth_events=None, width: int = 480, height: int = 200,
                    title: str = "event probability per step") -> np.ndarray:
     """The event detector over one clip, (height, width, 3) uint8.
@@ -147,11 +160,7 @@ def event_timeline(prob, gate, threshold: float, truth_events=None, width: int =
     if truth is not None:
         legend.append(("true event", TRUTH_RGB, "tick"))
     left, right, bottom = 34, 12, 32
-    rows = _legend_layout(legend, font, left, width - right)
-    top = 28 + ROW_H * len(rows)
-    pw, ph = width - left - right, height - top - bottom
-    if pw < 20 or ph < 20:
-        raise ValueError(f"a chart of {width}x{height} px is too small; use at least {left + right + 20}x{top + bottom + 20}")
+    rows, top, pw, ph = _plot_area(legend, font, width, height, left, right, bottom, 20)
 
     def px(step: float) -> float:  # the middle of step i is px(i)
         return left + pw * (step + 0.5) / t
@@ -246,11 +255,7 @@ def slot_pca_figure(slots, alive, predicted=None, background: bool = True, width
     if p is not None:
         legend.append(("predicted", (150, 150, 150), "dash"))
     left, right, bottom = 20, 12, 26
-    rows = _legend_layout(legend, font, left, width - right)
-    top = 28 + ROW_H * len(rows)
-    pw, ph = width - left - right, height - top - bottom
-    if pw < 40 or ph < 40:
-        raise ValueError(f"a chart of {width}x{height} px is too small; use at least {left + right + 40}x{top + bottom + 40}")
+    rows, top, pw, ph = _plot_area(legend, font, width, height, left, right, bottom, 40)
 
     def to_px(v: np.ndarray) -> tuple[float, float]:
         return (left + pw * (v[0] - lo[0]) / (hi[0] - lo[0]), top + ph * (1 - (v[1] - lo[1]) / (hi[1] - lo[1])))
