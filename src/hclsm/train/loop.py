@@ -24,7 +24,6 @@ optimizer step.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -49,6 +48,7 @@ from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint, read_opti
 from hclsm.train.step import StepResult, out_of_memory, train_step
 from hclsm.train.logging import RunLogger
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
+from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.utils.atomic import atomic_write_text
 
 EvalFn = Callable[[nn.Module, MemoryClips], Mapping[str, float]]
@@ -156,10 +156,6 @@ def evaluate(model: nn.Module, eval_fn: EvalFn, clips: MemoryClips) -> dict[str,
 
 def _warn(message: str) -> None:
     tqdm.write(f"WARNING: {message}", file=sys.stderr)
-
-
-def _finite(d: Mapping[str, float]) -> dict[str, float | None]:
-    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -335,7 +331,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         if not world.main:
             return
         extra = {"config": config_to_dict(cfg), "sampler_rng": generator.get_state().tolist(), "skipped": skipped,
-                 "elapsed": time.perf_counter() - start, "progress": p, "losses": _finite(last_losses),
+                 "elapsed": time.perf_counter() - start, "progress": p, "losses": finite_or_none(last_losses),
                  "data_root": str(Path(data_root).resolve())}
         checkpoint = save_checkpoint(run_dir, step, distributed.unwrap(model), optimizer, extra, stage=stage,
                                      keep_last=t.keep_last, model_state=full[0], optimizer_state=full[1])
@@ -373,7 +369,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
                     _warn(f"step {step}: non-finite {what}; update skipped ({skipped} skipped so far); "
                           f"losses: {detail}")
                 logger.log({"step": step, "event": "skipped_step", "reason": f"non-finite {result.skipped}",
-                            "losses": _finite(result.losses), "skipped": skipped}, scalars=False)
+                            "losses": finite_or_none(result.losses), "skipped": skipped}, scalars=False)
                 if in_a_row >= MAX_CONSECUTIVE_SKIPS:
                     stopped = "diverged"
                     break
@@ -411,7 +407,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         "run_dir": str(run_dir), "model": cfg.model.name, "preset": cfg.preset, "device": str(device),
         "parameters": n_params, "steps": step, "planned_steps": t.steps, "stopped": stopped,
         "seconds": round(seconds, 3), "steps_per_s": round(step / max(seconds, 1e-9), 3),
-        "skipped_steps": skipped, "final_losses": _finite(last_losses), "val": _finite(metrics),
+        "skipped_steps": skipped, "final_losses": finite_or_none(last_losses), "val": finite_or_none(metrics),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "train_episodes": len(train_eps), "val_episodes": len(val_eps) if val_clips is not None else 0,
         "train_clips": len(train_clips), "processes": world.world,
