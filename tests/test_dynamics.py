@@ -36,7 +36,7 @@ def test_every_trainable_parameter_gets_a_gradient_in_a_stage2_step():
     model = build_model(small_cfg().model).train()
     batch = {"video": torch.rand(4, 6, 3, 32, 32), "action": torch.randn(4, 6, 2)}
     out = model(batch, progress=0.8, stage=2)
-    assert {"sbd", "diversity", "existence", "object_area", "jepa", "obj", "frame", "event"} <= set(out.losses)
+    assert {"sbd", "diversity", "existence", "object_area", "jepa", "obj", "frame", "event", "rollout"} <= set(out.losses)
     assert all(torch.isfinite(v) for v in out.losses.values())
     sum(out.losses.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
@@ -123,6 +123,45 @@ def test_align_targets_undoes_a_permutation_of_the_object_slots():
     assert torch.equal(target_alive, alive)
 
 
+def test_the_head_starts_at_the_constant_velocity_prior():
+    """With the head's output zeroed, the next position is the current one moved by its velocity (the change
+    since the step before; zero on the first step) and the slot is unchanged."""
+    torch.manual_seed(0)
+    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    with torch.no_grad():
+        dyn.head[-1].weight.zero_()
+        dyn.head[-1].bias.zero_()
+    slots, positions, alive, action = dynamics_inputs()
+    out = dyn(slots, positions, alive, action)
+    velocity = positions[:, 1:] - positions[:, :-1]
+    torch.testing.assert_close(out.positions[:, 1:], positions[:, 1:] + velocity)
+    torch.testing.assert_close(out.positions[:, 0], positions[:, 0])
+    torch.testing.assert_close(out.slots, slots)
+
+
+@pytest.mark.parametrize(("frames", "has_loss"), [(6, True), (9, True), (4, False)])
+def test_open_loop_loss_runs_on_clips_long_enough(frames, has_loss):
+    """``rollout`` (context 3 + at least two steps fed predictions; a window of at most 3 + 5 frames) is a
+    stage-2 loss; it reads only the given frames' slots: the later frames enter through its pixel targets alone."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg("model.dynamics.rollout_context=3").model).train()
+    out = model({"video": torch.rand(2, frames, 3, 32, 32)}, progress=0.8, stage=2)
+    assert ("rollout" in out.losses) == has_loss
+    if has_loss:
+        o = out.objects
+        with torch.no_grad():
+            base = model.open_loop_loss(o, None, 3, 3)
+            later = o.slots.clone()
+            later[:, 3:] += 1.0
+            moved = o.positions.clone()
+            moved[:, 3:] += 0.5
+            changed = model.open_loop_loss(type(o)(**{**o.__dict__, "slots": later, "positions": moved}), None, 3, 3)
+        torch.testing.assert_close(changed, base)  # slots and positions after the context are never read
+        o.slots.retain_grad()
+        out.losses["rollout"].backward()
+        assert o.slots.grad is None  # the given slots are detached: it trains the dynamics and the decoder
+
+
 def test_rollout_predicts_decoded_frames_from_context_and_actions():
     torch.manual_seed(0)
     model = build_model(small_cfg().model).eval()
@@ -158,3 +197,30 @@ def test_train_two_stages_runs_stage1_on_short_clips_then_stage2_from_that_model
     assert (tmp_path / "run" / "stage2" / "summary.json").exists()
     with pytest.raises(ConfigError, match="stage1_fraction"):
         stage_configs(small_cfg("train.stage1_fraction=1.0"), minutes=1.0)
+
+
+def test_chunked_encoder_and_decoder_passes_equal_one_pass(monkeypatch):
+    """Long clips go through the encoder and the decoded-prediction losses in checkpointed chunks
+    (``hclsm.nn.chunks``); the losses and every gradient equal those of a single pass."""
+    import hclsm.models.hclsm as hclsm_mod
+    import hclsm.models.objects as objects_mod
+
+    model = build_model(small_cfg().model).train()
+    batch = {"video": torch.rand(2, 7, 3, 32, 32), "action": torch.randn(2, 7, 2)}
+
+    def losses_and_grads():
+        model.zero_grad()
+        torch.manual_seed(3)
+        losses = model(batch, progress=0.8, stage=2).losses
+        sum(losses.values()).backward()
+        return ({k: v.detach() for k, v in losses.items()},
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    one_losses, one_grads = losses_and_grads()
+    monkeypatch.setattr(objects_mod, "ENCODE_FRAMES", 4)  # 2 frames of each of the 2 clips per pass
+    monkeypatch.setattr(hclsm_mod, "DECODE_CHUNK", 5)
+    chunk_losses, chunk_grads = losses_and_grads()
+    torch.testing.assert_close(chunk_losses, one_losses, rtol=1e-5, atol=1e-6)
+    assert chunk_grads.keys() == one_grads.keys()
+    for name in one_grads:
+        torch.testing.assert_close(chunk_grads[name], one_grads[name], rtol=1e-4, atol=1e-6, msg=name)

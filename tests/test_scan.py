@@ -186,3 +186,12 @@ def test_ssm_block_backends_agree():
         outs.append((out.detach(), block.A_log.grad.clone(), block.in_proj.weight.grad.clone()))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_textbook_loop_is_the_same_scan():
+    """The baseline ``hclsm bench scan`` times against computes the same y as the reference."""
+    from hclsm.bench.scan import _textbook_loop
+
+    xs = {k: v.detach() for k, v in inputs(2, 5, 4, 3).items() if k != "initial_state"}
+    y, _ = selective_scan_reference(**xs)
+    assert torch.allclose(_textbook_loop(**xs), y, rtol=1e-5, atol=1e-6)

@@ -216,6 +216,15 @@ class DynamicsConfig:
     l0: L0Config = field(default_factory=L0Config)
     l1: L1Config = field(default_factory=L1Config)
     l2: L2Config = field(default_factory=L2Config)
+    # stage 2's open-loop loss (``rollout``): the first rollout_context frames of a training clip are given,
+    # then the dynamics runs rollout_horizon steps on its own predictions (fewer when the clip is shorter;
+    # a fixed window, so its cost does not grow with the clip); rollout_context = 0 turns it off
+    rollout_context: int = 3
+    rollout_horizon: int = 5
+
+    def __post_init__(self) -> None:
+        check_min(self, "model.dynamics", 0, "rollout_context")
+        check_min(self, "model.dynamics", 2, "rollout_horizon")
 
 
 @dataclass

@@ -17,7 +17,9 @@ only (every level is causal in time; tested by perturbing the future).
 * **L2**: learned summary queries compress the past events into goal-level tokens, broadcast to objects.
 * **Hierarchy**: ``h = h0 + g1 * l1`` then ``h + g2 * l2``, with gates ``sigmoid(Linear([h; level]))``
   learned per level and per channel.
-* **Head**: the next slot and next position as residuals on the current ones.
+* **Head**: the next slot as a residual on the current one; the next position as the current one moved by
+  its velocity plus a learned correction (a constant-velocity prior: the head learns the acceleration, e.g.
+  bounces and collisions, not the motion itself).
 
 ``forward`` runs a whole sequence; ``init_state`` / ``step`` run one step at a time for rollouts (the SSMs
 carry O(1) state; L1/L2 keep the history of their inputs and compute only the newest step), and equal
@@ -82,8 +84,8 @@ class HierarchicalDynamics(nn.Module):
         self.gate1 = nn.Linear(2 * d, d)
         self.gate2 = nn.Linear(2 * d, d)
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d + 2))
-        with torch.no_grad():  # start as "nothing changes": the copy-last prediction, then learn the change
-            self.head[-1].weight.mul_(0.1)
+        with torch.no_grad():  # start at the prior (content unchanged, constant velocity), then learn the change
+            self.head[-1].weight.mul_(0.01)
             self.head[-1].bias.zero_()
 
     def _tokens(self, slots: torch.Tensor, positions: torch.Tensor, velocity: torch.Tensor,
@@ -110,11 +112,11 @@ class HierarchicalDynamics(nn.Module):
         l2 = l2[:, :, None].expand_as(h)
         return h + torch.sigmoid(self.gate2(torch.cat([h, l2], dim=-1))) * l2
 
-    def _predict(self, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+    def _predict(self, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, velocity: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         delta = self.head(h)
         d = slots.shape[-1]
-        return slots + delta[..., :d].to(slots.dtype), positions + delta[..., d:].to(positions.dtype)
+        return slots + delta[..., :d].to(slots.dtype), positions + velocity + delta[..., d:].to(positions.dtype)
 
     def forward(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
                 action: torch.Tensor | None = None) -> DynamicsOutput:
@@ -130,7 +132,7 @@ class HierarchicalDynamics(nn.Module):
         pooled = masked_mean(h0, alive)
         events = self.detector(pooled)
         h = self._upper(h0, alive, pooled, events, last=False)
-        next_slots, next_pos = self._predict(h, slots, positions)
+        next_slots, next_pos = self._predict(h, slots, positions, velocity)
         return DynamicsOutput(next_slots, next_pos, events, pooled)
 
     def init_state(self, batch: int, num_slots: int, device: torch.device | None = None,
@@ -160,6 +162,6 @@ class HierarchicalDynamics(nn.Module):
         hist_pooled = torch.cat([state.pooled, masked_mean(h0, alive)[:, None]], dim=1)
         events = self.detector(hist_pooled)
         h = self._upper(hist_h0, hist_alive, hist_pooled, events, last=True)[:, 0]
-        next_slots, next_pos = self._predict(h, slots, positions)
+        next_slots, next_pos = self._predict(h, slots, positions, velocity)
         new_state = DynamicsState(gs, os_, positions, hist_h0, hist_alive, hist_pooled)
         return next_slots, next_pos, events.gate[:, -1], new_state

@@ -12,7 +12,14 @@ Perception and object layers (seed Layers 1-2, ``ObjectDecomposer``) and the hie
   predicted positions against where each slot is at t + 1, and ``frame`` the prediction decoded through
   the spatial broadcast decoder against frame t + 1 (what a rollout shows). ``event`` trains the event
   detector: an event-rate hinge plus fitting the event probability to the dynamics' own surprise (its
-  per-step prediction error). The stage-1 losses stay on (``sbd`` at its stage-2 weight).
+  per-step prediction error). ``rollout`` is the open-loop term: from the first
+  ``model.dynamics.rollout_context`` frames of a clip the dynamics runs ``rollout_horizon`` steps on its own
+  predictions, decoded and scored against the frames. The stage-1 losses stay on (``sbd`` at its
+  stage-2 weight).
+
+The dynamics predicts each next position as the current one moved by its velocity plus a learned correction
+(``HierarchicalDynamics``): with the spatial broadcast decoder's slot-relative coordinates, moving a slot's
+position moves what it draws.
 
 ``rollout`` predicts future frames autoregressively from context frames (and actions), decoding the
 predicted slots through the spatial broadcast decoder. The causal and memory layers (Layers 4-5) join in
@@ -31,9 +38,11 @@ from hclsm import keys
 from hclsm.config.model import ModelConfig
 from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics
 from hclsm.models.objects import ObjectDecomposer, ObjectOutput
+from hclsm.nn.chunks import map_chunks
 from hclsm.nn.matching import permute, sinkhorn_match
 
 POSITION_MATCH_WEIGHT = 2.0  # weight of the position in the cost that aligns target slots to online slots
+DECODE_CHUNK = 32  # frames per decoder pass in the decoded-prediction losses (see decoded_mse)
 
 
 @dataclass
@@ -105,6 +114,10 @@ class HCLSM(nn.Module):
         with torch.no_grad():
             tgt_slots, tgt_alive = align_targets(out, self.target_objects(video))
         losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
+        context = self.cfg.dynamics.rollout_context
+        horizon = min(self.cfg.dynamics.rollout_horizon, video.shape[1] - context)
+        if context > 0 and horizon >= 2:  # at least two steps that read a prediction
+            losses["rollout"] = self.open_loop_loss(out, action, context, horizon)
         return HCLSMOutput(objects=out, dynamics=dyn, losses=losses)
 
     def prediction_losses(self, out: ObjectOutput, dyn: DynamicsOutput, tgt_slots: torch.Tensor,
@@ -123,47 +136,83 @@ class HCLSM(nn.Module):
         pos_err = (dyn.positions[:, :-1].float() - out.positions[:, 1:].detach().float()).pow(2).mean(-1)
         jepa = (slot_err * w_jepa).sum() / w_jepa.sum().clamp_min(1.0)
         obj = (pos_err * w).sum() / w.sum().clamp_min(1.0)
-        recon, _, _ = self.objects.decoder(dyn.slots[:, :-1].flatten(0, 1), dyn.positions[:, :-1].flatten(0, 1),
-                                           out.gate[:, 1:].flatten(0, 1))
-        frame = F.mse_loss(recon.float(), out.target[:, 1:].flatten(0, 1).float())
+        frame = self.decoded_mse(dyn.slots[:, :-1].flatten(0, 1), dyn.positions[:, :-1].flatten(0, 1),
+                                 out.gate[:, 1:].flatten(0, 1), out.target[:, 1:].flatten(0, 1))
         # surprise of step t: how badly step t was predicted from t - 1 (none for the first step)
         per_step = ((slot_err + pos_err) * w).sum(-1) / w.sum(-1).clamp_min(1.0)  # (B, T-1)
         surprise = torch.cat([per_step.new_zeros(per_step.shape[0], 1), per_step], dim=1).detach()
         event_terms = self.dynamics.detector.losses(dyn.events, dyn.pooled, surprise)
         return {"jepa": jepa, "obj": obj, "frame": frame, "event": sum(event_terms.values())}
 
+    def open_loop_loss(self, out: ObjectOutput, action: torch.Tensor | None, context: int, horizon: int
+                       ) -> torch.Tensor:
+        """``rollout``: the clip's first ``context`` frames given (their slots detached), the next ``horizon`` steps
+        predicted from the dynamics' own predictions, as in ``rollout``, decoded and scored against the frames
+        (MSE), so training sees the errors a rollout compounds, not only single steps from the truth.
+
+        Positions are judged through the decoded frames only: the attention centroids a slot's position is read
+        from jitter by about a pixel from frame to frame, and scoring open-loop positions against them taught the
+        dynamics to damp all motion (measured: its rollouts fell behind the constant-velocity prior)."""
+        gate = out.gate.detach()
+        slots, pos, _ = self.predict_ahead(out.slots[:, :context].detach(), out.positions[:, :context].detach(),
+                                           gate[:, :context], horizon, action)
+        alive = gate[:, context - 1].repeat_interleave(horizon, 0)  # the rollout keeps the last given gate
+        return self.decoded_mse(slots.flatten(0, 1), pos.flatten(0, 1), alive,
+                                out.target[:, context:context + horizon].flatten(0, 1))
+
+    def decoded_mse(self, slots: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor, target: torch.Tensor
+                    ) -> torch.Tensor:
+        """MSE of N frames' slots (N, K, d) at ``positions`` (N, K, 2) with alive ``gate`` (N, K), decoded, against
+        ``target`` (N, C, R, R).
+
+        Decoded ``DECODE_CHUNK`` frames at a time (``hclsm.nn.chunks.map_chunks``: checkpointed chunks when there is
+        more than one), so a long clip's K full-resolution feature maps per frame are never all allocated at once.
+        """
+        recon = map_chunks(lambda a, b: self.objects.decoder(slots[a:b], positions[a:b], gate[a:b])[0],
+                           slots.shape[0], DECODE_CHUNK)
+        return F.mse_loss(torch.cat(recon).float(), target.float())
+
+    def predict_ahead(self, slots: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor, horizon: int,
+                      action: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Autoregressive prediction in latent space: the slots (B, C, K, d), positions (B, C, K, 2) and alive gate
+        (B, C, K) of C context steps -> the predicted slots (B, H, K, d) and positions (B, H, K, 2) of the next
+        ``horizon`` steps, each made from the previous prediction with the last context step's gate, and the event
+        gate of every step run (B, C + H - 1). ``action`` (B, >= C + H - 1, A) drives an action-conditioned model
+        (zeros when omitted)."""
+        b, c, k, _ = slots.shape
+        n = c + horizon - 1
+        if self.cfg.d_action > 0 and action is None:
+            action = slots.new_zeros(b, n, self.cfg.d_action)
+        if action is not None and action.shape[1] < n:
+            raise ValueError(f"a rollout needs actions for {n} steps (context {c} + horizon {horizon} - 1), got "
+                             f"{action.shape[1]}")
+        state = self.dynamics.init_state(b, k, slots.device, slots.dtype)
+        s, p, events, pred_slots, pred_pos = None, None, [], [], []
+        for t in range(n):
+            if t < c:
+                s, p = slots[:, t], positions[:, t]
+            s, p, ev, state = self.dynamics.step(s, p, gate[:, min(t, c - 1)], None if action is None else action[:, t],
+                                                 state)
+            events.append(ev)
+            if t >= c - 1:
+                pred_slots.append(s)
+                pred_pos.append(p)
+        return torch.stack(pred_slots, 1), torch.stack(pred_pos, 1), torch.stack(events, 1)
+
     @torch.no_grad()
     def rollout(self, video: torch.Tensor, horizon: int, action: torch.Tensor | None = None) -> Rollout:
-        """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively.
+        """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively
+        (``predict_ahead``), decoded through the spatial broadcast decoder.
 
         ``action`` (B, C + horizon - 1, A) are the actions of every step that is run (the context frames
         and all predicted frames but the last); omitted for a model without action conditioning.
         """
         context = self.objects(video)
-        b, c, k, _ = context.slots.shape
-        if self.cfg.d_action > 0 and action is None:
-            action = video.new_zeros(b, c + horizon - 1, self.cfg.d_action)
-        if action is not None and action.shape[1] < c + horizon - 1:
-            raise ValueError(f"rollout needs actions for {c + horizon - 1} steps (context {c} + horizon {horizon} "
-                             f"- 1), got {action.shape[1]}")
+        b = video.shape[0]
         alive = context.alive[:, -1]
-        gate = alive.float()
-        state = self.dynamics.init_state(b, k, video.device, context.slots.dtype)
-        slots, pos, events, pred_slots, pred_pos = None, None, [], [], []
-        for t in range(c + horizon - 1):
-            if t < c:
-                slots, pos = context.slots[:, t], context.positions[:, t]
-                g = context.alive[:, t].float()
-            else:
-                g = gate
-            a = action[:, t] if action is not None else None
-            slots, pos, ev, state = self.dynamics.step(slots, pos, g, a, state)
-            events.append(ev)
-            if t >= c - 1:
-                pred_slots.append(slots)
-                pred_pos.append(pos)
-        slots, pos = torch.stack(pred_slots, 1), torch.stack(pred_pos, 1)
+        slots, pos, events = self.predict_ahead(context.slots, context.positions, context.alive.float(), horizon,
+                                                action)
         recon, _, _ = self.objects.decoder(slots.flatten(0, 1), pos.flatten(0, 1),
-                                           gate.repeat_interleave(horizon, 0))
+                                           alive.float().repeat_interleave(horizon, 0))
         frames = recon.reshape(b, horizon, *recon.shape[1:])
-        return Rollout(slots, pos, alive, frames, torch.stack(events, 1), context)
+        return Rollout(slots, pos, alive, frames, events, context)

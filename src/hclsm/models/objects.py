@@ -39,11 +39,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from hclsm.config.model import ModelConfig
+from hclsm.nn.chunks import map_chunks
 from hclsm.nn.decoders import SpatialBroadcastDecoder
 from hclsm.nn.encoders import build_encoder, coord_grid
 from hclsm.nn.slots import BirthSeeder, ExistenceHead, SlotAttention, hard_concrete
 
 DIVERSITY_MARGIN = 0.5  # cosine similarity two object slots may share before the diversity loss acts
+ENCODE_FRAMES = 64  # frames per encoder pass on long clips (hclsm.nn.chunks: bounded activation memory)
 
 
 @dataclass
@@ -132,7 +134,9 @@ class ObjectDecomposer(nn.Module):
             video = F.interpolate(video.flatten(0, 1), size=(size, size), mode="area").reshape(
                 *video.shape[:3], size, size)
         b, t = video.shape[:2]
-        tokens = self.encoder(video)  # (B, T, M, d_world)
+        # ENCODE_FRAMES frames (of the B * T) per encoder pass, checkpointed on long clips (hclsm.nn.chunks)
+        step = max(1, ENCODE_FRAMES // b)
+        tokens = torch.cat(map_chunks(lambda t0, t1: self.encoder(video[:, t0:t1], t0=t0), t, step), dim=1)
         k_all, v_all = self.slot_attention.project(tokens)
         # per-frame views by unbind: its backward stacks the frames' gradients once (indexing frame by frame
         # would allocate a full-size zero gradient per frame, quadratic in the clip length)

@@ -46,7 +46,9 @@ class CNNEncoder(nn.Module):
         self.pixels = nn.Linear(cfg.channels, cfg.d_world)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        """(B, T, C, H, W) -> tokens (B, T, M, d_world); ``t0`` (the clip's first frame index) is unused: the CNN
+        has no temporal embedding."""
         b, t = video.shape[:2]
         frames = video.flatten(0, 1)
         x = self.convs(frames)  # (B*T, d, g, g)
