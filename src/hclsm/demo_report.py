@@ -85,6 +85,7 @@ def render_report(cfg: Config, s: dict, r: dict) -> str:
     loss_rows = [("SBD reconstruction", "sbd", SEED_SBD), ("slot diversity", "diversity", SEED_DIVERSITY),
                  ("existence prior", "existence", None), ("object-area prior", "object_area", None),
                  ("JEPA slot prediction", "jepa", None), ("position prediction (obj)", "obj", None),
+                 ("decoded next frame (frame)", "frame", None), ("open-loop rollout (rollout)", "rollout", None),
                  ("event detector", "event", None)]
     losses = "\n".join(f"| {label} | {_fmt(l1.get(k), '.4f')} | {_fmt(l2.get(k), '.4f')} | "
                        f"{'—' if lim is None else _indicator(l1.get(k), lim)} |" for label, k, lim in loss_rows)
@@ -118,8 +119,9 @@ Stages run: **data** (PushT from the gym-pusht simulator); **HCLSM stage 1, the 
 attention with existence / birth / death, spatial broadcast decoder; SBD, diversity, existence and
 object-area losses), trained {tr['steps']} steps in {tr['seconds'] / 60:.1f} min; and **HCLSM stage 2, the
 dynamics** (hierarchical dynamics: per-object and global SSMs, the relation GNN, the event detector and event
-transformer, the goal compressor; JEPA slot prediction against an EMA target, position prediction and the
-event losses, on top of the stage-1 losses), trained {tr2['steps']} steps in {tr2['seconds'] / 60:.1f} min;
+transformer, the goal compressor; JEPA slot prediction against an EMA target, position prediction, the
+decoded next frame, an open-loop rollout term and the event losses, on top of the stage-1 losses), trained
+{tr2['steps']} steps in {tr2['seconds'] / 60:.1f} min;
 then both evaluated on held-out episodes. Not yet in this version: the causal graph, memory and planning;
 they are added here as they land.
 

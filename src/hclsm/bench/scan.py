@@ -8,7 +8,7 @@ d_state = 16; ``--quick``: 64, 32, 64, 16), timed as the median of a few fwd+bwd
   materialised as (B, L, D, N) tensors, a Python loop over time, the states stacked and contracted with C.
   This is the loop the issue's 10x target is set against (it measured ~7.1 s at the full shape);
 * ``ref_s``: our own sequential reference (``backend="reference"``): also a loop with autograd, but it
-  materialises nothing of size (B, L, D, N) and contracts each step as it goes, ~30x faster than the textbook
+  materialises nothing of size (B, L, D, N) and contracts each step as it goes, ~20x faster than the textbook
   loop on this CPU, so ``speedup_vs_ref`` is the harder comparison and is reported beside it;
 * ``mambapy_s``: the same scan built on mamba.py's Blelloch ``pscan`` (PyPI ``mambapy``, the ``bench``
   extra): discretisation, ``pscan``, contraction with C; null when the package is not installed;
