@@ -44,10 +44,12 @@ from hclsm.data.clips import clip_windows, split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
-from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint, read_optimizer_state, save_checkpoint
+from hclsm.train.checkpoint import load_checkpoint, read_optimizer_state, save_checkpoint
 from hclsm.train.step import StepResult, out_of_memory, train_step
 from hclsm.train.logging import RunLogger
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
+from hclsm.train.rundir import (check_run_dir, default_run_dir, first_new_dir, repair_for_resume,
+                               resume_checkpoint)
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.utils.atomic import atomic_write_text
 
@@ -119,19 +121,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def default_run_dir(cfg: Config) -> Path:
-    """``out_dir / run_name``, or ``out_dir / MODEL-PRESET-YYYYmmdd-HHMMSS`` when no name is set."""
-    name = cfg.train.run_name or f"{cfg.model.name}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.train.out_dir) / name
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """A run never writes into an existing non-empty directory (it would mix two runs' logs)."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise HclsmError(f"run directory {run_dir} already exists and is not empty; choose another --name "
-                         f"(train.run_name) or --out (train.out_dir), or remove it")
-
-
 def progress_at(step: int, steps: int, elapsed: float, budget_s: float) -> float:
     """Training progress in [0, 1]: ``max(step / steps, elapsed / budget)`` (the budget when set)."""
     p = step / steps
@@ -186,10 +175,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
     t = cfg.train
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if resume:
-        resume_from = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-        if resume_from is None:
-            raise HclsmError(f"cannot resume {run_dir}: it holds no checkpoint (checkpoints/step_*); start a new run "
-                             f"instead, or pass the run directory that has them")
+        resume_from = resume_checkpoint(run_dir)
     else:
         check_run_dir(run_dir)
     world, device = distributed.setup(resolve_device(t.device), t.batch_size)
@@ -208,22 +194,6 @@ class _NoLogger:
 
     def close(self) -> None:
         pass
-
-
-def _drop_log_after(path: Path, step: int) -> None:
-    """Remove the log lines a killed run wrote after the checkpoint it is resumed from (and a last line
-    the kill cut in half)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
 
 
 def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: EvalFn | None, progress: bool,
@@ -271,16 +241,13 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
     if resume_from is not None:
         distributed.load_optimizer(distributed.unwrap(model), optimizer, read_optimizer_state(resume_from, optimizer))
 
-    # the outermost directory this run creates (the run directory, or an --out root that is not there yet)
-    created = ([d for d in (run_dir, *run_dir.parents) if not d.exists()] or [None])[-1]
+    created = first_new_dir(run_dir)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             save_config(cfg, run_dir / "config.yaml")
         else:
-            _drop_log_after(run_dir / "log.jsonl", step)
-            for stale in (run_dir / "checkpoints").glob(".step_*"):  # a checkpoint the kill cut short
-                shutil.rmtree(stale, ignore_errors=True)
+            repair_for_resume(run_dir, step)
     logger: RunLogger | _NoLogger = RunLogger(run_dir) if world.main else _NoLogger()
     if resume_from is not None:
         logger.log({"step": step, "event": "resumed", "checkpoint": str(resume_from)}, scalars=False)
