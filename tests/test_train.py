@@ -39,8 +39,10 @@ from hclsm.train import (
     save_checkpoint,
     train,
     train_step,
+    weighted_loss,
 )
 from hclsm.train.loop import progress_at, to_device
+from hclsm.train.step import micro_batches
 
 
 class FakeModel(nn.Module):
@@ -332,6 +334,36 @@ def test_bf16_autocast_step_on_cpu(tmp_path, data):
     r = train_step(model, opt, to_device(first_batch(data, cfg), torch.device("cpu")), cfg=cfg.train, stage=2,
                    progress=0.0)
     assert r.skipped is None and math.isfinite(r.loss) and model.ema_calls == 1
+
+
+def test_accumulated_micro_batches_average_their_gradients(tmp_path, data):
+    """train.accumulate=2: two forwards and backwards on the batch's halves; the gradient is their mean
+    (what two data-parallel ranks holding those halves would all-reduce) and so are the reported losses;
+    a non-finite loss in either half skips the whole step."""
+    cfg = make_cfg(tmp_path, "train.accumulate=2", "train.grad_clip=0")
+    batch = to_device(first_batch(data, cfg), torch.device("cpu"))
+    model = FakeModel()
+    halves, expected, losses = micro_batches(batch, 2), None, []
+    for half in halves:
+        total = weighted_loss(model(half, progress=0.0, stage=2).losses, cfg.train.loss, 2)
+        grads = torch.autograd.grad(total, list(model.parameters()))
+        expected = grads if expected is None else [a + b for a, b in zip(expected, grads)]
+        losses.append(float(total.detach()))
+    model.calls = 0
+    r = train_step(model, build_optimizer(model, cfg.train), batch, cfg=cfg.train, stage=2, progress=0.0)
+    assert model.calls == 2 and r.skipped is None and model.ema_calls == 1
+    assert math.isclose(r.loss, sum(losses) / 2, rel_tol=1e-6)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g / 2, rtol=1e-5, atol=1e-8)
+    whole = torch.autograd.grad(weighted_loss(model(batch, progress=0.0, stage=2).losses, cfg.train.loss, 2),
+                                model.head.weight)[0]
+    assert not torch.allclose(whole, model.head.weight.grad, atol=1e-6)  # the batch-level term: not one mean
+
+    flaky = FakeModel(nan_calls=(2,))
+    r = train_step(flaky, build_optimizer(flaky, cfg.train), batch, cfg=cfg.train, stage=2, progress=0.0)
+    assert r.skipped == "loss" and flaky.ema_calls == 0
+    with pytest.raises(ConfigError, match="train.batch_size: must be a multiple of train.accumulate \\(3\\)"):
+        make_cfg(tmp_path, "train.accumulate=3")
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

@@ -5,10 +5,18 @@ with the tiny HCLSM (stage 1), and compare the final checkpoints tensor by tenso
 
 * ``ddp``: ``torchrun --nproc_per_node 2`` (gloo, CPU) against one process with the same global batch
   for the same steps. The slot-query noise and the stochastic existence gates draw random numbers per
-  rank, so they are switched off here: with them on the runs differ by design, not by error. Reported:
-  the largest absolute weight difference (target <= 1e-5: float reduction order only), also after a
-  single step (the reduction-order difference itself, before training amplifies it), and the speed of
-  2 ranks against 1 (on a 2-core machine the two ranks share the cores one process would use).
+  rank, so they are switched off here: with them on the runs differ by design, not by error. The one
+  process runs twice:
+
+  - as the ranks compute (``train.accumulate=2``, one thread): the two ranks' halves of the global
+    batch as two micro-batches whose gradients are averaged, which is what DDP's all-reduce does, with
+    the same floating-point operations in the same order. Reported: the largest absolute weight and
+    optimizer-state difference (target <= 1e-5; anything above 0 is a logic difference).
+  - as a user would by default (one mean over the whole batch, every core). Reported: the same
+    difference, which here also holds fp32 reduction order (a mean over 8 is not the mean of two
+    means over 4) amplified by training, also after a single step (that order difference before
+    training amplifies it); and the speed of 2 ranks against this run (on a 2-core machine the two
+    ranks share the cores one process would use).
 * ``resume``: the same run uninterrupted, and again killed with SIGKILL at a random step (chosen from
   the seed) and continued with ``hclsm train --resume``. Reported: whether the final weights and
   optimizer state are bit-identical, and that every checkpoint left on disk after the kill loads
@@ -21,6 +29,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,9 +51,16 @@ from hclsm.train import CheckpointError, latest_checkpoint, list_checkpoints, lo
 _DETERMINISTIC = ("--model.slots.query_noise=0", "--model.slots.existence_start=1.0")
 
 
+def free_port() -> int:
+    """A TCP port no process is listening on now (for a torchrun rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _hclsm(*args: str, torchrun: int = 0) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
-                "--master_port", str(29_500 + random.Random().randrange(1000))] if torchrun else [sys.executable]
+                "--master_port", str(free_port())] if torchrun else [sys.executable]
     return [*launcher, "-m", "hclsm", "train", "--quiet", "--stage", "1", *args]
 
 
@@ -85,27 +101,31 @@ def _train_seconds(run: Path) -> tuple[float, int]:
 def bench_ddp(quick: bool, seed: int) -> BenchResult:
     steps, batch = (6, 4) if quick else (20, 8)
     with tempfile.TemporaryDirectory(prefix="hclsm-bench-ddp-") as tmp:
-        data = _data(Path(tmp) / "physics", quick, seed)
-        def args(n: int) -> list[str]:
-            return ["--data", str(data), "--steps", str(n), "--out", tmp, f"--train.batch_size={batch}",
-                    f"--train.warmup_steps={n // 4}", f"--train.seed={seed}", "--train.log_every=5",
-                    "--train.eval_every=0", "--train.val_fraction=0", *_DETERMINISTIC]
+        data, runs = _data(Path(tmp) / "physics", quick, seed), Path(tmp)
 
-        _run(_hclsm(*args(steps), "--name", "one"), "1-process training")
-        _run(_hclsm(*args(steps), "--name", "two", torchrun=2), "2-process torchrun training")
-        one, two = _tensors(Path(tmp) / "one"), _tensors(Path(tmp) / "two")
-        diff = _max_diff(one, two)
-        (s1, n1), (s2, n2) = _train_seconds(Path(tmp) / "one"), _train_seconds(Path(tmp) / "two")
-        # the same comparison after one step: the reduction-order difference itself, before training
-        # dynamics amplify it
-        _run(_hclsm(*args(1), "--name", "one-1"), "1-process training, 1 step")
-        _run(_hclsm(*args(1), "--name", "two-1", torchrun=2), "2-process torchrun training, 1 step")
-        diff_1 = _max_diff(_tensors(Path(tmp) / "one-1"), _tensors(Path(tmp) / "two-1"))
-    metrics = {"max_abs_weight_diff": diff, "max_abs_weight_diff_step1": diff_1, "steps": n1, "global_batch": batch,
-               "steps_per_s_1": n1 / s1, "steps_per_s_2": n2 / s2, "speedup_2_vs_1": (n2 / s2) / (n1 / s1)}
-    rows = [{"processes": 1, "steps": n1, "global batch": batch, "steps/s": round(n1 / s1, 2)},
-            {"processes": 2, "steps": n2, "global batch": batch, "steps/s": round(n2 / s2, 2),
-             f"max |w1 - w2| after {n1} steps": f"{diff:.2e}", "after 1 step": f"{diff_1:.2e}"}]
+        def train(name: str, n: int, *extra: str, torchrun: int = 0) -> dict[str, torch.Tensor]:
+            _run(_hclsm("--data", str(data), "--steps", str(n), "--out", tmp, "--name", name,
+                        f"--train.batch_size={batch}", f"--train.warmup_steps={n // 4}", f"--train.seed={seed}",
+                        "--train.log_every=5", "--train.eval_every=0", "--train.val_fraction=0", *_DETERMINISTIC,
+                        *extra, torchrun=torchrun), f"training run {name!r}")
+            return _tensors(runs / name)
+
+        two = train("two", steps, torchrun=2)
+        same = train("one-as-ranks", steps, "--train.accumulate=2", "--train.threads=1")
+        plain = train("one", steps)
+        diff, diff_opt = _max_diff(same, two), _max_diff(same, two, "optimizer.")
+        diff_plain = _max_diff(plain, two)
+        diff_plain_1 = _max_diff(train("one-1", 1), train("two-1", 1, torchrun=2))
+        (s1, n1), (s2, n2) = _train_seconds(runs / "one"), _train_seconds(runs / "two")
+    metrics = {"max_abs_weight_diff": diff, "max_abs_optimizer_diff": diff_opt,
+               "max_abs_weight_diff_one_mean": diff_plain, "max_abs_weight_diff_one_mean_step1": diff_plain_1,
+               "steps": n1, "global_batch": batch, "steps_per_s_1": n1 / s1, "steps_per_s_2": n2 / s2,
+               "speedup_2_vs_1": (n2 / s2) / (n1 / s1)}
+    rows = [{"run": "1 process, as the ranks compute (accumulate=2, 1 thread)",
+             f"max |w - w_ddp| after {n1} steps": f"{diff:.2e}", "optimizer state": f"{diff_opt:.2e}"},
+            {"run": "1 process, one mean over the batch (default)", f"max |w - w_ddp| after {n1} steps":
+             f"{diff_plain:.2e}", "after 1 step": f"{diff_plain_1:.2e}", "steps/s": round(n1 / s1, 2)},
+            {"run": "torchrun, 2 ranks", "steps/s": round(n2 / s2, 2)}]
     config = {"backend": "gloo", "preset": "tiny", "stage": 1, "image_size": 64, "clip_length": 4,
               "stochastic_parts": "off (query noise, existence gates)", "machine": platform.machine(),
               "cpus": os.cpu_count()}

@@ -59,7 +59,10 @@ class TrainConfig:
     stage: int = 1  # stage to start in: 1 = stage 1 for stage1_fraction of the steps, then 2; 2 = full loss only
     steps: int = 2000  # optimizer steps in total (both stages)
     stage1_fraction: float = 0.4  # share of `steps` spent in stage 1 (seed: 40 %)
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: summed over processes and micro-batches
+    # micro-batches per optimizer step: each process runs its share of the batch in this many equal pieces
+    # and sums their gradients (the same update with 1/accumulate of the activation memory)
+    accumulate: int = 1
     lr: float = 8e-4  # peak learning rate
     weight_decay: float = 0.05  # AdamW decay (matrices only; not norms or biases)
     warmup_steps: int = 100  # linear warmup from 0, then cosine (capped at `steps` by the scheduler)
@@ -77,6 +80,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # checkpoints kept on disk
     num_workers: int = 0  # DataLoader worker processes
+    threads: int = 0  # intra-op CPU threads per process; 0 = this process's CPUs / processes on the machine
     out_dir: str = "runs"  # runs are written to out_dir/run_name
     run_name: str | None = None  # None = derived from the model, preset and time
     max_minutes: float = 0.0  # wall-clock budget of the training loop; 0 = off (stop at `steps` only)
@@ -89,8 +93,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p = "train"
         check(self.stage in STAGES, f"{p}.stage", f"must be 1 or 2, got {self.stage!r}")
-        check_min(self, p, 1, "steps", "batch_size", "log_every", "keep_last")
-        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "seed")
+        check_min(self, p, 1, "steps", "batch_size", "accumulate", "log_every", "keep_last")
+        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads", "seed")
+        check(self.batch_size % self.accumulate == 0, f"{p}.batch_size",
+              f"must be a multiple of train.accumulate ({self.accumulate}), got {self.batch_size}")
         check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), f"{p}.lr",
               f"must be a number, got {self.lr!r}")
         check(self.lr > 0 and math.isfinite(self.lr), f"{p}.lr", f"must be > 0 and finite, got {self.lr}")

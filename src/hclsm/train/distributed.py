@@ -76,6 +76,15 @@ class Dist:
         return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, e.g. under taskset
+    or a container's cpuset), not the machine's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def env_world() -> Dist:
     """The ``Dist`` the environment describes (without joining anything)."""
     try:
@@ -89,15 +98,17 @@ def env_world() -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, local_world=local_world)
 
 
-def setup(device: torch.device, global_batch: int) -> tuple[Dist, torch.device]:
+def setup(device: torch.device, global_batch: int, accumulate: int = 1) -> tuple[Dist, torch.device]:
     """Join the process group ``torchrun`` describes (when there is one) and return this rank's
-    ``Dist`` and device (``cuda:LOCAL_RANK`` on GPUs). The global batch must split evenly."""
+    ``Dist`` and device (``cuda:LOCAL_RANK`` on GPUs). The global batch must split evenly over the
+    processes and, within each, over ``accumulate`` micro-batches."""
     d = env_world()
     if not d.active:
         return d, device
-    if global_batch % d.world:
+    if global_batch % (d.world * accumulate):
+        pieces = f"{d.world} processes" + (f" x {accumulate} micro-batches" if accumulate > 1 else "")
         raise ConfigError(f"train.batch_size: the global batch ({global_batch}) must split evenly over "
-                          f"{d.world} processes; use a multiple of {d.world}")
+                          f"{pieces}; use a multiple of {d.world * accumulate}")
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)

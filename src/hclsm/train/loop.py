@@ -178,7 +178,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
         resume_from = resume_checkpoint(run_dir)
     else:
         check_run_dir(run_dir)
-    world, device = distributed.setup(resolve_device(t.device), t.batch_size)
+    world, device = distributed.setup(resolve_device(t.device), t.batch_size, t.accumulate)
     try:
         return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model,
                       resume_from if resume else None, world, device)
@@ -201,7 +201,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
            ) -> TrainResult:
     t = cfg.train
     seed_everything(t.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world))
+    torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
 
     # data: every chosen episode in memory, at the model's frame size
     source = open_dataset(data_root)

@@ -8,8 +8,9 @@ mean over ranks, so every rank makes the same decision.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -41,28 +42,68 @@ def weighted_loss(losses: Mapping[str, torch.Tensor], weights: LossWeights, stag
     return torch.stack(terms).sum()
 
 
+def micro_batches(batch: Mapping[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into ``n`` equal contiguous pieces along its first (sample) dimension."""
+    size = len(next(iter(batch.values())))
+    if size % n:
+        raise ConfigError(f"train.accumulate: a batch of {size} samples does not split into {n} equal "
+                          f"micro-batches; make train.batch_size a multiple of {n} x the number of processes")
+    per = size // n
+    return [{k: v[i * per:(i + 1) * per] for k, v in batch.items()} for i in range(n)]
+
+
+@contextlib.contextmanager
+def _grad_sync(model: nn.Module, on: bool) -> Iterator[None]:
+    """Inside, a data-parallel model synchronises gradients across ranks only when ``on`` (the last
+    micro-batch of a step); a single-process model is unaffected."""
+    if on:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor], *,
                cfg: TrainConfig, stage: int, progress: float, world: distributed.Dist | None = None) -> StepResult:
     """One optimizer step on ``batch`` (already on the model's device); the update is skipped when the
     weighted loss or the gradient norm is not finite. With ``world`` (data-parallel, ``model`` in DDP)
-    the reported losses are the mean over ranks, and every rank skips or applies the same step."""
+    the reported losses are the mean over ranks, and every rank skips or applies the same step.
+
+    With ``cfg.accumulate = n > 1`` the batch runs as ``n`` contiguous micro-batches, one forward and
+    backward each (so only one micro-batch's activations are alive at a time) with their losses scaled by
+    ``1/n``: the summed gradient is the mean over micro-batches, exactly as data-parallel ranks average
+    theirs (under DDP the gradients are synchronised once, after the last micro-batch)."""
     world = world or distributed.Dist()
     device_type = next(model.parameters()).device.type
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(batch, progress=progress, stage=stage)
-    losses = out if isinstance(out, Mapping) else out.losses
-    total = weighted_loss(losses, cfg.loss, stage)
-    stacked = torch.stack([total.detach(), *(v.detach().float() for v in losses.values())])
-    values = world.mean(stacked).tolist()  # one sync (and one collective when distributed)
-    names = list(losses)
+    pieces = micro_batches(batch, cfg.accumulate)
+    stacked, names = [], []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        with _grad_sync(model, last):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = model(piece, progress=progress, stage=stage)
+            losses = out if isinstance(out, Mapping) else out.losses
+            total = weighted_loss(losses, cfg.loss, stage)
+            # a non-finite loss is still backpropagated (DDP expects the backward of every forward); its
+            # gradient is discarded below with the skipped step
+            (total / len(pieces) if len(pieces) > 1 else total).backward()
+        names = list(losses)
+        stacked.append(torch.stack([total.detach(), *(v.detach().float() for v in losses.values())]))
+    mean = stacked[0] if len(stacked) == 1 else torch.stack(stacked).mean(0)
+    values = world.mean(mean).tolist()  # one sync (and one collective when distributed)
     floats = dict(zip(names, values[1:]))
     if not math.isfinite(values[0]):
-        if world.active:  # DDP expects the backward of every forward; the update is still skipped
-            total.backward()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         return StepResult(values[0], floats, skipped="loss")
-    total.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure only
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
