@@ -60,7 +60,7 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
 
     text = report.read_text()
     for phrase in ("Stages run: **data**", "HCLSM stage 1, the objects", "HCLSM stage 2, the\ndynamics",
-                   "Not yet in this version: the causal graph, memory and planning", "3 episodes",
+                   "Not in this demo: the causal graph", "3 episodes",
                    "agent IoU", "block IoU", "alpha peakedness", "FG-ARI", "SBD reconstruction", "slot diversity",
                    "< 0.01", "< 0.15", "alive object slots per frame", "visible objects per frame", "untrained",
                    "3 steps", "`train/stage1/`", "`train/stage2/`", "## Dynamics on held-out episodes",

@@ -31,12 +31,17 @@ def dynamics_inputs(b: int = 2, t: int = 9, k: int = 5, d: int = 16, seed: int =
     return slots, positions, alive, action
 
 
-def test_every_trainable_parameter_gets_a_gradient_in_a_stage2_step():
+CAUSAL = {"off": (), "causal graph": ("model.causal.enabled=true",)}
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_every_trainable_parameter_gets_a_gradient_in_a_stage2_step(causal):
     torch.manual_seed(0)
-    model = build_model(small_cfg().model).train()
+    model = build_model(small_cfg(*CAUSAL[causal]).model).train()
     batch = {"video": torch.rand(4, 6, 3, 32, 32), "action": torch.randn(4, 6, 2)}
     out = model(batch, progress=0.8, stage=2)
     assert {"sbd", "diversity", "existence", "object_area", "jepa", "obj", "frame", "event", "rollout"} <= set(out.losses)
+    assert ({"causal", "acyclicity"} <= set(out.losses)) == (causal != "off")
     assert all(torch.isfinite(v) for v in out.losses.values())
     sum(out.losses.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
@@ -58,10 +63,11 @@ def test_the_event_threshold_learns_from_the_stage2_loss():
     assert det.threshold_logit.grad is not None and det.threshold_logit.grad.abs() > 0
 
 
+@pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("t_cut", [0, 3, 6])
-def test_dynamics_past_is_blind_to_the_future(t_cut):
+def test_dynamics_past_is_blind_to_the_future(t_cut, causal):
     torch.manual_seed(0)
-    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    dyn = HierarchicalDynamics(small_cfg(*CAUSAL[causal]).model).eval()
     slots, positions, alive, action = dynamics_inputs()
     ref = dyn(slots, positions, alive, action)
     s2, p2, a2, act2 = slots.clone(), positions.clone(), alive.clone(), action.clone()
@@ -76,11 +82,14 @@ def test_dynamics_past_is_blind_to_the_future(t_cut):
     torch.testing.assert_close(new.events.prob[:, past], ref.events.prob[:, past], atol=1e-6, rtol=0)
     assert torch.equal(new.events.gate[:, past], ref.events.gate[:, past])
     assert not torch.allclose(new.slots[:, t_cut + 1:], ref.slots[:, t_cut + 1:])  # the future does change
+    if causal != "off":
+        assert torch.equal(new.graph.adjacency[:, past], ref.graph.adjacency[:, past])
 
 
-def test_step_equals_forward():
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_step_equals_forward(causal):
     torch.manual_seed(0)
-    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    dyn = HierarchicalDynamics(small_cfg(*CAUSAL[causal]).model).eval()
     slots, positions, alive, action = dynamics_inputs()
     with torch.no_grad():  # a threshold at the median logit: some steps fire, so L1/L2 have events to read
         dyn.detector.threshold_logit.fill_(dyn(slots, positions, alive, action).events.logit.median())
@@ -93,6 +102,10 @@ def test_step_equals_forward():
         torch.testing.assert_close(p, ref.positions[:, i], atol=2e-5, rtol=1e-5)
         assert torch.equal(gate, ref.events.gate[:, i])
     assert 0 < ref.events.gate.sum() < ref.events.gate.numel()
+    if causal != "off":  # a graph with some edges and some gaps, and objects with events at different steps
+        adj, own = ref.graph.adjacency, ref.object_events.gate
+        assert 0 < adj.sum() < (alive.sum(-1) * (alive.sum(-1) - 1)).sum()
+        assert 0 < own.sum() < own.numel() and not torch.equal(own, ref.events.gate.repeat_interleave(k, 0))
 
 
 def test_actions_are_required_and_change_the_prediction():

@@ -122,8 +122,9 @@ dynamics** (hierarchical dynamics: per-object and global SSMs, the relation GNN,
 transformer, the goal compressor; JEPA slot prediction against an EMA target, position prediction, the
 decoded next frame, an open-loop rollout term and the event losses, on top of the stage-1 losses), trained
 {tr2['steps']} steps in {tr2['seconds'] / 60:.1f} min;
-then both evaluated on held-out episodes. Not yet in this version: the causal graph, memory and planning;
-they are added here as they land.
+then both evaluated on held-out episodes. Not in this demo: the causal graph (built, off in the tiny preset
+until `hclsm bench causal` measures it), memory and planning (not yet in this version); they are added here
+as they land.
 
 ## Data: PushT from the real simulator
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from hclsm.config.data import ClipConfig, DataConfig, PushTDataConfig
 from hclsm.config.model import (
+    CausalConfig,
     DecoderConfig,
     DynamicsConfig,
     GNNConfig,
@@ -76,6 +77,7 @@ def _vit_model(*, d_world: int, vit: tuple[int, int, int], slots: tuple[int, int
             l2=L2Config(d_model=l2[0], layers=l2[1], heads=l2[2], n_summary=8),
         ),
         gnn=GNNConfig(d_edge=gnn[0], rounds=gnn[1], chunk_size=chunk_size),
+        causal=CausalConfig(enabled=True),
         memory=MemoryConfig(size=memory[0], d_memory=memory[1]),
     )
 

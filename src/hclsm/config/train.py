@@ -15,8 +15,8 @@ from hclsm.config.model import check, check_min, check_one_of, check_prob
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")  # how a torchrun job spreads the model: full copies, or sharded (FSDP2)
 STAGES = (1, 2)
-LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "event", "frame",
-              "rollout")  # what models may return
+LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "acyclicity", "event",
+              "frame", "rollout")  # what models may return
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -29,7 +29,8 @@ class LossWeights:
     diversity: float = 0.1  # slot diversity regulariser
     jepa: float = 1.0  # latent next-state prediction (stage 2)
     obj: float = 0.5  # object-level prediction (stage 2)
-    causal: float = 0.1  # NOTEARS DAG constraint + l1 sparsity (stage 2)
+    causal: float = 0.1  # NOTEARS DAG constraint (augmented Lagrangian) + l1 sparsity (stage 2)
+    acyclicity: float = 0.0  # h(A) itself: logged, and fed to the Lagrangian update (the penalty is in `causal`)
     event: float = 0.05  # event-rate hinge + contrastive event loss (stage 2)
     existence: float = 1.0  # slot existence prior (the model scales it by its own ramp)
     object_area: float = 0.01  # share of the frame drawn by object slots: the background is the default (ramped like existence)
@@ -37,8 +38,8 @@ class LossWeights:
     rollout: float = 1.0  # open-loop loss: decoded frames of steps predicted from predictions (stage 2)
 
     def __post_init__(self) -> None:
-        check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal", "event",
-                  "existence", "object_area", "frame", "rollout")
+        check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal",
+                  "acyclicity", "event", "existence", "object_area", "frame", "rollout")
 
     def weight(self, name: str, stage: int) -> float:
         """The weight of loss ``name`` (one of ``LOSS_NAMES``) in training stage ``stage`` (1 or 2).

@@ -22,12 +22,17 @@ The dynamics predicts each next position as the current one moved by its velocit
 position moves what it draws.
 
 ``rollout`` predicts future frames autoregressively from context frames (and actions), decoding the
-predicted slots through the spatial broadcast decoder. The causal and memory layers (Layers 4-5) join in
-later versions of the package.
+predicted slots through the spatial broadcast decoder.
+
+With ``model.causal.enabled`` the dynamics reads other objects only along a learned causal graph (Layer 4,
+``hclsm.nn.causal``); stage 2 then adds ``causal`` (edge sparsity + the NOTEARS augmented Lagrangian) and
+logs ``acyclicity`` (h(A)), whose multipliers ``after_step`` updates. The memory layer (Layer 5) joins in a
+later version of the package.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +41,7 @@ from torch.nn import functional as F
 
 from hclsm import keys
 from hclsm.config.model import ModelConfig
-from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics
+from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics, fold
 from hclsm.models.objects import ObjectDecomposer, ObjectOutput
 from hclsm.nn.chunks import map_chunks
 from hclsm.nn.matching import permute, sinkhorn_match
@@ -100,6 +105,13 @@ class HCLSM(nn.Module):
         for t, o in zip(self.target_objects.parameters(), self.objects.parameters()):
             t.lerp_(o.detach(), 1 - tau)
 
+    @torch.no_grad()
+    def after_step(self, losses: Mapping[str, float]) -> None:
+        """Called by the training step after each optimizer update with that step's losses (averaged over
+        ranks): the causal graph's augmented-Lagrangian update reads its h(A) (``acyclicity``)."""
+        if self.dynamics.graph is not None and "acyclicity" in losses:
+            self.dynamics.graph.update_lagrangian(losses["acyclicity"])
+
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0, stage: int = 1) -> HCLSMOutput:
         video = batch[keys.VIDEO]
         out = self.objects(video, progress)
@@ -109,11 +121,13 @@ class HCLSM(nn.Module):
         action = batch.get(keys.ACTION) if self.cfg.d_action > 0 else None
         if self.cfg.d_action > 0 and action is None:  # a dataset without actions (physics scenes): zero actions
             action = video.new_zeros(*video.shape[:2], self.cfg.d_action)
-        dyn = self.dynamics(out.slots, out.positions, out.gate, action)
+        dyn = self.dynamics(out.slots, out.positions, out.gate, action, progress)
         self.target_objects.eval()  # deterministic targets: no sampled gates, no query noise
         with torch.no_grad():
             tgt_slots, tgt_alive = align_targets(out, self.target_objects(video))
         losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
+        if dyn.graph is not None and self.dynamics.graph is not None:
+            losses.update(self.dynamics.graph.losses(dyn.graph, out.gate))
         context = self.cfg.dynamics.rollout_context
         horizon = min(self.cfg.dynamics.rollout_horizon, video.shape[1] - context)
         if context > 0 and horizon >= 2:  # at least two steps that read a prediction
@@ -138,10 +152,16 @@ class HCLSM(nn.Module):
         obj = (pos_err * w).sum() / w.sum().clamp_min(1.0)
         frame = self.decoded_mse(dyn.slots[:, :-1].flatten(0, 1), dyn.positions[:, :-1].flatten(0, 1),
                                  out.gate[:, 1:].flatten(0, 1), out.target[:, 1:].flatten(0, 1))
-        # surprise of step t: how badly step t was predicted from t - 1 (none for the first step)
-        per_step = ((slot_err + pos_err) * w).sum(-1) / w.sum(-1).clamp_min(1.0)  # (B, T-1)
-        surprise = torch.cat([per_step.new_zeros(per_step.shape[0], 1), per_step], dim=1).detach()
-        event_terms = self.dynamics.detector.losses(dyn.events, dyn.pooled, surprise)
+        # surprise of step t: how badly step t was predicted from t - 1 (none for the first step); per object
+        # when each object has its own events (with the causal graph)
+        per_object = ((slot_err + pos_err) * w).detach()  # (B, T-1, K)
+        if dyn.object_events is None:
+            per_step = per_object.sum(-1) / w.sum(-1).clamp_min(1.0)  # (B, T-1)
+            surprise = torch.cat([per_step.new_zeros(per_step.shape[0], 1), per_step], dim=1)
+            event_terms = self.dynamics.detector.losses(dyn.events, dyn.pooled, surprise)
+        else:
+            surprise = torch.cat([torch.zeros_like(per_object[:, :1]), per_object], dim=1)  # (B, T, K)
+            event_terms = self.dynamics.detector.losses(dyn.object_events, dyn.views, fold(surprise))
         return {"jepa": jepa, "obj": obj, "frame": frame, "event": sum(event_terms.values())}
 
     def open_loop_loss(self, out: ObjectOutput, action: torch.Tensor | None, context: int, horizon: int

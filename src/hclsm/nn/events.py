@@ -23,7 +23,8 @@ slope ``-slope_h * (t - s)``; values are scaled by the gate value, so the downst
 (and through it the detector and its threshold) at the event steps. Non-event steps are not gathered, so
 they get no such gradient: they learn to fire through ``losses`` and the threshold. A learned null
 key/value is always attendable, so a step with no past event reads a learned context instead of an
-all-masked softmax.
+all-masked softmax. With a causal graph (B, T, N, N) [receiver, sender], object i at step t reads only its
+own and its parents' tokens.
 
 Sparsity: the K <= T event steps of each sample are gathered (vectorised, padded to the batch's K_max),
 and per layer only the event tokens are keys, so attention costs O(T N x K N). The layers form a causal
@@ -203,32 +204,36 @@ class EventTransformer(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.proj_out = nn.Linear(d, d_slot)
 
-    def forward(self, states: torch.Tensor, gate: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, gate: torch.Tensor, alive: torch.Tensor | None = None,
+                graph: torch.Tensor | None = None) -> torch.Tensor:
         """states (B, T, N, d_slot), gate (B, T), optional alive (B, T, N) -> event context (B, T, N, d_slot).
 
         Step t attends to the objects of the event steps s <= t; objects with alive <= 0.5 at an event step
-        are not keys there (and soft alive scales their values).
+        are not keys there (and soft alive scales their values). With a causal ``graph`` (B, T, N, N)
+        [receiver, sender], object i at step t reads only its own history and that of its parents at t.
         """
         B, T = gate.shape
         idx, valid = gather_events(gate)
         steps = torch.arange(T, device=gate.device).expand(B, T)
-        return self._run(states, steps, idx, idx, valid, gate, alive)
+        return self._run(states, steps, idx, idx, valid, gate, alive, graph)
 
-    def forward_last(self, states_hist: torch.Tensor, gate_hist: torch.Tensor, alive_hist: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def forward_last(self, states_hist: torch.Tensor, gate_hist: torch.Tensor, alive_hist: torch.Tensor | None = None,
+                     graph_hist: torch.Tensor | None = None) -> torch.Tensor:
         """Only the last step's output, (B, N, d_slot) == forward(...)[:, -1], computed on the K event steps
         and the last step instead of all t + 1 steps."""
         B, T = gate_hist.shape
         idx, valid = gather_events(gate_hist)
         steps = torch.cat([idx, idx.new_full((B, 1), T - 1)], dim=1)  # (B, K + 1)
         x = gather_steps(states_hist, steps)
+        graph = None if graph_hist is None else gather_steps(graph_hist, steps)
         mem_pos = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
-        return self._run(x, steps, mem_pos, idx, valid, gate_hist, alive_hist)[:, -1]
+        return self._run(x, steps, mem_pos, idx, valid, gate_hist, alive_hist, graph)[:, -1]
 
     def _run(self, x: torch.Tensor, steps: torch.Tensor, mem_pos: torch.Tensor, ev_idx: torch.Tensor,
-             ev_valid: torch.Tensor, gate: torch.Tensor, alive: torch.Tensor | None) -> torch.Tensor:
+             ev_valid: torch.Tensor, gate: torch.Tensor, alive: torch.Tensor | None, graph: torch.Tensor | None
+             ) -> torch.Tensor:
         """x (B, S, N, d_slot) at time steps ``steps`` (B, S); the memory is x at positions mem_pos (B, K),
-        which are the event steps ev_idx (B, K) of ``gate`` (B, T)."""
+        which are the event steps ev_idx (B, K) of ``gate`` (B, T); ``graph`` (B, S, N, N) at the query steps."""
         B, S, N, _ = x.shape
         K = ev_idx.shape[1]
         weight = (gather_steps(gate, ev_idx) * ev_valid)[:, :, None].expand(B, K, N)  # (B, K, N)
@@ -240,7 +245,11 @@ class EventTransformer(nn.Module):
         eye = torch.eye(N, device=x.device)
         obj_bias = self.same_object[:, None, None] * eye  # (H, N, N)
         bias = time_bias[:, :, :, None, :, None] + obj_bias[None, :, None, :, None, :]  # (B, H, S, N, K, N)
-        bias = bias.masked_fill(~key_ok[:, None, None, None], float("-inf")).flatten(4).flatten(2, 3)
+        bias = bias.masked_fill(~key_ok[:, None, None, None], float("-inf"))
+        if graph is not None:  # object i reads object j != i only when j is a parent of i
+            barred = (graph.detach() <= 0.5) & (eye == 0)  # (B, S, N, N)
+            bias = bias.masked_fill(barred[:, None, :, :, None, :], float("-inf"))
+        bias = bias.flatten(4).flatten(2, 3)
         h = self.proj_in(x)  # (B, S, N, d)
         for block in self.blocks:
             mem = gather_steps(h, mem_pos).flatten(1, 2)  # (B, K N, d): layer-(l-1) event tokens

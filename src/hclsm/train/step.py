@@ -1,10 +1,11 @@
 """One optimizer step, the unit the training loop repeats (and tests and callers can run alone).
 
 ``train_step`` runs the model's forward (optionally under bf16 autocast), takes the weighted sum of its
-unweighted losses (``weighted_loss``), and applies backward, global-norm clipping, the optimizer and the
-model's EMA target update. When the loss or the gradient norm is not finite the update is skipped and
-the result says why; nothing is clamped. Under data-parallel training (``world``) the losses are the
-mean over ranks, so every rank makes the same decision.
+unweighted losses (``weighted_loss``), and applies backward, global-norm clipping, the optimizer, the
+model's EMA target update (``update_target``) and its ``after_step`` hook (given the step's losses).
+When the loss or the gradient norm is not finite the update is skipped and the result says why;
+nothing is clamped. Under data-parallel training (``world``) the losses are the mean over ranks, so
+every rank makes the same decision.
 """
 from __future__ import annotations
 
@@ -116,6 +117,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
     if callable(update_target):
         with torch.no_grad():
             update_target(cfg.ema_tau)
+    after_step = getattr(distributed.unwrap(model), "after_step", None)
+    if callable(after_step):  # e.g. the causal graph's Lagrangian update, from the rank-averaged losses
+        after_step(floats)
     return StepResult(values[0], floats, grad_norm)
 
 

@@ -1,0 +1,132 @@
+"""Learned causal graph over object slots (seed Layer 4): which object's state may affect which.
+
+``CausalGraph`` infers, for every step t of a clip, an adjacency ``A[b, t, i, j]`` (receiver i, sender j:
+1 = object i's next state may read object j's) from the objects' behaviour so far. The graph differs
+from scene to scene (a random DAG of forces in the physics scenes), so it is read from the slots'
+trajectories, not tied to slot indices::
+
+    a_i(s)     = GELU(Linear([x_i(s); x_i(s) - x_i(s-1)]))                  # object token and its change
+    e_ij(s)    = GELU(R a_i(s) + S a_j(s) + P (a_i(s) * a_j(s)))             # pair features at step s
+    logit_ij(t) = mean over s <= t (both alive) of score(e_ij(s))           # evidence so far: causal in time
+
+Sampling is a binary Gumbel-softmax: in training ``soft = sigmoid((logit + logistic noise) / tau)``,
+one noise draw per clip and pair, with the temperature annealed from ``temperature_init`` to
+``temperature_min`` over training; the adjacency is hard 0/1 in value with a straight-through gradient
+(``hard + soft - soft.detach()``). In evaluation it is ``logit > 0``. The diagonal and pairs with a dead
+slot are 0.
+
+The graph is **data-driven**: the dynamics uses it to gate every message between objects (see
+``HierarchicalDynamics``), so the prediction loss reaches the logits through the gates and decides
+which edges exist. ``losses`` adds the l1 sparsity of the edge probabilities and the NOTEARS acyclicity
+``h(A) = tr(exp(A * A)) - K`` (on the probabilities, fp32) under an augmented Lagrangian
+``alpha h + rho / 2 h^2``. ``update_lagrangian`` runs after every optimizer step (``HCLSM.after_step``)
+with the step's h, averaged over ranks: every ``update_every`` steps ``alpha += rho * mean h``, and
+``rho *= rho_mult`` (up to ``rho_max``) when h did not fall below a quarter of its previous mean. The
+multipliers are buffers, so they are checkpointed and a resumed run continues them exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hclsm.config.model import CausalConfig
+
+
+@dataclass
+class GraphOutput:
+    """The graph of every step: ``adjacency`` (B, T, K, K) 0/1 in value (straight-through gradient in
+    training), ``prob`` the edge probabilities sigmoid(logit) (B, T, K, K), both [receiver, sender] and
+    zero on the diagonal and for dead slots; ``logits`` (B, T, K, K)."""
+
+    adjacency: torch.Tensor
+    prob: torch.Tensor
+    logits: torch.Tensor
+
+
+def acyclicity(adjacency: torch.Tensor) -> torch.Tensor:
+    """NOTEARS ``h(A) = tr(exp(A * A)) - K`` of (..., K, K) non-negative matrices, in fp32: 0 exactly when the
+    graph has no directed cycle, and positive otherwise."""
+    a = adjacency.float()
+    k = a.shape[-1]
+    return torch.linalg.matrix_exp(a * a).diagonal(dim1=-2, dim2=-1).sum(-1) - k
+
+
+class CausalGraph(nn.Module):
+    def __init__(self, d: int, d_edge: int, cfg: CausalConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inp = nn.Linear(2 * d, d_edge)
+        self.recv = nn.Linear(d_edge, d_edge)
+        self.send = nn.Linear(d_edge, d_edge, bias=False)
+        self.prod = nn.Linear(d_edge, d_edge, bias=False)
+        self.score = nn.Linear(d_edge, 1)
+        # the augmented Lagrangian's state (checkpointed with the weights)
+        self.register_buffer("alpha", torch.zeros(()))
+        self.register_buffer("rho", torch.tensor(float(cfg.rho_init)))
+        self.register_buffer("h_prev", torch.tensor(math.inf))
+        self.register_buffer("h_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("h_count", torch.zeros((), dtype=torch.int64))
+
+    def temperature(self, progress: float) -> float:
+        """Geometric anneal from ``temperature_init`` (progress 0) to ``temperature_min`` (progress 1)."""
+        lo, hi = self.cfg.temperature_min, self.cfg.temperature_init
+        return hi * (lo / hi) ** min(max(progress, 0.0), 1.0)
+
+    def noise(self, batch: int, k: int, device: torch.device | None = None) -> torch.Tensor:
+        """One clip's logistic noise per pair, (B, 1, K, K), for training's Gumbel-sigmoid sampling."""
+        u = torch.rand(batch, 1, k, k, device=device).clamp(1e-6, 1 - 1e-6)
+        return torch.log(u) - torch.log1p(-u)
+
+    def forward(self, x: torch.Tensor, alive: torch.Tensor, progress: float = 1.0,
+                noise: torch.Tensor | None = None) -> GraphOutput:
+        """x (B, T, K, d) object tokens, alive (B, T, K) -> the graph of every step (reads steps <= t). In
+        training the edges are sampled with ``noise`` (``self.noise``; drawn when not given)."""
+        b, t, k, _ = x.shape
+        dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
+        a = F.gelu(self.inp(torch.cat([x, dx], dim=-1)))  # (B, T, K, e)
+        e = F.gelu(self.recv(a)[:, :, :, None] + self.send(a)[:, :, None] + self.prod(a[:, :, :, None] * a[:, :, None]))
+        score = self.score(e).squeeze(-1).float()  # (B, T, K, K)
+        alive = alive.float()
+        pair = alive[..., :, None] * alive[..., None, :] * (1.0 - torch.eye(k, device=x.device))  # (B, T, K, K)
+        logits = (score * pair).cumsum(1) / pair.cumsum(1).clamp_min(1.0)  # mean evidence over steps <= t
+        prob = torch.sigmoid(logits) * pair
+        if self.training:
+            noise = self.noise(b, k, x.device) if noise is None else noise
+            soft = torch.sigmoid((logits + noise) / self.temperature(progress))
+            adjacency = ((soft > 0.5).float() + (soft - soft.detach())) * pair  # exactly 0/1 in value
+        else:
+            adjacency = (logits > 0).float() * pair
+        return GraphOutput(adjacency, prob, logits)
+
+    def losses(self, out: GraphOutput, alive: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``causal``: ``sparsity_lambda`` x mean edge probability over the possible (alive, off-diagonal)
+        pairs + the augmented Lagrangian of h(A) on the probabilities; ``acyclicity``: mean h(A) itself
+        (detached; weight 0 by default: a logged quantity and the input of ``update_lagrangian``)."""
+        alive = alive.float()
+        pairs = (alive[..., :, None] * alive[..., None, :]).sum((-2, -1)) - alive.pow(2).sum(-1)  # (B, T)
+        sparsity = out.prob.sum() / pairs.sum().clamp_min(1.0)
+        h = acyclicity(out.prob)  # (B, T)
+        dag = (self.alpha * h + 0.5 * self.rho * h.pow(2)).mean()
+        return {"causal": self.cfg.sparsity_lambda * sparsity + dag, "acyclicity": h.mean().detach()}
+
+    @torch.no_grad()
+    def update_lagrangian(self, h: float) -> None:
+        """One optimizer step's h(A) (the same value on every rank); every ``update_every`` steps the
+        multiplier and the penalty weight are updated from the mean h of those steps."""
+        if not math.isfinite(h):
+            return
+        self.h_sum += h
+        self.h_count += 1
+        if int(self.h_count) < self.cfg.update_every:
+            return
+        mean = float(self.h_sum / self.h_count)
+        self.alpha += self.rho * mean
+        if mean > 0.25 * float(self.h_prev):
+            self.rho.copy_(torch.clamp(self.rho * self.cfg.rho_mult, max=self.cfg.rho_max))
+        self.h_prev.fill_(mean)
+        self.h_sum.zero_()
+        self.h_count.zero_()

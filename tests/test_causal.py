@@ -1,0 +1,123 @@
+"""The learned causal graph (seed Layer 4): NOTEARS acyclicity, the augmented Lagrangian that really
+updates during training, a graph trained by the prediction loss, and objects that read only their parents."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hclsm.config import load_config
+from hclsm.config.model import CausalConfig
+from hclsm.models import build_model
+from hclsm.models.dynamics import HierarchicalDynamics
+from hclsm.nn.causal import CausalGraph, GraphOutput, acyclicity
+from hclsm.train import build_optimizer, train_step
+
+from helpers import SMALL
+from test_dynamics import dynamics_inputs
+
+CAUSAL = ["model.dynamics.l1.d_model=16", "model.dynamics.l2.d_model=16", "model.gnn.d_edge=8",
+          "model.causal.enabled=true"]
+
+
+def causal_cfg(*extra: str):
+    return load_config("tiny", overrides=[*SMALL, *CAUSAL, *extra])
+
+
+def test_acyclicity_is_zero_exactly_for_dags_and_positive_with_a_cycle():
+    dag = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.float32)  # 0 -> 1 -> 2, 0 -> 2
+    cycle = dag.clone()
+    cycle[0, 2] = 1.0  # and 2 -> 0
+    h = acyclicity(torch.stack([dag, cycle, 0.5 * cycle]))
+    assert h[0] == 0 and h[1] > 0.5 and 0 < h[2] < h[1]
+
+
+def test_the_lagrangian_update_changes_the_multiplier_and_the_penalty():
+    graph = CausalGraph(8, 8, CausalConfig(update_every=2, rho_init=0.1, rho_mult=2.0, rho_max=0.3))
+    graph.update_lagrangian(0.4)
+    assert graph.alpha == 0 and graph.rho == pytest.approx(0.1)  # one step into a window of two: no update
+    graph.update_lagrangian(0.6)
+    assert graph.alpha.item() == pytest.approx(0.1 * 0.5) and graph.rho == pytest.approx(0.1)  # first: no rho rise
+    graph.update_lagrangian(0.5)
+    graph.update_lagrangian(0.5)  # h did not fall below a quarter of 0.5: rho doubles
+    assert graph.alpha.item() == pytest.approx(0.05 + 0.1 * 0.5) and graph.rho == pytest.approx(0.2)
+    for _ in range(4):
+        graph.update_lagrangian(0.5)
+    assert graph.rho == pytest.approx(0.3)  # capped at rho_max
+    graph.update_lagrangian(math.nan)  # a skipped step's NaN is not counted
+    assert graph.h_count == 0
+    names = {n for n, _ in graph.named_buffers()}
+    assert {"alpha", "rho", "h_prev", "h_sum", "h_count"} <= names and all(
+        n in graph.state_dict() for n in names)  # checkpointed: a resumed run continues them
+
+
+def test_a_training_step_updates_the_multiplier_from_the_logged_acyclicity():
+    torch.manual_seed(0)
+    cfg = causal_cfg("model.causal.update_every=1")
+    model = build_model(cfg.model).train()
+    batch = {"video": torch.rand(2, 5, 3, 32, 32), "action": torch.randn(2, 5, 2)}
+    result = train_step(model, build_optimizer(model, cfg.train), batch, cfg=cfg.train, stage=2, progress=0.5)
+    graph = model.dynamics.graph
+    assert result.losses["acyclicity"] > 0  # edge probabilities near 0.5 at the start: cycles everywhere
+    assert graph.alpha.item() == pytest.approx(cfg.model.causal.rho_init * result.losses["acyclicity"], rel=1e-5)
+
+
+def test_the_graph_learns_from_the_prediction_loss_alone():
+    torch.manual_seed(0)
+    model = build_model(causal_cfg().model).train()
+    out = model({"video": torch.rand(2, 5, 3, 32, 32), "action": torch.randn(2, 5, 2)}, progress=0.5, stage=2)
+    out.losses["jepa"].backward()
+    graph = model.dynamics.graph
+    for name, p in graph.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_training_samples_edges_and_evaluation_thresholds_them():
+    torch.manual_seed(0)
+    graph = CausalGraph(16, 8, CausalConfig(temperature_init=2.0, temperature_min=0.5))
+    x, alive = torch.randn(3, 6, 4, 16), torch.ones(3, 6, 4)
+    alive[0, :, 2] = 0
+    out = graph.eval()(x, alive)
+    assert torch.equal(out.adjacency, ((out.logits > 0).float() * (out.prob > 0)))
+    assert out.adjacency[0, :, 2].sum() == 0 and out.adjacency[0, :, :, 2].sum() == 0  # a dead slot: no edges
+    assert torch.all(out.adjacency.diagonal(dim1=-2, dim2=-1) == 0)
+    graph.train()
+    a, b = graph(x, alive).adjacency, graph(x, alive).adjacency
+    assert not torch.equal(a, b) and set(a.unique().tolist()) <= {0.0, 1.0}  # sampled, hard in value
+    noise = graph.noise(3, 4)
+    assert torch.equal(graph(x, alive, noise=noise).adjacency, graph(x, alive, noise=noise).adjacency)
+    assert graph.temperature(0.0) == 2.0 and graph.temperature(1.0) == 0.5 and graph.temperature(0.5) == pytest.approx(1.0)
+
+
+def fixed_graph(adjacency: torch.Tensor):
+    """A stand-in for CausalGraph.forward that returns ``adjacency`` (K, K) at every step."""
+    def forward(x, alive, progress=1.0, noise=None):
+        b, t, k, _ = x.shape
+        a = adjacency.expand(b, t, k, k) * alive[..., :, None] * alive[..., None, :]
+        return GraphOutput(a, a, a)
+    return forward
+
+
+def test_objects_read_only_their_parents():
+    """With the graph 0 -> 1 -> 2 (3 and 4 unconnected), changing object 2 (no children) changes no other
+    object's prediction at any step, while changing object 0 reaches its descendants 1 and 2 only."""
+    torch.manual_seed(0)
+    dyn = HierarchicalDynamics(causal_cfg().model).eval()
+    adjacency = torch.zeros(5, 5)
+    adjacency[1, 0] = adjacency[2, 1] = 1.0  # [receiver, sender]
+    dyn.graph.forward = fixed_graph(adjacency)
+    slots, positions, alive, action = dynamics_inputs()
+    alive = torch.ones_like(alive)
+    with torch.no_grad():  # some steps fire, so the event levels take part
+        dyn.detector.threshold_logit.fill_(dyn(slots, positions, alive, action).object_events.logit.median())
+    ref = dyn(slots, positions, alive, action)
+    for changed, affected in ((2, {2}), (0, {0, 1, 2})):
+        s2, p2 = slots.clone(), positions.clone()
+        s2[:, :, changed] += 3.0
+        p2[:, :, changed] = -p2[:, :, changed]
+        new = dyn(s2, p2, alive, action)
+        for k in range(5):
+            same = torch.allclose(new.slots[:, :, k], ref.slots[:, :, k], atol=1e-6) and torch.allclose(
+                new.positions[:, :, k], ref.positions[:, :, k], atol=1e-6)
+            assert same == (k not in affected), (changed, k)
