@@ -47,9 +47,21 @@ def test_the_lagrangian_update_changes_the_multiplier_and_the_penalty():
     assert graph.rho == pytest.approx(0.3)  # capped at rho_max
     graph.update_lagrangian(math.nan)  # a skipped step's NaN is not counted
     assert graph.h_count == 0
+    graph.active = False  # the penalty is not on yet (before penalty_start): no update
+    graph.update_lagrangian(0.5)
+    assert graph.h_count == 0
     names = {n for n, _ in graph.named_buffers()}
     assert {"alpha", "rho", "h_prev", "h_sum", "h_count"} <= names and all(
         n in graph.state_dict() for n in names)  # checkpointed: a resumed run continues them
+
+
+def test_the_penalties_ramp_in_after_penalty_start():
+    graph = CausalGraph(16, 8, CausalConfig(penalty_start=0.3, penalty_ramp=0.2))
+    out = graph.eval()(torch.randn(2, 4, 3, 16), torch.ones(2, 4, 3))
+    ramps = [graph.ramp(p) for p in (0.0, 0.29, 0.4, 0.5, 0.9)]
+    assert ramps == [0.0, 0.0, pytest.approx(0.5), 1.0, 1.0]
+    assert graph.losses(out, torch.ones(2, 4, 3), 0.1)["causal"] == 0 and not graph.active
+    assert graph.losses(out, torch.ones(2, 4, 3), 0.4)["causal"] > 0 and graph.active
 
 
 def test_a_training_step_updates_the_multiplier_from_the_logged_acyclicity():

@@ -127,7 +127,7 @@ class HCLSM(nn.Module):
             tgt_slots, tgt_alive = align_targets(out, self.target_objects(video))
         losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
         if dyn.graph is not None and self.dynamics.graph is not None:
-            losses.update(self.dynamics.graph.losses(dyn.graph, out.gate))
+            losses.update(self.dynamics.graph.losses(dyn.graph, out.gate, progress))
         context = self.cfg.dynamics.rollout_context
         horizon = min(self.cfg.dynamics.rollout_horizon, video.shape[1] - context)
         if context > 0 and horizon >= 2:  # at least two steps that read a prediction

@@ -19,8 +19,9 @@ The graph is **data-driven**: the dynamics uses it to gate every message between
 ``HierarchicalDynamics``), so the prediction loss reaches the logits through the gates and decides
 which edges exist. ``losses`` adds the l1 sparsity of the edge probabilities and the NOTEARS acyclicity
 ``h(A) = tr(exp(A * A)) - K`` (on the probabilities, fp32) under an augmented Lagrangian
-``alpha h + rho / 2 h^2``. ``update_lagrangian`` runs after every optimizer step (``HCLSM.after_step``)
-with the step's h, averaged over ranks: every ``update_every`` steps ``alpha += rho * mean h``, and
+``alpha h + rho / 2 h^2``, switched on at ``penalty_start`` of training and ramped in (``ramp``).
+``update_lagrangian`` runs after every optimizer step with the penalty on (``HCLSM.after_step``), with
+the step's h averaged over ranks: every ``update_every`` steps ``alpha += rho * mean h``, and
 ``rho *= rho_mult`` (up to ``rho_max``) when h did not fall below a quarter of its previous mean. The
 multipliers are buffers, so they are checkpointed and a resumed run continues them exactly.
 """
@@ -70,6 +71,7 @@ class CausalGraph(nn.Module):
         self.register_buffer("h_prev", torch.tensor(math.inf))
         self.register_buffer("h_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("h_count", torch.zeros((), dtype=torch.int64))
+        self.active = True  # whether the last ``losses`` had the penalty on (set there; read by the update)
 
     def temperature(self, progress: float) -> float:
         """Geometric anneal from ``temperature_init`` (progress 0) to ``temperature_min`` (progress 1)."""
@@ -102,22 +104,35 @@ class CausalGraph(nn.Module):
             adjacency = (logits > 0).float() * pair
         return GraphOutput(adjacency, prob, logits)
 
-    def losses(self, out: GraphOutput, alive: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``causal``: ``sparsity_lambda`` x mean edge probability over the possible (alive, off-diagonal)
-        pairs + the augmented Lagrangian of h(A) on the probabilities; ``acyclicity``: mean h(A) itself
-        (detached; weight 0 by default: a logged quantity and the input of ``update_lagrangian``)."""
+    def ramp(self, progress: float) -> float:
+        """Weight of the sparsity and acyclicity terms at training ``progress``: 0 before ``penalty_start``,
+        then linear to 1 over ``penalty_ramp``. Until then the prediction loss alone shapes the graph, so the
+        messages learn what they could carry before edges are pruned (with the penalties on from the start,
+        every edge is pruned before any message is worth keeping)."""
+        c = self.cfg
+        if progress < c.penalty_start:
+            return 0.0
+        return 1.0 if c.penalty_ramp == 0 else min(1.0, (progress - c.penalty_start) / c.penalty_ramp)
+
+    def losses(self, out: GraphOutput, alive: torch.Tensor, progress: float = 1.0) -> dict[str, torch.Tensor]:
+        """``causal``: (``sparsity_lambda`` x mean edge probability over the possible (alive, off-diagonal)
+        pairs + the augmented Lagrangian of h(A) on the probabilities) x ``ramp(progress)``; ``acyclicity``:
+        mean h(A) itself (detached; weight 0 by default: a logged quantity and the input of
+        ``update_lagrangian``)."""
         alive = alive.float()
         pairs = (alive[..., :, None] * alive[..., None, :]).sum((-2, -1)) - alive.pow(2).sum(-1)  # (B, T)
         sparsity = out.prob.sum() / pairs.sum().clamp_min(1.0)
         h = acyclicity(out.prob)  # (B, T)
         dag = (self.alpha * h + 0.5 * self.rho * h.pow(2)).mean()
-        return {"causal": self.cfg.sparsity_lambda * sparsity + dag, "acyclicity": h.mean().detach()}
+        self.active = self.ramp(progress) > 0
+        return {"causal": self.ramp(progress) * (self.cfg.sparsity_lambda * sparsity + dag),
+                "acyclicity": h.mean().detach()}
 
     @torch.no_grad()
     def update_lagrangian(self, h: float) -> None:
         """One optimizer step's h(A) (the same value on every rank); every ``update_every`` steps the
         multiplier and the penalty weight are updated from the mean h of those steps."""
-        if not math.isfinite(h):
+        if not math.isfinite(h) or not self.active:  # no update while the penalty is off (see ``ramp``)
             return
         self.h_sum += h
         self.h_count += 1
