@@ -98,7 +98,7 @@ def rollout_figure(truth, pred, context=None, scale: int | None = None) -> np.nd
     t_frames, p_frames = _as_frames(truth), _as_frames(pred)
     if t_frames.shape != p_frames.shape:
         raise ValueError(f"truth {t_frames.shape} and pred {p_frames.shape} must have the same shape (H, R, R, 3)")
-    h, r = t_frames.shape[0], t_frames.shape[1]
+    h = t_frames.shape[0]
     err = colormap(np.abs(t_frames.astype(np.float32) - p_frames.astype(np.float32)).mean(-1) / 255.0)
     labels = [f"t+{i + 1}" for i in range(h)]
     rows = [t_frames, p_frames, err]
@@ -110,17 +110,44 @@ def rollout_figure(truth, pred, context=None, scale: int | None = None) -> np.nd
         blank = np.full_like(c_frames, 255)
         rows = [np.concatenate([c_frames, t_frames]), np.concatenate([blank, p_frames]), np.concatenate([blank, err])]
         labels = [f"t-{c - 1 - i}" if i < c - 1 else "t" for i in range(c)] + labels
+    return _columns_labelled(rows, ["truth", "prediction", "|error|"], labels, scale)
+
+
+def _columns_labelled(rows: list[np.ndarray], row_labels: list[str], column_labels: list[str],
+                      scale: int | None = None) -> np.ndarray:
+    """``labelled_grid`` of frame rows (each (N, R, R, 3) uint8) with a header naming every column."""
+    r, gap = rows[0].shape[1], 2
     scale = scale or max(2, -(-MIN_TILE // r))
-    gap = 2
-    grid = labelled_grid(rows, ["truth", "prediction", "|error|"], scale=scale, gap=gap)
-    margin = grid.shape[1] - (len(labels) * (r + gap) - gap) * scale  # labelled_grid's label margin
+    grid = labelled_grid(rows, row_labels, scale=scale, gap=gap)
+    margin = grid.shape[1] - (len(column_labels) * (r + gap) - gap) * scale  # labelled_grid's label margin
     header = 18
     canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
     canvas.paste(Image.fromarray(grid), (0, header))
     draw, font = ImageDraw.Draw(canvas), _font()
-    for i, label in enumerate(labels):
+    for i, label in enumerate(column_labels):
         _text(draw, (margin + (i * (r + gap) + r / 2) * scale, header / 2), label, font, "mm")
     return np.asarray(canvas)
+
+
+def counterfactual_figure(context, factual, plain, intervened, twin, what: str = "intervention") -> np.ndarray:
+    """A "what if" beside what happened: rows factual truth, factual prediction, counterfactual prediction and
+    the re-simulated truth, one column per frame.
+
+    Args:
+        context: (C, 3, R, R) float in [0, 1], the frames t-C+1 .. t the model read (first row only).
+        factual: (H, 3, R, R) the true frames t+1 .. t+H; plain: the rollout from the context.
+        intervened: the rollout with ``what`` applied at t; twin: the re-simulated frames t+1 .. t+H.
+    """
+    c_frames, frames = _as_frames(context), [_as_frames(x) for x in (factual, plain, intervened, twin)]
+    if any(f.shape != frames[0].shape for f in frames) or c_frames.shape[1:] != frames[0].shape[1:]:
+        raise ValueError(f"frames must share one shape, got context {c_frames.shape} and "
+                         f"{[f.shape for f in frames]}")
+    c, h = c_frames.shape[0], frames[0].shape[0]
+    blank = np.full_like(c_frames, 255)
+    rows = [np.concatenate([c_frames, frames[0]])] + [np.concatenate([blank, f]) for f in frames[1:]]
+    labels = [f"t-{c - 1 - i}" if i < c - 1 else "t" for i in range(c)] + [f"t+{i + 1}" for i in range(h)]
+    return _columns_labelled(rows, ["truth", "prediction", f"{what}: prediction", f"{what}: re-simulated"],
+                             labels)
 
 
 # ---- events -----------------------------------------------------------------------------------------

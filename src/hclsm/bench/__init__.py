@@ -27,7 +27,8 @@ class BenchResult:
 
 
 _REGISTRY: dict[str, Callable[[bool, int], BenchResult]] = {}
-_MODULES = ("hclsm.bench.data", "hclsm.bench.objects", "hclsm.bench.scale", "hclsm.bench.dynamics", "hclsm.bench.scan")  # modules whose import registers benchmarks
+_MODULES = ("hclsm.bench.data", "hclsm.bench.objects", "hclsm.bench.scale", "hclsm.bench.dynamics", "hclsm.bench.scan",
+            "hclsm.bench.causal")  # modules whose import registers benchmarks
 
 
 def register(name: str):

@@ -45,7 +45,7 @@ from hclsm.nn.matching import permute, sinkhorn_match
 from hclsm.utils.atomic import atomic_output_dir
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import save_png
-from hclsm.viz_dynamics import event_timeline, rollout_figure, slot_pca_figure
+from hclsm.viz_dynamics import counterfactual_figure, event_timeline, rollout_figure, slot_pca_figure
 
 EVAL_BATCH = 8
 TOLERANCE = 1  # steps an event prediction may be off the true event
@@ -261,8 +261,8 @@ def _picked(n_windows: int, clips: int) -> list[int]:
 
 def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os.PathLike, context: int, horizon: int,
                clips: int, *, val_fraction: float = 0.0, seed: int = 0, frame_skip: int = 1,
-               batch_size: int = EVAL_BATCH, progress: bool = False, meta: Mapping[str, Any] | None = None
-               ) -> dict[str, Any]:
+               batch_size: int = EVAL_BATCH, progress: bool = False, meta: Mapping[str, Any] | None = None,
+               counterfactual: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` on the dataset at ``data_root`` and write ``out_dir``; returns what ``metrics.json`` holds.
 
     The clips are the non-overlapping windows of ``context + horizon`` frames (every ``frame_skip``-th) of
@@ -270,7 +270,10 @@ def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os
     episodes when ``val_fraction`` is 0). ``out_dir`` gets, for ``clips`` of them spread over the episodes,
     ``clipN_rollout.png`` (pixel models), ``clipN_events.png`` and ``clipN_slots_pca.png``, and
     ``metrics.json`` with ``rollout`` (``rollout_metrics``), ``events`` (``event_metrics``), the clips shown
-    and ``meta``. It is built aside and renamed into place (an earlier eval there is replaced).
+    and ``meta``. With ``counterfactual`` (a physics dataset with twins) it also holds ``counterfactual``
+    (``hclsm.eval.counterfactual.summarise`` over the held-out episodes' twins) and ``cfN_KIND.png`` shows
+    ``clips`` of them (factual truth and prediction, the intervened prediction, the re-simulated truth). It
+    is built aside and renamed into place (an earlier eval there is replaced).
 
     Raises ``DataError`` when the dataset is missing or its held-out episodes are shorter than a clip, and
     ``HclsmError`` for bad numbers or an ``out_dir`` that is something else.
@@ -280,6 +283,8 @@ def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os
     out = Path(out_dir)
     _check_out(out)
     source = open_dataset(data_root)
+    if counterfactual:
+        _require_twins(data_root)
     lengths = [int(n) for n in source.episode_lengths]
     held_out = val_fraction > 0 and len(lengths) > 1
     episodes = split_episodes(len(lengths), val_fraction, seed)[1] if held_out else list(range(len(lengths)))
@@ -326,6 +331,8 @@ def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os
             pictures[f"clip{i + 1}_slots_pca.png"] = slot_pca_figure(
                 truth.slots[i], truth.alive[i], roll.slots[i], background=truth.has_background,
                 title=f"{where}: slot trajectories (PCA), rollout dashed")
+    if counterfactual:
+        record["counterfactual"] = _counterfactuals(model, data_root, episodes, context, horizon, clips, pictures)
     record |= {"shown": shown, "pictures": sorted(pictures), **(meta or {})}
     record = finite_or_none(record)
     with atomic_output_dir(out, overwrite=True) as tmp:
@@ -333,3 +340,24 @@ def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os
             save_png(image, tmp / name)
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     return record
+
+
+def _require_twins(data_root: str | os.PathLike) -> None:
+    meta = Path(data_root) / "meta.json"
+    if not meta.is_file() or not json.loads(meta.read_text()).get("counterfactual"):
+        raise DataError(f"{data_root}: --counterfactual needs a physics dataset with counterfactual twins; generate "
+                        f"one with `hclsm data physics` (data.physics.counterfactual is on by default)")
+
+
+def _counterfactuals(model: nn.Module, data_root: str | os.PathLike, episodes: list[int], context: int, horizon: int,
+                     clips: int, pictures: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Counterfactual rollouts on the twins of ``episodes`` (summary), drawing ``clips`` of them into ``pictures``."""
+    from hclsm.eval.counterfactual import counterfactual_cases, summarise
+
+    with _evaluating(model):
+        cases, unmatched = counterfactual_cases(model, data_root, episodes, context, horizon)
+    for i in _picked(len(cases), clips):
+        c = cases[i]
+        pictures[f"cf{i + 1}_{c.kind}.png"] = counterfactual_figure(
+            c.context, c.factual, c.plain.frames[0], c.intervened.frames[0], c.twin, what=c.kind)
+    return summarise(cases, unmatched)

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from hclsm import keys
 from hclsm.config.model import ModelConfig
 from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics, fold
+from hclsm.models.interventions import Intervention, apply_to_state
 from hclsm.models.objects import ObjectDecomposer, ObjectOutput
 from hclsm.nn.chunks import map_chunks
 from hclsm.nn.matching import permute, sinkhorn_match
@@ -63,7 +64,7 @@ class Rollout:
 
     slots: torch.Tensor  # (B, H, K, d_slot)
     positions: torch.Tensor  # (B, H, K, 2)
-    alive: torch.Tensor  # (B, K) bool: the slots alive on the last context frame (kept through the rollout)
+    alive: torch.Tensor  # (B, K) bool: the slots alive on the last context frame, after any intervention (kept)
     frames: torch.Tensor  # (B, H, C, R, R) decoded predictions
     events: torch.Tensor  # (B, C + H - 1) event gate of every step the dynamics ran
     context: ObjectOutput  # the object decomposition of the context frames
@@ -193,12 +194,13 @@ class HCLSM(nn.Module):
         return F.mse_loss(torch.cat(recon).float(), target.float())
 
     def predict_ahead(self, slots: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor, horizon: int,
-                      action: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      action: torch.Tensor | None = None, intervention: Intervention | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Autoregressive prediction in latent space: the slots (B, C, K, d), positions (B, C, K, 2) and alive gate
         (B, C, K) of C context steps -> the predicted slots (B, H, K, d) and positions (B, H, K, 2) of the next
         ``horizon`` steps, each made from the previous prediction with the last context step's gate, and the event
         gate of every step run (B, C + H - 1). ``action`` (B, >= C + H - 1, A) drives an action-conditioned model
-        (zeros when omitted)."""
+        (zeros when omitted). ``intervention`` acts on the last context step (``hclsm.models.interventions``)."""
         b, c, k, _ = slots.shape
         n = c + horizon - 1
         if self.cfg.d_action > 0 and action is None:
@@ -207,12 +209,13 @@ class HCLSM(nn.Module):
             raise ValueError(f"a rollout needs actions for {n} steps (context {c} + horizon {horizon} - 1), got "
                              f"{action.shape[1]}")
         state = self.dynamics.init_state(b, k, slots.device, slots.dtype)
-        s, p, events, pred_slots, pred_pos = None, None, [], [], []
+        s, p, g, events, pred_slots, pred_pos = None, None, None, [], [], []
         for t in range(n):
             if t < c:
-                s, p = slots[:, t], positions[:, t]
-            s, p, ev, state = self.dynamics.step(s, p, gate[:, min(t, c - 1)], None if action is None else action[:, t],
-                                                 state)
+                s, p, g = slots[:, t], positions[:, t], gate[:, t]
+                if t == c - 1 and intervention is not None:
+                    s, p, g, state = apply_to_state(intervention, s, p, g, state)
+            s, p, ev, state = self.dynamics.step(s, p, g, None if action is None else action[:, t], state)
             events.append(ev)
             if t >= c - 1:
                 pred_slots.append(s)
@@ -220,18 +223,24 @@ class HCLSM(nn.Module):
         return torch.stack(pred_slots, 1), torch.stack(pred_pos, 1), torch.stack(events, 1)
 
     @torch.no_grad()
-    def rollout(self, video: torch.Tensor, horizon: int, action: torch.Tensor | None = None) -> Rollout:
+    def rollout(self, video: torch.Tensor, horizon: int, action: torch.Tensor | None = None,
+                intervention: Intervention | None = None) -> Rollout:
         """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively
         (``predict_ahead``), decoded through the spatial broadcast decoder.
 
         ``action`` (B, C + horizon - 1, A) are the actions of every step that is run (the context frames
         and all predicted frames but the last); omitted for a model without action conditioning.
+        ``intervention`` (``hclsm.models.interventions.Intervention``) acts on one slot at the last context
+        frame: the rollout is then the counterfactual "what if" prediction.
         """
         context = self.objects(video)
         b = video.shape[0]
         alive = context.alive[:, -1]
+        if intervention is not None and intervention.kind == "remove":
+            alive = alive.clone()
+            alive[torch.arange(b, device=alive.device), intervention.slot.to(alive.device)] = False
         slots, pos, events = self.predict_ahead(context.slots, context.positions, context.alive.float(), horizon,
-                                                action)
+                                                action, intervention)
         recon, _, _ = self.objects.decoder(slots.flatten(0, 1), pos.flatten(0, 1),
                                            alive.float().repeat_interleave(horizon, 0))
         frames = recon.reshape(b, horizon, *recon.shape[1:])

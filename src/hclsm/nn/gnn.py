@@ -5,7 +5,7 @@ Per round (pre-LN, residual; each round has its own weights)::
     h      = LayerNorm(o)
     e_ij   = edge_mlp([h_i; h_j; h_i - h_j; h_i * h_j])           # (B, N, N, d_edge), receiver i, sender j
     w_ij   = sigmoid(Linear(e_ij))                                # edge weight (exposed for the causal layer)
-    agg_i  = Wm sum_{j != i} alive_j w_ij g_ij e_ij / max(1, sum_{j != i} alive_j)
+    agg_i  = Wm sum_{j != i} alive_j w_ij g_ij e_ij / max(1, sum_{j != i} alive_j g_ij)
     o_i    = o_i + update_mlp([h_i; agg_i])
 
 ``g`` is an optional external edge gate (a causal adjacency), 1 when absent. The message map Wm is
@@ -48,7 +48,11 @@ class RelationRound(nn.Module):
         recv = F.linear(h, w_i + w_diff, self.edge_in.bias)  # (B, N, d_edge)
         send = F.linear(h, w_j - w_diff)  # (B, N, d_edge)
         alive = alive.to(h.dtype)
-        n_senders = (alive.sum(1, keepdim=True) - alive).clamp_min(1.0)  # (B, N): alive senders j != i
+        if edge_gate is None:
+            n_senders = (alive.sum(1, keepdim=True) - alive).clamp_min(1.0)  # (B, N): alive senders j != i
+        else:  # only the senders the gate lets through count (an object without an edge to i is not seen by i)
+            eye = torch.eye(N, device=x.device, dtype=h.dtype)
+            n_senders = ((edge_gate.to(h.dtype) * (1 - eye)) * alive[:, None, :]).sum(-1).clamp_min(1.0)
         step = chunk_size if chunk_size > 0 else N
         aggs, weights = [], []
         for a in range(0, N, step):
