@@ -123,21 +123,33 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, data):
     assert summary["processes"] == 2 and summary["steps"] == 3
 
 
+def ddp_worker(data: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line of ``tests/ddp_worker.py`` on ``data`` and the environment it runs in."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return [str(root / "tests" / "ddp_worker.py"), str(data)], env
+
+
+def one_and_two_ranks(tmp_path: Path, data: Path, one: list[str], two: list[str]) -> tuple[dict, dict, dict]:
+    """The worker in one process (arguments ``one``, into tmp_path/one) and under torchrun on 2 ranks
+    (``two``, into tmp_path/two): rank 0's, rank 1's and the single process's final weights."""
+    worker, env = ddp_worker(data)
+    single = subprocess.run([sys.executable, *worker, str(tmp_path / "one"), *one], capture_output=True, text=True,
+                            env=env)
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(free_port()), *worker, str(tmp_path / "two"), *two], capture_output=True, text=True,
+                           env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    r0, r1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
+    return r0, r1, load_file(tmp_path / "one" / "rank0.safetensors")
+
+
 def test_every_rank_ends_with_the_same_weights_and_ema_target(tmp_path, data):
     """Under DDP every rank applies the same averaged gradient and the same EMA update, so the ranks'
     weights (the EMA target encoder included) are bit-identical; and bit-identical to one process that
     computes as the ranks do (their halves of the batch as two micro-batches, one thread)."""
-    root = Path(__file__).resolve().parents[1]
-    worker = [str(root / "tests" / "ddp_worker.py"), str(data)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one"), "ddp", "train.accumulate=2",
-                          "train.threads=1"], capture_output=True, text=True, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), *worker, str(tmp_path / "two")], capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
-    r0, r1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
-    single = load_file(tmp_path / "one" / "rank0.safetensors")
+    r0, r1, single = one_and_two_ranks(tmp_path, data, ["ddp", "train.accumulate=2", "train.threads=1"], [])
     ema = [k for k in r0 if ".target_encoder." in k]
     assert ema and r0.keys() == r1.keys() == single.keys()
     assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
@@ -148,18 +160,8 @@ def test_every_rank_ends_with_the_same_weights_and_ema_target(tmp_path, data):
 def test_micro_batches_under_ddp_sync_once_and_train_like_one_process(tmp_path, data):
     """train.accumulate=2 on 2 ranks (gradients synchronised after the second micro-batch only): the ranks end
     bit-identical, and within float summation order of one process running the 4 micro-batches itself."""
-    root = Path(__file__).resolve().parents[1]
-    worker = [str(root / "tests" / "ddp_worker.py"), str(data)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one"), "ddp", "train.accumulate=4",
-                          "train.threads=1"], capture_output=True, text=True, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), *worker, str(tmp_path / "two"), "ddp", "train.accumulate=2"],
-                         capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
-    r0, r1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
-    single = load_file(tmp_path / "one" / "rank0.safetensors")
+    r0, r1, single = one_and_two_ranks(tmp_path, data, ["ddp", "train.accumulate=4", "train.threads=1"],
+                                       ["ddp", "train.accumulate=2"])
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     diff = max(float((r0[k] - single[k]).abs().max()) for k in r0)
     assert diff <= 1e-4, diff  # measured 2.9e-6: ((a + b) / 2 + (c + d) / 2) / 2 vs a / 4 + b / 4 + c / 4 + d / 4
@@ -169,9 +171,7 @@ def test_fsdp_shards_train_like_one_process_and_resume_exactly(tmp_path, data):
     """train.parallel=fsdp: 2 ranks holding shards end within 1e-5 of one process (rank 0's gathered
     checkpoint, the EMA target encoder included), and a run resumed from an earlier checkpoint ends
     bit-identical to the uninterrupted one."""
-    root = Path(__file__).resolve().parents[1]
-    worker = [str(root / "tests" / "ddp_worker.py"), str(data)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    worker, env = ddp_worker(data)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     one = subprocess.run([sys.executable, *worker, str(tmp_path / "one")], capture_output=True, text=True, env=env)
     two = subprocess.run([*launch, *worker, str(tmp_path / "two"), "fsdp"], capture_output=True, text=True, env=env)
