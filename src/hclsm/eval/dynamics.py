@@ -283,8 +283,9 @@ def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os
     out = Path(out_dir)
     _check_out(out)
     source = open_dataset(data_root)
-    if counterfactual:
-        _require_twins(data_root)
+    if counterfactual and not getattr(source, "meta", {}).get("counterfactual"):  # only physics datasets have twins
+        raise DataError(f"{data_root}: --counterfactual needs a physics dataset with counterfactual twins; generate "
+                        f"one with `hclsm data physics` (data.physics.counterfactual is on by default)")
     lengths = [int(n) for n in source.episode_lengths]
     held_out = val_fraction > 0 and len(lengths) > 1
     episodes = split_episodes(len(lengths), val_fraction, seed)[1] if held_out else list(range(len(lengths)))
@@ -340,13 +341,6 @@ def write_eval(model: nn.Module, data_root: str | os.PathLike, out_dir: str | os
             save_png(image, tmp / name)
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     return record
-
-
-def _require_twins(data_root: str | os.PathLike) -> None:
-    meta = Path(data_root) / "meta.json"
-    if not meta.is_file() or not json.loads(meta.read_text()).get("counterfactual"):
-        raise DataError(f"{data_root}: --counterfactual needs a physics dataset with counterfactual twins; generate "
-                        f"one with `hclsm data physics` (data.physics.counterfactual is on by default)")
 
 
 def _counterfactuals(model: nn.Module, data_root: str | os.PathLike, episodes: list[int], context: int, horizon: int,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hclsm.models.dynamics import DynamicsState
+
 KINDS = ("displace", "push", "remove", "set")
 
 
@@ -70,7 +72,7 @@ class Intervention:
 
 
 def apply_to_state(intervention: Intervention, slots: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor,
-                   state: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+                   state: DynamicsState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicsState]:
     """``intervention.apply`` on a dynamics step's inputs and its ``DynamicsState`` (whose ``positions`` field
     holds the previous step's positions)."""
     slots, positions, gate, previous = intervention.apply(slots, positions, gate, state.positions)
