@@ -1,0 +1,197 @@
+"""SlotSSM, OC-SlotSSM and the paper's baselines: symmetry, slot independence, inverted attention,
+causality in time, step == forward, gradients to every parameter, parameter matching."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hclsm.models.slot_baselines import SAVi, SlotTransformer, match_width, n_params
+from hclsm.models.slot_tasks import BACKBONES, BlinkingClassifier, VideoPredictor, build_backbone
+from hclsm.models.slotssm import OCSlotSSM, OCSlotSSMConfig, SlotSSM, SlotSSMConfig
+from hclsm.nn.attention import MultiHeadAttention, inverted_attention_weights
+
+D = 16
+
+
+def small_oc() -> OCSlotSSMConfig:
+    from hclsm.config.model import DecoderConfig
+
+    return OCSlotSSMConfig(image_size=16, patch_size=2, d_model=D, num_slots=3, layers=2, cnn_layers=2,
+                           decoder=DecoderConfig(hidden=8, layers=2, kernel=1, grid_size=8, resolution=16,
+                                                 relative_positions=False))
+
+
+def test_slot_permutation_equivariance():
+    """Permuting the input slots permutes the output slots (SSM weights shared, mixer is attention)."""
+    torch.manual_seed(0)
+    model = SlotSSM(SlotSSMConfig(d_in=D, d_model=D, slots=(5, 5), heads=2), encode_inputs=False).eval()
+    slots = torch.randn(2, 6, 5, D)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    out, out_perm = model(slots), model(slots[:, :, perm])
+    torch.testing.assert_close(out_perm, out[:, :, perm], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[:, :, 0], out[:, :, 1])  # the slots do differ (not a trivial symmetry)
+
+
+def test_ssm_step_is_independent_per_slot_and_the_mixer_couples_them():
+    torch.manual_seed(0)
+    model = SlotSSM(SlotSSMConfig(d_in=D, d_model=D, slots=(4,), heads=2), encode_inputs=False).eval()
+    layer = model.layers[0]
+    slots = torch.randn(2, 7, 4, D)
+    changed = slots.clone()
+    changed[:, :, 1] += torch.randn(2, 7, D)  # change slot 1's whole input history
+    h, h2 = layer.ssm_forward(slots), layer.ssm_forward(changed)
+    others = [0, 2, 3]
+    torch.testing.assert_close(h2[:, :, others], h[:, :, others], atol=0, rtol=0)  # bit-identical
+    assert (h2[:, :, 1] - h[:, :, 1]).abs().max() > 1e-3
+    # the recurrent states of the step path: slot j's state ignores slot i's inputs
+    s1, s2 = model.init_state(2), model.init_state(2)
+    for t in range(7):
+        _, s1 = model.step(slots[:, t], s1)
+        _, s2 = model.step(changed[:, t], s2)
+    h_state1, h_state2 = s1[0][1].view(2, 4, -1, 16), s2[0][1].view(2, 4, -1, 16)  # (B, K, d_inner, N)
+    torch.testing.assert_close(h_state2[:, others], h_state1[:, others], atol=0, rtol=0)
+    assert (h_state2[:, 1] - h_state1[:, 1]).abs().max() > 1e-4
+    # after the mixer the slots do interact
+    out, out2 = model(slots), model(changed)
+    assert (out2[:, :, others] - out[:, :, others]).abs().max() > 1e-4
+
+
+def test_inverted_attention_normalises_over_queries():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 9)  # (N, h, Q, L)
+    w = inverted_attention_weights(logits)
+    # each query takes a weighted mean over the inputs
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 4), atol=1e-5, rtol=0)
+    # the softmax is over the queries: shifting one input's logits for every query changes nothing ...
+    shifted = logits.clone()
+    shifted[..., 5] += 3.0
+    torch.testing.assert_close(inverted_attention_weights(shifted), w, atol=1e-6, rtol=1e-5)
+    # ... and it equals softmax over dim Q renormalised over L
+    a = logits.softmax(dim=-2)
+    torch.testing.assert_close(w, a / a.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+    # queries compete: an input claimed strongly by query 0 is (almost) lost to the others
+    claim = logits.clone()
+    claim[..., 0, 2] = 30.0
+    wc = inverted_attention_weights(claim)
+    assert wc[..., 1:, 2].max() < 1e-6 and wc[..., 0, 2].min() > w[..., 0, 2].min()
+    # the module uses it: its weights sum to 1 over inputs, and the softmax over queries is visible
+    att = MultiHeadAttention(8, 1, inverted=True)
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 9, 8)
+    wm = att.weights(x, ctx)
+    torch.testing.assert_close(wm.sum(-1), torch.ones(2, 1, 4), atol=1e-5, rtol=0)
+    regular = MultiHeadAttention(8, 1).weights(x, ctx)
+    torch.testing.assert_close(regular.sum(-1), torch.ones(2, 1, 4), atol=1e-5, rtol=0)
+    assert not torch.allclose(wm, regular, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_backbone_is_causal_in_time_and_step_matches_forward(kind):
+    torch.manual_seed(0)
+    model = build_backbone(kind, d_in=D, d_model=D, num_slots=3, layers=2, heads=2, encoder_layers=1).eval()
+    x = torch.randn(2, 8, 5, D)
+    y = model(x)
+    future = x.clone()
+    future[:, 5:] = torch.randn(2, 3, 5, D) * 3
+    y2 = model(future)
+    torch.testing.assert_close(y2[:, :5], y[:, :5], atol=1e-6, rtol=1e-6)  # the past is blind to the future
+    assert (y2[:, 5:] - y[:, 5:]).abs().max() > 1e-3
+    state, steps = model.init_state(2), []
+    for t in range(8):
+        o, state = model.step(x[:, t], state)
+        steps.append(o)
+    torch.testing.assert_close(torch.stack(steps, 1), y, atol=1e-5, rtol=1e-4)
+
+
+def test_slot_count_can_change_between_layers():
+    torch.manual_seed(0)
+    model = SlotSSM(SlotSSMConfig(d_in=D, d_model=D, slots=(4, 2, 2), heads=2, encoder_layers=1))
+    assert model.layers[1].encoder is not None and model.layers[2].encoder is None
+    x = torch.randn(2, 5, 6, D)
+    y = model(x)
+    assert y.shape == (2, 5, 2, D)
+    state, last = model.init_state(2), None
+    for t in range(5):
+        last, state = model.step(x[:, t], state)
+    torch.testing.assert_close(last, y[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def _assert_all_grads(model: torch.nn.Module, loss: torch.Tensor) -> None:
+    model.zero_grad()
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().max() == 0)]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_every_parameter_gets_a_gradient_in_both_tasks(kind):
+    torch.manual_seed(0)
+    vp = VideoPredictor(kind, size=8, patch=4, d_model=D, num_slots=3, layers=2, heads=2, decoder_layers=1)
+    _assert_all_grads(vp, vp.losses(torch.rand(2, 4, 3, 8, 8))["frame"])
+    clf = BlinkingClassifier(kind, 8, (4, 2), frames=2, d_model=D, num_slots=3, layers=1, heads=2, decoder_layers=1)
+    patches = torch.rand(2, 2 * clf.per_frame, 4, 2, 3)
+    target = torch.randint(0, 7, (2, 8, 8))
+    _assert_all_grads(clf, torch.nn.functional.cross_entropy(clf(patches), target))
+
+
+@pytest.mark.parametrize("cls", [OCSlotSSM, SAVi])
+def test_object_centric_models_train_every_parameter_and_are_causal(cls):
+    torch.manual_seed(0)
+    model = cls(small_oc())
+    video = torch.rand(2, 4, 3, 16, 16)
+    out = model(video)
+    assert out.recon.shape == (2, 4, 3, 16, 16) and out.masks.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(out.alphas.sum(2), torch.ones(2, 4, 16, 16), atol=1e-5, rtol=0)
+    _assert_all_grads(model, out.losses["recon"])
+    model.eval()
+    with torch.no_grad():
+        a = model(video).slots
+        changed = video.clone()
+        changed[:, 2:] = torch.rand(2, 2, 3, 16, 16)
+        b = model(changed).slots
+    torch.testing.assert_close(b[:, :2], a[:, :2], atol=1e-6, rtol=1e-6)
+    assert (b[:, 2:] - a[:, 2:]).abs().max() > 1e-4
+
+
+def test_oc_slotssm_uses_inverted_attention_and_learns_to_reconstruct():
+    torch.manual_seed(0)
+    model = OCSlotSSM(small_oc())
+    assert all(layer.attn.inverted for layer in model.layers)
+    video = torch.zeros(4, 2, 3, 16, 16)
+    video[:, :, 0, 2:7, 2:7] = 1.0  # a red square and a blue one
+    video[:, :, 2, 9:14, 8:13] = 1.0
+    constant = ((video - video.mean((0, 1, 3, 4), keepdim=True)) ** 2).mean().item()  # best flat-colour image
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        loss = model(video).losses["recon"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.75 * constant
+
+
+def test_video_rollout_feeds_back_its_predictions():
+    torch.manual_seed(0)
+    vp = VideoPredictor("slotssm", size=8, patch=4, d_model=D, num_slots=3, layers=1, heads=2, decoder_layers=1).eval()
+    context = torch.rand(2, 3, 3, 8, 8)
+    roll = vp.rollout(context, 4)
+    assert roll.shape == (2, 4, 3, 8, 8)
+    # the first predicted frame is the teacher-forced prediction after the context
+    torch.testing.assert_close(roll[:, 0], vp(context)[:, -1], atol=1e-5, rtol=1e-4)
+    # the second one reads the first prediction: teacher forcing on [context, roll[0]] gives it
+    torch.testing.assert_close(roll[:, 1], vp(torch.cat([context, roll[:, :1]], 1))[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_match_width_matches_parameter_counts():
+    target = n_params(build_backbone("slotssm", 32, 32, 6, 2, 4))
+    for kind in ("single_ssm", "slot_transformer", "slot_rnn"):
+        w = match_width(lambda w: build_backbone(kind, 32, w, 6, 2, 4), target, multiple=4)
+        got = n_params(build_backbone(kind, 32, w, 6, 2, 4))
+        assert abs(got - target) / target < 0.1, (kind, w, got, target)
+
+
+def test_slot_transformer_step_cost_grows_with_its_cache():
+    model = SlotTransformer(D, D, num_slots=2, layers=1, heads=2, encoder_layers=1)
+    state = model.init_state(1)
+    for _ in range(3):
+        _, state = model.step(torch.randn(1, 4, D), state)
+    assert state["past"][0].shape == (1, 6, D)  # every past slot kept: attention cost grows with t
