@@ -31,7 +31,9 @@ def dynamics_inputs(b: int = 2, t: int = 9, k: int = 5, d: int = 16, seed: int =
     return slots, positions, alive, action
 
 
-CAUSAL = {"off": (), "causal graph": ("model.causal.enabled=true",)}
+MEMORY = ("model.memory.enabled=true", "model.memory.size=6")  # small: it fills and replaces entries in a clip
+CAUSAL = {"off": (), "causal graph": ("model.causal.enabled=true",), "memory": MEMORY,
+          "causal graph + memory": ("model.causal.enabled=true", *MEMORY)}
 
 
 @pytest.mark.parametrize("causal", CAUSAL)
@@ -41,7 +43,7 @@ def test_every_trainable_parameter_gets_a_gradient_in_a_stage2_step(causal):
     batch = {"video": torch.rand(4, 6, 3, 32, 32), "action": torch.randn(4, 6, 2)}
     out = model(batch, progress=0.8, stage=2)
     assert {"sbd", "diversity", "existence", "object_area", "jepa", "obj", "frame", "event", "rollout"} <= set(out.losses)
-    assert ({"causal", "acyclicity"} <= set(out.losses)) == (causal != "off")
+    assert ({"causal", "acyclicity"} <= set(out.losses)) == ("causal graph" in causal)
     assert all(torch.isfinite(v) for v in out.losses.values())
     sum(out.losses.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
@@ -82,7 +84,7 @@ def test_dynamics_past_is_blind_to_the_future(t_cut, causal):
     torch.testing.assert_close(new.events.prob[:, past], ref.events.prob[:, past], atol=1e-6, rtol=0)
     assert torch.equal(new.events.gate[:, past], ref.events.gate[:, past])
     assert not torch.allclose(new.slots[:, t_cut + 1:], ref.slots[:, t_cut + 1:])  # the future does change
-    if causal != "off":
+    if "causal graph" in causal:
         assert torch.equal(new.graph.adjacency[:, past], ref.graph.adjacency[:, past])
 
 
@@ -102,7 +104,7 @@ def test_step_equals_forward(causal):
         torch.testing.assert_close(p, ref.positions[:, i], atol=2e-5, rtol=1e-5)
         assert torch.equal(gate, ref.events.gate[:, i])
     assert 0 < ref.events.gate.sum() < ref.events.gate.numel()
-    if causal != "off":  # a graph with some edges and some gaps, and objects with events at different steps
+    if "causal graph" in causal:  # a graph with some edges and some gaps, and objects with events at different steps
         adj, own = ref.graph.adjacency, ref.object_events.gate
         assert 0 < adj.sum() < (alive.sum(-1) * (alive.sum(-1) - 1)).sum()
         assert 0 < own.sum() < own.numel() and not torch.equal(own, ref.events.gate.repeat_interleave(k, 0))

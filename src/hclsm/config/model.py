@@ -275,14 +275,25 @@ class CausalConfig:
 
 @dataclass
 class MemoryConfig:
-    """Episodic (modern Hopfield) memory of slot states."""
+    """Episodic modern-Hopfield memory of object states, read by the dynamics at every step (seed Layer 5,
+    ``hclsm.nn.memory``): one memory per sequence, empty at its start, written by novelty."""
 
-    enabled: bool = True
-    size: int = 256  # number of stored entries
-    d_memory: int = 64
+    # tiny: off (it changes the dynamics, and the recorded tiny benchmarks were trained without it); the GPU
+    # presets turn it on. On, every object's L0 state reads the memory of the earlier steps
+    enabled: bool = False
+    size: int = 64  # most entries a sequence's memory holds; when full, the least recently used one is replaced
+    d_memory: int = 32  # width of the read's query / key / value space
+    # a state is written only when its best cosine similarity to the stored entries is below this
+    write_threshold: float = 0.9
+    beta: float = 8.0  # inverse temperature of the Hopfield softmax: the read's initial value (then learned)
 
     def __post_init__(self) -> None:
-        check_min(self, "model.memory", 1, "size", "d_memory")
+        p = "model.memory"
+        check_min(self, p, 1, "size", "d_memory")
+        check(isinstance(self.write_threshold, (int, float)) and -1.0 <= self.write_threshold <= 1.0,
+              f"{p}.write_threshold", f"must be a cosine similarity in [-1, 1], got {self.write_threshold!r}")
+        check(isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0, f"{p}.beta",
+              f"must be a finite number > 0, got {self.beta!r}")
 
 
 @dataclass

@@ -78,7 +78,7 @@ def _vit_model(*, d_world: int, vit: tuple[int, int, int], slots: tuple[int, int
         ),
         gnn=GNNConfig(d_edge=gnn[0], rounds=gnn[1], chunk_size=chunk_size),
         causal=CausalConfig(enabled=True),
-        memory=MemoryConfig(size=memory[0], d_memory=memory[1]),
+        memory=MemoryConfig(enabled=True, size=memory[0], d_memory=memory[1]),
     )
 
 

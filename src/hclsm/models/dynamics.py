@@ -30,6 +30,11 @@ which edges exist, and an object without children affects no other object. ``Dyn
 then the scene's summary (an event when any object has one) and ``object_events`` holds the per-object
 gates. Without the graph the scene mean is shared by all objects and there is one event gate per step.
 
+**Memory** (``model.memory.enabled``, seed Layer 5): after the GNN, each object's L0 state reads an episodic
+modern-Hopfield memory of the object states of the earlier steps and adds what it retrieved; then the step's
+novel states are written (``hclsm.nn.memory``). Everything above L0 (the events, L1, L2, the head) sees the
+states with the memory read in. With the causal graph an object reads only its own and its parents' entries.
+
 ``forward`` runs a whole sequence; ``init_state`` / ``step`` run one step at a time for rollouts (the SSMs
 carry O(1) state; L1/L2 keep the history of their inputs and compute only the newest step), and equal
 ``forward`` on the same inputs (tested).
@@ -46,6 +51,7 @@ from hclsm.nn.causal import CausalGraph, GraphOutput
 from hclsm.nn.events import EventDetector, EventOutput, EventTransformer
 from hclsm.nn.gnn import RelationGNN
 from hclsm.nn.goals import GoalCompressor
+from hclsm.nn.memory import HopfieldMemory, MemoryState
 from hclsm.nn.ssm import SSMState, SSMStack
 
 
@@ -78,6 +84,7 @@ class DynamicsState:
     adjacency: torch.Tensor | None  # (B, t, K, K) the causal graph so far
     views: torch.Tensor | None  # (B, t, K, d) each object's view of its own and its parents' L0 states
     noise: torch.Tensor | None  # (B, 1, K, K) the causal graph's sampling noise for this rollout (training)
+    memory: MemoryState | None = None  # the episodic memory of this rollout (model.memory.enabled)
 
 
 def masked_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -124,6 +131,7 @@ class HierarchicalDynamics(nn.Module):
         self.object_ssm = SSMStack(d, l0.blocks, l0.d_state, l0.d_conv, l0.expand)
         self.gnn = RelationGNN(d, cfg.gnn)
         self.graph = CausalGraph(d, cfg.gnn.d_edge, cfg.causal) if cfg.causal.enabled else None
+        self.memory = HopfieldMemory(d, cfg.memory) if cfg.memory.enabled else None
         self.detector = EventDetector(d, cfg.dynamics.l1)
         self.l1 = EventTransformer(d, cfg.dynamics.l1)
         self.l2 = GoalCompressor(d, cfg.dynamics.l2)
@@ -198,6 +206,8 @@ class HierarchicalDynamics(nn.Module):
         h0 = unfold(self.object_ssm(fold(x)), k)
         gate = None if adjacency is None else adjacency.flatten(0, 1)
         h0 = self.gnn(h0.flatten(0, 1), alive.flatten(0, 1), gate).reshape(b, t, k, d)
+        if self.memory is not None:  # each step reads what the steps before it wrote
+            h0 = self.memory(h0, alive, adjacency)
         pooled = masked_mean(h0, alive)
         if adjacency is None:
             events = self.detector(pooled)
@@ -216,12 +226,14 @@ class HierarchicalDynamics(nn.Module):
         causal = None if self.graph is None else torch.zeros(batch, 0, num_slots, num_slots, device=device, dtype=dtype)
         views = None if self.graph is None else torch.zeros(batch, 0, num_slots, d, device=device, dtype=dtype)
         noise = self.graph.noise(batch, num_slots, device) if self.graph is not None and self.training else None
+        memory = None if self.memory is None else self.memory.init_state(batch, device, dtype)
         return DynamicsState(self.global_ssm.init_state(tracks, device, dtype),
                              self.object_ssm.init_state(batch * num_slots, device, dtype), None,
                              torch.zeros(batch, 0, num_slots, d, device=device, dtype=dtype),
                              torch.zeros(batch, 0, num_slots, device=device, dtype=dtype),
                              torch.zeros(batch, 0, d, device=device, dtype=dtype),
-                             torch.zeros(batch, 0, num_slots, d, device=device, dtype=dtype), causal, views, noise)
+                             torch.zeros(batch, 0, num_slots, d, device=device, dtype=dtype), causal, views, noise,
+                             memory)
 
     def step(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
              action: torch.Tensor | None, state: DynamicsState
@@ -246,6 +258,9 @@ class HierarchicalDynamics(nn.Module):
             x = x + self.condition(g)[:, None]
         h0, os_ = self.object_ssm.step(x.reshape(b * k, d), state.object_ssm)
         h0 = self.gnn(h0.reshape(b, k, d), alive, adjacency)
+        memory = state.memory
+        if self.memory is not None:
+            h0, memory = self.memory.step(h0, alive, memory, adjacency)
         hist_h0 = torch.cat([state.h0, h0[:, None]], dim=1)
         hist_pooled = torch.cat([state.pooled, masked_mean(h0, alive)[:, None]], dim=1)
         if adjacency is None:
@@ -258,5 +273,5 @@ class HierarchicalDynamics(nn.Module):
             h = self._upper(hist_h0, hist_alive, hist_views, unfold(own.gate, k), hist_adj, last=True)[:, 0]
         next_slots, next_pos = self._predict(h, slots, positions, velocity)
         new_state = DynamicsState(gs, os_, positions, hist_h0, hist_alive, hist_pooled, hist_x, hist_adj, hist_views,
-                                  state.noise)
+                                  state.noise, memory)
         return next_slots, next_pos, events.gate[:, -1], new_state

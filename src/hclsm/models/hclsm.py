@@ -26,8 +26,12 @@ predicted slots through the spatial broadcast decoder.
 
 With ``model.causal.enabled`` the dynamics reads other objects only along a learned causal graph (Layer 4,
 ``hclsm.nn.causal``); stage 2 then adds ``causal`` (edge sparsity + the NOTEARS augmented Lagrangian) and
-logs ``acyclicity`` (h(A)), whose multipliers ``after_step`` updates. The memory layer (Layer 5) joins in a
-later version of the package.
+logs ``acyclicity`` (h(A)), whose multipliers ``after_step`` updates.
+
+With ``model.memory.enabled`` the dynamics reads an episodic modern-Hopfield memory of the earlier steps' object
+states at every step (Layer 5, ``hclsm.nn.memory``); it is trained by the prediction losses through its read.
+The continual-learning half of Layer 5, EWC across a sequence of datasets, is in the training loop
+(``hclsm.train.ewc``, ``hclsm train --continual``).
 """
 from __future__ import annotations
 
