@@ -125,7 +125,14 @@ def _resume_target(args: argparse.Namespace, extra: list[str]) -> tuple[Config, 
         raise HclsmError(f"--resume {run}: not a run directory (no config.yaml); pass OUT/NAME of an earlier "
                          f"`hclsm train`")
     cfg = load_config(yaml_path=run / "config.yaml")
-    data = args.data
+    if (run / "continual.json").is_file():  # a continual run: its datasets are listed there
+        if args.data is not None:
+            raise HclsmError(f"--resume {run}: a continual run trains on the datasets it was started with "
+                             f"(continual.json), so --data cannot be given; drop it")
+        return cfg, None, run
+    if args.data is not None and len(args.data) > 1:
+        raise HclsmError(f"--resume {run}: --data was given {len(args.data)} times; a run trains on one dataset")
+    data = args.data[0] if args.data is not None else None
     if data is None:
         ckpt = latest_checkpoint(run)
         try:
@@ -137,35 +144,63 @@ def _resume_target(args: argparse.Namespace, extra: list[str]) -> tuple[Config, 
     return cfg, data, run
 
 
+def _print_result(result, prefix: str = "") -> None:
+    print(f"{prefix}{result.steps} steps in {result.seconds:.1f} s (stopped by {result.stopped}; "
+          f"{result.skipped} skipped); checkpoint: {result.checkpoint}")
+    for title, values in (("final losses", result.losses), ("val", result.metrics)):
+        if values:
+            print(f"{prefix}{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from hclsm.train import train
     from hclsm.train.distributed import env_world
 
     if args.resume is not None:
         cfg, data, run_dir = _resume_target(args, extra)
+        continual = data is None
     else:
         if args.data is None:
             raise HclsmError("hclsm train needs --data DIR (or --resume RUN to continue a run)")
+        continual = args.continual
+        if len(args.data) > 1 and not continual:
+            raise HclsmError(f"--data was given {len(args.data)} times; to train on several datasets one after "
+                             f"another add --continual, else give one --data DIR")
         flags = {"model.name": args.model, "train.stage": args.stage, "train.steps": args.steps,
                  "train.run_name": args.name, "train.out_dir": args.out, "train.max_minutes": args.minutes}
         if args.stage == 1:  # stage 1 only: the whole run is stage 1
             flags["train.stage1_fraction"] = 1.0
         cfg = _config(args, extra + [f"{k}={v}" for k, v in flags.items() if v is not None])
-        data, run_dir = args.data, None
+        data, run_dir = (args.data if continual else args.data[0]), None
     eval_fn = None
     if cfg.model.name == "hclsm":  # the object metrics (FG-ARI, mIoU of the slot masks) need slots
         from hclsm.eval.objects import make_eval_fn
 
         eval_fn = make_eval_fn(cfg)
+    if continual:
+        from hclsm.train.continual import EWC_FILE, train_continual
+
+        res = train_continual(cfg, None if run_dir is not None else data, run_dir=run_dir, eval_fn=eval_fn,
+                              progress=not args.quiet, resume=run_dir is not None)
+        if not env_world().main:
+            return 0
+        print(f"run: {res.run_dir}")
+        for i, (root, r) in enumerate(zip(res.data, res.tasks)):
+            print(f"task {i + 1}: {root}")
+            if r is None:
+                print("  finished before the resume")
+            else:
+                _print_result(r, "  ")
+        st = res.ewc.stats()
+        print(f"EWC after {st['tasks']} tasks: Fisher mean {st['fisher_mean']:.3g}, max {st['fisher_max']:.3g}, "
+              f"non-zero {st['fisher_nonzero']:.1%} (weight train.loss.ewc = {cfg.train.loss.ewc:g}); "
+              f"{res.run_dir / f'task{len(res.data)}' / EWC_FILE}")
+        return 0
     result = train(cfg, data, run_dir=run_dir, eval_fn=eval_fn, progress=not args.quiet, resume=run_dir is not None)
     if not env_world().main:  # under torchrun, rank 0 reports
         return 0
     print(f"run: {result.run_dir}")
-    print(f"{result.steps} steps in {result.seconds:.1f} s (stopped by {result.stopped}; "
-          f"{result.skipped} skipped); checkpoint: {result.checkpoint}")
-    for title, values in (("final losses", result.losses), ("val", result.metrics)):
-        if values:
-            print(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    _print_result(result)
     return 0
 
 
@@ -258,8 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model on a dataset directory; writes OUT/NAME with config.yaml, log.jsonl, "
                                    "tb/ (TensorBoard), checkpoints/ and summary.json. Under torchrun it trains "
                                    "data-parallel (see the README).")
-    t.add_argument("--data", metavar="DIR",
-                   help="dataset directory (from `hclsm data physics` or `hclsm data pusht`, or a LeRobot v3 copy)")
+    t.add_argument("--data", metavar="DIR", action="append", default=None,
+                   help="dataset directory (from `hclsm data physics` or `hclsm data pusht`, or a LeRobot v3 copy); "
+                        "with --continual give it once per task, in training order")
+    t.add_argument("--continual", action="store_true",
+                   help="train on the --data datasets one after another (one task each, RUN/taskI), estimating "
+                        "each task's Fisher and adding the EWC penalty (train.loss.ewc) on the later tasks")
     t.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the run in RUN (OUT/NAME) from its newest checkpoint, with its own config; on "
                         "the CPU it ends exactly as an uninterrupted run would")

@@ -16,7 +16,7 @@ PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")  # how a torchrun job spreads the model: full copies, or sharded (FSDP2)
 STAGES = (1, 2)
 LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "acyclicity", "event",
-              "frame", "rollout")  # what models may return
+              "frame", "rollout", "ewc")  # what models may return (ewc: the training loop's, see hclsm.train.ewc)
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -36,10 +36,12 @@ class LossWeights:
     object_area: float = 0.01  # share of the frame drawn by object slots: the background is the default (ramped like existence)
     frame: float = 1.0  # pixel loss of a decoded next-step prediction (stage 2; the flat-SSM baseline's frames)
     rollout: float = 1.0  # open-loop loss: decoded frames of steps predicted from predictions (stage 2)
+    # lambda of the EWC penalty 1/2 sum F (theta - theta*)^2 while training on a later task (hclsm train --continual)
+    ewc: float = 100.0
 
     def __post_init__(self) -> None:
         check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal",
-                  "acyclicity", "event", "existence", "object_area", "frame", "rollout")
+                  "acyclicity", "event", "existence", "object_area", "frame", "rollout", "ewc")
 
     def weight(self, name: str, stage: int) -> float:
         """The weight of loss ``name`` (one of ``LOSS_NAMES``) in training stage ``stage`` (1 or 2).
@@ -89,12 +91,13 @@ class TrainConfig:
     # where the model's progress-driven schedules (query noise, existence prior) start: a run that continues
     # another run's training (stage 2 of train_two_stages) starts them at the progress the first one reached
     progress_start: float = 0.0
+    ewc_samples: int = 32  # training clips of a finished task whose squared loss gradients make its EWC Fisher
     loss: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
         p = "train"
         check(self.stage in STAGES, f"{p}.stage", f"must be 1 or 2, got {self.stage!r}")
-        check_min(self, p, 1, "steps", "batch_size", "accumulate", "log_every", "keep_last")
+        check_min(self, p, 1, "steps", "batch_size", "accumulate", "log_every", "keep_last", "ewc_samples")
         check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads", "seed")
         check(self.batch_size % self.accumulate == 0, f"{p}.batch_size",
               f"must be a multiple of train.accumulate ({self.accumulate}), got {self.batch_size}")

@@ -6,6 +6,7 @@ A checkpoint is a directory ``RUN/checkpoints/step_0001234/``::
     optimizer.safetensors   the optimizer's per-parameter state tensors, keyed "state.<param id>.<name>"
     state.json              step, stage, extra (e.g. the config), RNG states as lists, and the optimizer's
                             param_groups and non-tensor state
+    extra.safetensors       (optional) other tensors the run trains with, e.g. its EWC Fisher and anchors
 
 It is built in a hidden temporary directory, every file fsynced, then renamed into place, so a crash
 leaves either the whole checkpoint or none. Loading is strict: a checkpoint whose tensors do not match
@@ -35,6 +36,7 @@ from hclsm.errors import HclsmError
 FORMAT = "hclsm-checkpoint"
 VERSION = 1
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+EXTRA_FILE = "extra.safetensors"
 _STEP_DIR = re.compile(r"step_(\d{7,})")
 
 
@@ -152,14 +154,16 @@ def _fsync_file(path: Path) -> None:
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module | None,
                     optimizer: torch.optim.Optimizer | None, extra: dict[str, Any] | None = None, *,
                     stage: int | None = None, keep_last: int = 0, model_state: dict[str, torch.Tensor] | None = None,
-                    optimizer_state: dict[str, Any] | None = None) -> Path:
+                    optimizer_state: dict[str, Any] | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the checkpoint of ``step`` atomically and return its directory.
 
     ``extra`` must be JSON-able (the loop stores the config, its batch sampler's RNG and counters).
     With ``keep_last`` > 0 only the newest ``keep_last`` checkpoints are kept. A checkpoint of the
     same step is replaced. ``model_state`` / ``optimizer_state`` (a state dict in the optimizer's own
     layout) stand in for ``model.state_dict()`` / ``optimizer.state_dict()`` when given (sharded
-    training gathers them first).
+    training gathers them first). ``extra_tensors``, when given and not empty, go to ``extra.safetensors``
+    (``read_checkpoint_tensors``).
     """
     if model_state is None:
         if model is None:
@@ -177,6 +181,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module | No
         if optimizer_state is not None:
             tensors, state["optimizer"] = _flatten_optimizer(optimizer_state)
             save_file(tensors, tmp / OPTIM_FILE, metadata={"format": "pt"})
+        if extra_tensors:
+            save_file(_cpu_tensors(extra_tensors), tmp / EXTRA_FILE, metadata={"format": "pt"})
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=False) + "\n")
         for f in tmp.iterdir():
             _fsync_file(f)
@@ -251,6 +257,12 @@ def read_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimiz
         raise CheckpointError(f"checkpoint {ckpt}: optimizer groups hold {saved} parameters but this optimizer's "
                               f"hold {have}; it was made with another config or model")
     return sd
+
+
+def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``extra_tensors`` a checkpoint (or a run directory's newest) was saved with; {} when it has none."""
+    ckpt = _resolve(path)
+    return _load_tensors(ckpt / EXTRA_FILE) if (ckpt / EXTRA_FILE).is_file() else {}
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -17,6 +17,9 @@ Under ``torchrun`` the loop runs data-parallel (``hclsm.train.distributed``): ea
 of the same global batch, DDP averages the gradients (or FSDP shards the model), losses are averaged
 across ranks, and rank 0 alone writes the run directory.
 
+Training on a later task of a sequence (``hclsm.train.continual``) passes ``ewc`` (``hclsm.train.ewc``): its
+penalty joins every step's loss, and it is saved with every checkpoint and restored on resume.
+
 The model's interface: ``model(batch, progress=p, stage=s).losses`` is a dict of scalar tensors named
 from ``hclsm.config.train.LOSS_NAMES``; an optional ``model.update_target(tau)`` is called after every
 optimizer step.
@@ -44,7 +47,8 @@ from hclsm.data.clips import clip_windows, split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
-from hclsm.train.checkpoint import load_checkpoint, read_optimizer_state, save_checkpoint
+from hclsm.train.checkpoint import load_checkpoint, read_checkpoint_tensors, read_optimizer_state, save_checkpoint
+from hclsm.train.ewc import EWC
 from hclsm.train.step import StepResult, out_of_memory, train_step
 from hclsm.train.logging import RunLogger
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
@@ -151,7 +155,7 @@ def _warn(message: str) -> None:
 
 def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike | None = None,
           eval_fn: EvalFn | None = None, progress: bool = True, model: nn.Module | None = None,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, ewc: EWC | None = None) -> TrainResult:
     """Train ``model`` (default ``hclsm.models.build_model(cfg.model)``) on the dataset at ``data_root``.
 
     Args:
@@ -165,6 +169,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
         model: a model to train instead of building one.
         resume: continue the run in ``run_dir`` from its newest checkpoint (``cfg`` must be the run's
             own config, e.g. ``load_config(yaml_path=run_dir / "config.yaml")``).
+        ewc: the EWC state of earlier tasks (``hclsm.train.ewc``): its penalty, weighted by ``train.loss.ewc``,
+            joins the loss; a resumed run takes the one its checkpoint was saved with.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel; see ``hclsm.train.distributed``.
 
@@ -181,7 +187,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
     world, device = distributed.setup(resolve_device(t.device), t.batch_size, t.accumulate)
     try:
         return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model,
-                      resume_from if resume else None, world, device)
+                      resume_from if resume else None, world, device, ewc)
     finally:
         distributed.teardown(world)
 
@@ -197,8 +203,8 @@ class _NoLogger:
 
 
 def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: EvalFn | None, progress: bool,
-           model: nn.Module | None, resume_from: Path | None, world: distributed.Dist, device: torch.device
-           ) -> TrainResult:
+           model: nn.Module | None, resume_from: Path | None, world: distributed.Dist, device: torch.device,
+           ewc: EWC | None = None) -> TrainResult:
     t = cfg.train
     seed_everything(t.seed)
     torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
@@ -233,6 +239,10 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         step, skipped = int(state["step"]), int(extra.get("skipped", 0))
         elapsed_before = float(extra.get("elapsed", 0.0))
         generator.set_state(torch.tensor(extra["sampler_rng"], dtype=torch.uint8))
+        ewc = EWC.from_tensors(read_checkpoint_tensors(resume_from)) or ewc
+    if ewc is not None and t.parallel == "fsdp" and world.active:
+        raise ConfigError("train.parallel: EWC (training on a later task) needs whole parameters on every rank; use "
+                          "train.parallel=ddp")
     if world.rank:  # the other ranks' noise (slot init, gates) must not repeat rank 0's
         torch.manual_seed(t.seed + 1_000_003 * world.rank + step)
     model = distributed.wrap(model, world, device, t.parallel)
@@ -301,7 +311,8 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
                  "elapsed": time.perf_counter() - start, "progress": p, "losses": finite_or_none(last_losses),
                  "data_root": str(Path(data_root).resolve())}
         checkpoint = save_checkpoint(run_dir, step, distributed.unwrap(model), optimizer, extra, stage=stage,
-                                     keep_last=t.keep_last, model_state=full[0], optimizer_state=full[1])
+                                     keep_last=t.keep_last, model_state=full[0], optimizer_state=full[1],
+                                     extra_tensors=ewc.tensors() if ewc is not None else None)
 
     try:
         while step < t.steps:
@@ -319,7 +330,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
             try:
                 batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
                 model_p = t.progress_start + (1 - t.progress_start) * p  # the model's schedules (noise, existence)
-                result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=model_p, world=world)
+                result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=model_p, world=world, ewc=ewc)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                 if not out_of_memory(e):
                     raise
@@ -379,6 +390,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         "train_episodes": len(train_eps), "val_episodes": len(val_eps) if val_clips is not None else 0,
         "train_clips": len(train_clips), "processes": world.world,
         "resumed_from": str(resume_from) if resume_from is not None else None,
+        "ewc_tasks": ewc.tasks if ewc is not None else 0,
     }
     if world.main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")

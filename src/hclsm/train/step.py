@@ -2,7 +2,9 @@
 
 ``train_step`` runs the model's forward (optionally under bf16 autocast), takes the weighted sum of its
 unweighted losses (``weighted_loss``), and applies backward, global-norm clipping, the optimizer, the
-model's EMA target update (``update_target``) and its ``after_step`` hook (given the step's losses).
+model's EMA target update (``update_target``) and its ``after_step`` hook (given the step's losses). With an
+``ewc`` state (training on a later task of a sequence, ``hclsm.train.ewc``) its penalty joins the losses as
+``ewc``.
 When the loss or the gradient norm is not finite the update is skipped and the result says why;
 nothing is clamped. Under data-parallel training (``world``) the losses are the mean over ranks, so
 every rank makes the same decision.
@@ -13,6 +15,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +23,9 @@ from torch import nn
 from hclsm.config.train import LossWeights, TrainConfig
 from hclsm.errors import ConfigError
 from hclsm.train import distributed
+
+if TYPE_CHECKING:
+    from hclsm.train.ewc import EWC
 
 
 @dataclass
@@ -73,7 +79,8 @@ def _grad_sync(model: nn.Module, on: bool) -> Iterator[None]:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor], *,
-               cfg: TrainConfig, stage: int, progress: float, world: distributed.Dist | None = None) -> StepResult:
+               cfg: TrainConfig, stage: int, progress: float, world: distributed.Dist | None = None,
+               ewc: EWC | None = None) -> StepResult:
     """One optimizer step on ``batch`` (already on the model's device); the update is skipped when the
     weighted loss or the gradient norm is not finite. With ``world`` (data-parallel, ``model`` in DDP)
     the reported losses are the mean over ranks, and every rank skips or applies the same step.
@@ -93,6 +100,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model(piece, progress=progress, stage=stage)
             losses = out if isinstance(out, Mapping) else out.losses
+            if ewc is not None:  # 1/2 sum F (theta - theta*)^2, weighted by train.loss.ewc (lambda)
+                losses = {**losses, "ewc": ewc.penalty(distributed.unwrap(model))}
             total = weighted_loss(losses, cfg.loss, stage)
             # a non-finite loss is still backpropagated (DDP expects the backward of every forward); its
             # gradient is discarded below with the skipped step
