@@ -66,11 +66,17 @@ class _CausalBlock(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(d), MultiHeadAttention(d, heads)
         self.norm2, self.mlp = nn.LayerNorm(d), mlp(d, 4 * d)
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, Q, d) new tokens attend to [past (B, S, d), x] under ``mask`` (Q, S + Q)."""
-        ctx = x if past is None else torch.cat([past, x], dim=1)
-        x = x + self.attn(self.norm1(x), self.norm1(ctx), mask)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x (B, Q, d) new tokens attend to the cached keys/values (B, h, S, d_h) and themselves (under
+        ``mask`` (Q, S + Q) when given); returns the output and the grown cache."""
+        h = self.norm1(x)
+        k, v = self.attn.keys_values(h)  # (B, h, Q, d_h)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        x = x + self.attn(h, mask=mask, kv=(k, v))
+        return x + self.mlp(self.norm2(x)), (k, v)
 
 
 class SlotTransformer(nn.Module):
@@ -98,20 +104,21 @@ class SlotTransformer(nn.Module):
         step_of = torch.arange(t, device=x.device).repeat_interleave(k)  # (T*K,)
         mask = step_of[None, :] <= step_of[:, None]  # (T*K, T*K): causal in time, full within a step
         for block in self.blocks:
-            h = block(h, None, mask)
+            h, _ = block(h, mask)
         return self.norm(h).view(b, t, k, -1)
 
     def init_state(self, batch: int, device: torch.device | None = None) -> dict:
-        return {"t": 0, "past": [None] * len(self.blocks)}
+        return {"t": 0, "cache": [None] * len(self.blocks)}
 
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """x_t (B, M, d_in) -> (B, K, d); the state keeps each layer's inputs of every past step."""
+        """x_t (B, M, d_in) -> (B, K, d); the state is every layer's keys and values of all past slots (a KV
+        cache), so a step costs O(t) attention."""
         h = self._embed(x_t[:, None], state["t"])  # (B, K, d)
-        past = []
-        for block, p in zip(self.blocks, state["past"]):
-            past.append(h if p is None else torch.cat([p, h], dim=1))  # this layer's inputs so far
-            h = block(h, p, None)  # the new step sees all past steps and itself
-        return self.norm(h), {"t": state["t"] + 1, "past": past}
+        caches = []
+        for block, cache in zip(self.blocks, state["cache"]):
+            h, cache = block(h, None, cache)  # the new step sees all past steps and itself
+            caches.append(cache)
+        return self.norm(h), {"t": state["t"] + 1, "cache": caches}
 
 
 # ---- SlotRNN --------------------------------------------------------------------------------------

@@ -43,15 +43,21 @@ class MultiHeadAttention(nn.Module):
         n, length, d = x.shape
         return x.view(n, length, self.heads, d // self.heads).transpose(1, 2)  # (N, h, len, d_h)
 
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (N, L, d_kv) -> keys and values (N, h, L, d_h) (what a KV cache keeps)."""
+        k, v = self.kv(context).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """x (N, Q, d) attends to context (N, L, d_kv) (self-attention when None) -> (N, Q, d).
 
-        ``mask`` (Q, L) bool, True = may attend (regular attention only).
+        ``mask`` (Q, L) bool, True = may attend (regular attention only); ``kv``: precomputed
+        ``keys_values(context)`` (then ``context`` is not read).
         """
-        context = x if context is None else context
         q = self._split(self.q(x))  # (N, h, Q, d_h)
-        k, v = (self._split(t) for t in self.kv(context).chunk(2, dim=-1))  # (N, h, L, d_h) each
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context)  # (N, h, L, d_h)
         if self.inverted:
             logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (N, h, Q, L)
             y = (inverted_attention_weights(logits).to(v.dtype) @ v)  # (N, h, Q, d_h)
