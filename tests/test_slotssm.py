@@ -205,3 +205,21 @@ def test_slot_transformer_step_cost_grows_with_its_cache():
         _, state = model.step(torch.randn(1, 4, D), state)
     k, v = state["cache"][0]
     assert k.shape == v.shape == (1, 2, 6, D // 2)  # (B, heads, t*K, d_h): attention cost grows with t
+
+
+@pytest.mark.parametrize("name", ["slotssm", "oc_slotssm"])
+def test_hclsm_train_and_info_build_the_slot_models(capsys, tmp_path, data, name):
+    import json
+
+    from hclsm import cli
+
+    code = cli.main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--name", "r", "--quiet",
+                     "--steps", "2", "--model", name, "--set", "train.warmup_steps=1", "--train.batch_size=2",
+                     "--data.clip.length=4", "--train.threads=1", "--model.perception.image_size=16", "--model.slots.d_slot=16",
+                     "--model.decoder.grid_size=8", "--model.decoder.resolution=16"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["model"] == name
+    assert cli.main(["info", "--model", name]) == 0
+    assert "SlotSSM" in capsys.readouterr().out
