@@ -2,6 +2,7 @@
 causality in time, step == forward, gradients to every parameter, parameter matching."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,24 @@ def test_hclsm_train_and_info_build_the_slot_models(capsys, tmp_path, data, name
     assert summary["model"] == name
     assert cli.main(["info", "--model", name]) == 0
     assert "SlotSSM" in capsys.readouterr().out
+
+
+def test_benchmark_figures_are_drawn_from_json_records(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from hclsm.viz_slotssm import figures_from_files
+
+    lengths = [80, 160, 320]
+    latency = {"bench": "slotssm-latency", "config": {"lengths": lengths},
+               "metrics": {f"{k}_ms_{n}": float(n) / 80 for k in ("slotssm", "slot_transformer") for n in lengths}}
+    video = {"bench": "video-prediction", "metrics": {"per_step_mse": {"slotssm": [0.1, 0.2], "copy_last": [0.2, 0.3]}}}
+    files = []
+    for i, rec in enumerate((latency, video)):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text("table\n" + json.dumps(rec) + "\n")
+    paths = figures_from_files(files, tmp_path / "figs")
+    assert [p.name for p in paths] == ["slotssm_latency.png", "slotssm_video_prediction.png"]
+    img = np.asarray(Image.open(paths[0]))
+    assert img.shape == (320, 560, 3) and (img != 255).any(axis=-1).mean() > 0.01  # something is drawn
