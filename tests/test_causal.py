@@ -34,45 +34,50 @@ def test_acyclicity_is_zero_exactly_for_dags_and_positive_with_a_cycle():
 
 
 def test_the_lagrangian_update_changes_the_multiplier_and_the_penalty():
-    graph = CausalGraph(8, 8, CausalConfig(update_every=2, rho_init=0.1, rho_mult=2.0, rho_max=0.3))
-    graph.update_lagrangian(0.4)
+    graph = CausalGraph(8, 8, CausalConfig(update_every=2, rho_init=0.1, rho_mult=2.0, rho_max=0.3, penalty_start=0))
+    graph.after_step(0.4)
     assert graph.alpha == 0 and graph.rho == pytest.approx(0.1)  # one step into a window of two: no update
-    graph.update_lagrangian(0.6)
+    graph.after_step(0.6)
     assert graph.alpha.item() == pytest.approx(0.1 * 0.5) and graph.rho == pytest.approx(0.1)  # first: no rho rise
-    graph.update_lagrangian(0.5)
-    graph.update_lagrangian(0.5)  # h did not fall below a quarter of 0.5: rho doubles
+    graph.after_step(0.5)
+    graph.after_step(0.5)  # h did not fall below a quarter of 0.5: rho doubles
     assert graph.alpha.item() == pytest.approx(0.05 + 0.1 * 0.5) and graph.rho == pytest.approx(0.2)
     for _ in range(4):
-        graph.update_lagrangian(0.5)
+        graph.after_step(0.5)
     assert graph.rho == pytest.approx(0.3)  # capped at rho_max
-    graph.update_lagrangian(math.nan)  # a skipped step's NaN is not counted
-    assert graph.h_count == 0
-    graph.active = False  # the penalty is not on yet (before penalty_start): no update
-    graph.update_lagrangian(0.5)
-    assert graph.h_count == 0
+    graph.after_step(math.nan)  # a skipped step's NaN is not counted in h
+    assert graph.h_count == 0 and graph.steps == 9
+    late = CausalGraph(8, 8, CausalConfig(update_every=1, penalty_start=2))
+    late.after_step(0.5)  # the penalty is not on yet (before penalty_start): no update, but the step counts
+    assert late.h_count == 0 and late.alpha == 0 and late.steps == 1
     names = {n for n, _ in graph.named_buffers()}
-    assert {"alpha", "rho", "h_prev", "h_sum", "h_count"} <= names and all(
+    assert {"alpha", "rho", "h_prev", "h_sum", "h_count", "steps"} <= names and all(
         n in graph.state_dict() for n in names)  # checkpointed: a resumed run continues them
 
 
-def test_the_penalties_ramp_in_after_penalty_start():
-    graph = CausalGraph(16, 8, CausalConfig(penalty_start=0.3, penalty_ramp=0.2))
+def test_the_penalties_ramp_in_after_penalty_start_graph_steps():
+    graph = CausalGraph(16, 8, CausalConfig(penalty_start=3, penalty_ramp=2))
     out = graph.eval()(torch.randn(2, 4, 3, 16), torch.ones(2, 4, 3))
-    ramps = [graph.ramp(p) for p in (0.0, 0.29, 0.4, 0.5, 0.9)]
-    assert ramps == [0.0, 0.0, pytest.approx(0.5), 1.0, 1.0]
-    assert graph.losses(out, torch.ones(2, 4, 3), 0.1)["causal"] == 0 and not graph.active
-    assert graph.losses(out, torch.ones(2, 4, 3), 0.4)["causal"] > 0 and graph.active
+    ramps = []
+    for _ in range(6):
+        ramps.append(graph.ramp())
+        if len(ramps) == 1:
+            assert graph.losses(out, torch.ones(2, 4, 3))["causal"] == 0
+        graph.after_step(0.0)
+    assert ramps == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert graph.losses(out, torch.ones(2, 4, 3))["causal"] > 0
 
 
 def test_a_training_step_updates_the_multiplier_from_the_logged_acyclicity():
     torch.manual_seed(0)
-    cfg = causal_cfg("model.causal.update_every=1")
+    cfg = causal_cfg("model.causal.update_every=1", "model.causal.penalty_start=0")
     model = build_model(cfg.model).train()
     batch = {"video": torch.rand(2, 5, 3, 32, 32), "action": torch.randn(2, 5, 2)}
     result = train_step(model, build_optimizer(model, cfg.train), batch, cfg=cfg.train, stage=2, progress=0.5)
     graph = model.dynamics.graph
     assert result.losses["acyclicity"] > 0  # edge probabilities near 0.5 at the start: cycles everywhere
     assert graph.alpha.item() == pytest.approx(cfg.model.causal.rho_init * result.losses["acyclicity"], rel=1e-5)
+    assert graph.steps == 1
 
 
 def test_the_graph_learns_from_the_prediction_loss_alone():
@@ -87,7 +92,7 @@ def test_the_graph_learns_from_the_prediction_loss_alone():
 
 def test_training_samples_edges_and_evaluation_thresholds_them():
     torch.manual_seed(0)
-    graph = CausalGraph(16, 8, CausalConfig(temperature_init=2.0, temperature_min=0.5))
+    graph = CausalGraph(16, 8, CausalConfig(temperature_init=2.0, temperature_min=0.5, anneal_steps=4))
     x, alive = torch.randn(3, 6, 4, 16), torch.ones(3, 6, 4)
     alive[0, :, 2] = 0
     out = graph.eval()(x, alive)
@@ -99,12 +104,16 @@ def test_training_samples_edges_and_evaluation_thresholds_them():
     assert not torch.equal(a, b) and set(a.unique().tolist()) <= {0.0, 1.0}  # sampled, hard in value
     noise = graph.noise(3, 4)
     assert torch.equal(graph(x, alive, noise=noise).adjacency, graph(x, alive, noise=noise).adjacency)
-    assert graph.temperature(0.0) == 2.0 and graph.temperature(1.0) == 0.5 and graph.temperature(0.5) == pytest.approx(1.0)
+    temps = []
+    for _ in range(6):
+        temps.append(graph.temperature())
+        graph.after_step(0.0)
+    assert temps == [2.0, pytest.approx(2.0 * 0.25 ** 0.25), pytest.approx(1.0), pytest.approx(2.0 * 0.25 ** 0.75), 0.5, 0.5]
 
 
 def fixed_graph(adjacency: torch.Tensor):
     """A stand-in for CausalGraph.forward that returns ``adjacency`` (K, K) at every step."""
-    def forward(x, alive, progress=1.0, noise=None):
+    def forward(x, alive, noise=None):
         b, t, k, _ = x.shape
         a = adjacency.expand(b, t, k, k) * alive[..., :, None] * alive[..., None, :]
         return GraphOutput(a, a, a)

@@ -253,17 +253,19 @@ class CausalConfig:
     rho_mult: float = 1.5  # rho *= rho_mult when h(A) did not drop enough
     temperature_init: float = 1.0  # Gumbel-sigmoid temperature, annealed towards temperature_min
     temperature_min: float = 0.1
+    anneal_steps: int = 1000  # graph training steps over which the temperature falls to temperature_min
     update_every: int = 50  # optimizer steps between augmented-Lagrangian updates (alpha, rho)
-    # the sparsity and acyclicity terms switch on at this training progress and ramp to full weight over
-    # penalty_ramp (the prediction loss alone shapes the graph before)
-    penalty_start: float = 0.3
-    penalty_ramp: float = 0.2
+    # the sparsity and acyclicity terms switch on after penalty_start graph training steps and ramp to full
+    # weight over penalty_ramp more (the prediction loss alone shapes the graph before). Counted in the
+    # graph's own steps (stage 2), not the run's progress: see hclsm.nn.causal
+    penalty_start: int = 300
+    penalty_ramp: int = 200
 
     def __post_init__(self) -> None:
         p = "model.causal"
         check_min(self, p, 0.0, "sparsity_lambda")
         check_min(self, p, 1, "update_every")
-        check_min(self, p, 0.0, "penalty_start", "penalty_ramp")
+        check_min(self, p, 0, "penalty_start", "penalty_ramp", "anneal_steps")
         check(self.rho_init > 0, f"{p}.rho_init", f"must be > 0, got {self.rho_init}")
         check(self.rho_max >= self.rho_init, f"{p}.rho_max",
               f"must be >= {p}.rho_init ({self.rho_init}), got {self.rho_max}")

@@ -190,14 +190,13 @@ class HierarchicalDynamics(nn.Module):
         return slots + delta[..., :d].to(slots.dtype), positions + velocity + delta[..., d:].to(positions.dtype)
 
     def forward(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
-                action: torch.Tensor | None = None, progress: float = 1.0) -> DynamicsOutput:
-        """slots (B, T, K, d), positions (B, T, K, 2), alive (B, T, K) float/bool, action (B, T, A); ``progress``
-        (training progress in [0, 1]) anneals the causal graph's sampling temperature."""
+                action: torch.Tensor | None = None) -> DynamicsOutput:
+        """slots (B, T, K, d), positions (B, T, K, 2), alive (B, T, K) float/bool, action (B, T, A)."""
         b, t, k, d = slots.shape
         alive = alive.to(slots.dtype)
         velocity = torch.cat([torch.zeros_like(positions[:, :1]), positions[:, 1:] - positions[:, :-1]], dim=1)
         x = self._tokens(slots, positions, velocity, action)  # (B, T, K, d)
-        graph = None if self.graph is None else self.graph(x, alive, progress)
+        graph = None if self.graph is None else self.graph(x, alive)
         adjacency = None if graph is None else graph.adjacency  # (B, T, K, K)
         if adjacency is None:
             x = x + self.condition(self.global_ssm(masked_mean(x, alive)))[:, :, None]  # (B, T, d) track
@@ -248,7 +247,7 @@ class HierarchicalDynamics(nn.Module):
         hist_alive = torch.cat([state.alive, alive[:, None]], dim=1)
         adjacency, hist_adj, hist_views = None, None, None
         if self.graph is not None:  # the graph's evidence is a running mean: recomputed over the history
-            # (a rollout samples its graph, in training, with one noise draw and the final temperature)
+            # (a rollout samples its graph, in training, with one noise draw at the current temperature)
             adjacency = self.graph(hist_x, hist_alive, noise=state.noise).adjacency[:, -1]  # (B, K, K)
             hist_adj = torch.cat([state.adjacency, adjacency[:, None]], dim=1)
             g, gs = self.global_ssm.step(parent_views(x, alive, adjacency).reshape(b * k, d), state.global_ssm)

@@ -113,9 +113,10 @@ class HCLSM(nn.Module):
     @torch.no_grad()
     def after_step(self, losses: Mapping[str, float]) -> None:
         """Called by the training step after each optimizer update with that step's losses (averaged over
-        ranks): the causal graph's augmented-Lagrangian update reads its h(A) (``acyclicity``)."""
+        ranks): the causal graph counts its training steps and updates its augmented Lagrangian from its h(A)
+        (``acyclicity``, logged only by steps that trained the graph)."""
         if self.dynamics.graph is not None and "acyclicity" in losses:
-            self.dynamics.graph.update_lagrangian(losses["acyclicity"])
+            self.dynamics.graph.after_step(losses["acyclicity"])
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0, stage: int = 1) -> HCLSMOutput:
         video = batch[keys.VIDEO]
@@ -126,13 +127,13 @@ class HCLSM(nn.Module):
         action = batch.get(keys.ACTION) if self.cfg.d_action > 0 else None
         if self.cfg.d_action > 0 and action is None:  # a dataset without actions (physics scenes): zero actions
             action = video.new_zeros(*video.shape[:2], self.cfg.d_action)
-        dyn = self.dynamics(out.slots, out.positions, out.gate, action, progress)
+        dyn = self.dynamics(out.slots, out.positions, out.gate, action)
         self.target_objects.eval()  # deterministic targets: no sampled gates, no query noise
         with torch.no_grad():
             tgt_slots, tgt_alive = align_targets(out, self.target_objects(video))
         losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
         if dyn.graph is not None and self.dynamics.graph is not None:
-            losses.update(self.dynamics.graph.losses(dyn.graph, out.gate, progress))
+            losses.update(self.dynamics.graph.losses(dyn.graph, out.gate))
         context = self.cfg.dynamics.rollout_context
         horizon = min(self.cfg.dynamics.rollout_horizon, video.shape[1] - context)
         if context > 0 and horizon >= 2:  # at least two steps that read a prediction

@@ -11,7 +11,7 @@ trajectories, not tied to slot indices::
 
 Sampling is a binary Gumbel-softmax: in training ``soft = sigmoid((logit + logistic noise) / tau)``,
 one noise draw per clip and pair, with the temperature annealed from ``temperature_init`` to
-``temperature_min`` over training; the adjacency is hard 0/1 in value with a straight-through gradient
+``temperature_min`` over the graph's first ``anneal_steps`` training steps; the adjacency is hard 0/1 in value with a straight-through gradient
 (``hard + soft - soft.detach()``). In evaluation it is ``logit > 0``. The diagonal and pairs with a dead
 slot are 0.
 
@@ -19,11 +19,16 @@ The graph is **data-driven**: the dynamics uses it to gate every message between
 ``HierarchicalDynamics``), so the prediction loss reaches the logits through the gates and decides
 which edges exist. ``losses`` adds the l1 sparsity of the edge probabilities and the NOTEARS acyclicity
 ``h(A) = tr(exp(A * A)) - K`` (on the probabilities, fp32) under an augmented Lagrangian
-``alpha h + rho / 2 h^2``, switched on at ``penalty_start`` of training and ramped in (``ramp``).
-``update_lagrangian`` runs after every optimizer step with the penalty on (``HCLSM.after_step``), with
-the step's h averaged over ranks: every ``update_every`` steps ``alpha += rho * mean h``, and
-``rho *= rho_mult`` (up to ``rho_max``) when h did not fall below a quarter of its previous mean. The
-multipliers are buffers, so they are checkpointed and a resumed run continues them exactly.
+``alpha h + rho / 2 h^2``, switched on after ``penalty_start`` graph training steps and ramped in over
+``penalty_ramp`` more (``ramp``).
+
+The schedules count the graph's own training steps (buffer ``steps``), not the run's progress: the graph
+trains only in stage 2, and in a two-stage run stage 2 starts with every progress-driven schedule of the
+object layers finished, so a progress-based anneal would never run. ``after_step`` runs after every
+optimizer step that trained the graph (``HCLSM.after_step``), with the step's h averaged over ranks: it
+counts the step, and with the penalty on, every ``update_every`` steps ``alpha += rho * mean h`` and
+``rho *= rho_mult`` (up to ``rho_max``) when h did not fall below a quarter of its previous mean. The step
+count and the multipliers are buffers, so they are checkpointed and a resumed run continues them exactly.
 """
 from __future__ import annotations
 
@@ -71,20 +76,20 @@ class CausalGraph(nn.Module):
         self.register_buffer("h_prev", torch.tensor(math.inf))
         self.register_buffer("h_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("h_count", torch.zeros((), dtype=torch.int64))
-        self.active = True  # whether the last ``losses`` had the penalty on (set there; read by the update)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # graph training steps so far
 
-    def temperature(self, progress: float) -> float:
-        """Geometric anneal from ``temperature_init`` (progress 0) to ``temperature_min`` (progress 1)."""
+    def temperature(self) -> float:
+        """Geometric anneal from ``temperature_init`` (step 0) to ``temperature_min`` (``anneal_steps``)."""
         lo, hi = self.cfg.temperature_min, self.cfg.temperature_init
-        return hi * (lo / hi) ** min(max(progress, 0.0), 1.0)
+        frac = 1.0 if self.cfg.anneal_steps == 0 else min(int(self.steps) / self.cfg.anneal_steps, 1.0)
+        return hi * (lo / hi) ** frac
 
     def noise(self, batch: int, k: int, device: torch.device | None = None) -> torch.Tensor:
         """One clip's logistic noise per pair, (B, 1, K, K), for training's Gumbel-sigmoid sampling."""
         u = torch.rand(batch, 1, k, k, device=device).clamp(1e-6, 1 - 1e-6)
         return torch.log(u) - torch.log1p(-u)
 
-    def forward(self, x: torch.Tensor, alive: torch.Tensor, progress: float = 1.0,
-                noise: torch.Tensor | None = None) -> GraphOutput:
+    def forward(self, x: torch.Tensor, alive: torch.Tensor, noise: torch.Tensor | None = None) -> GraphOutput:
         """x (B, T, K, d) object tokens, alive (B, T, K) -> the graph of every step (reads steps <= t). In
         training the edges are sampled with ``noise`` (``self.noise``; drawn when not given)."""
         b, t, k, _ = x.shape
@@ -98,41 +103,42 @@ class CausalGraph(nn.Module):
         prob = torch.sigmoid(logits) * pair
         if self.training:
             noise = self.noise(b, k, x.device) if noise is None else noise
-            soft = torch.sigmoid((logits + noise) / self.temperature(progress))
+            soft = torch.sigmoid((logits + noise) / self.temperature())
             adjacency = ((soft > 0.5).float() + (soft - soft.detach())) * pair  # exactly 0/1 in value
         else:
             adjacency = (logits > 0).float() * pair
         return GraphOutput(adjacency, prob, logits)
 
-    def ramp(self, progress: float) -> float:
-        """Weight of the sparsity and acyclicity terms at training ``progress``: 0 before ``penalty_start``,
-        then linear to 1 over ``penalty_ramp``. Until then the prediction loss alone shapes the graph, so the
-        messages learn what they could carry before edges are pruned (with the penalties on from the start,
-        every edge is pruned before any message is worth keeping)."""
-        c = self.cfg
-        if progress < c.penalty_start:
+    def ramp(self) -> float:
+        """Weight of the sparsity and acyclicity terms now: 0 for the first ``penalty_start`` graph training
+        steps, then linear to 1 over ``penalty_ramp`` steps. Until then the prediction loss alone shapes the
+        graph, so the messages learn what they could carry before edges are pruned (with the penalties on
+        from the start, every edge is pruned before any message is worth keeping)."""
+        c, step = self.cfg, int(self.steps)
+        if step < c.penalty_start:
             return 0.0
-        return 1.0 if c.penalty_ramp == 0 else min(1.0, (progress - c.penalty_start) / c.penalty_ramp)
+        return 1.0 if c.penalty_ramp == 0 else min(1.0, (step - c.penalty_start + 1) / c.penalty_ramp)
 
-    def losses(self, out: GraphOutput, alive: torch.Tensor, progress: float = 1.0) -> dict[str, torch.Tensor]:
+    def losses(self, out: GraphOutput, alive: torch.Tensor) -> dict[str, torch.Tensor]:
         """``causal``: (``sparsity_lambda`` x mean edge probability over the possible (alive, off-diagonal)
-        pairs + the augmented Lagrangian of h(A) on the probabilities) x ``ramp(progress)``; ``acyclicity``:
-        mean h(A) itself (detached; weight 0 by default: a logged quantity and the input of
-        ``update_lagrangian``)."""
+        pairs + the augmented Lagrangian of h(A) on the probabilities) x ``ramp()``; ``acyclicity``: mean h(A)
+        itself (detached; weight 0 by default: a logged quantity and the input of ``after_step``)."""
         alive = alive.float()
         pairs = (alive[..., :, None] * alive[..., None, :]).sum((-2, -1)) - alive.pow(2).sum(-1)  # (B, T)
         sparsity = out.prob.sum() / pairs.sum().clamp_min(1.0)
         h = acyclicity(out.prob)  # (B, T)
         dag = (self.alpha * h + 0.5 * self.rho * h.pow(2)).mean()
-        self.active = self.ramp(progress) > 0
-        return {"causal": self.ramp(progress) * (self.cfg.sparsity_lambda * sparsity + dag),
+        return {"causal": self.ramp() * (self.cfg.sparsity_lambda * sparsity + dag),
                 "acyclicity": h.mean().detach()}
 
     @torch.no_grad()
-    def update_lagrangian(self, h: float) -> None:
-        """One optimizer step's h(A) (the same value on every rank); every ``update_every`` steps the
-        multiplier and the penalty weight are updated from the mean h of those steps."""
-        if not math.isfinite(h) or not self.active:  # no update while the penalty is off (see ``ramp``)
+    def after_step(self, h: float) -> None:
+        """After an optimizer step that trained the graph, with its h(A) (the same value on every rank): count
+        the step; with the penalty on, every ``update_every`` steps update the multiplier and the penalty
+        weight from the mean h of those steps."""
+        active = self.ramp() > 0  # the penalty was on in this step's loss (see ``ramp``)
+        self.steps += 1
+        if not math.isfinite(h) or not active:  # no update while the penalty is off
             return
         self.h_sum += h
         self.h_count += 1
