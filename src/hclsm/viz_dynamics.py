@@ -310,3 +310,60 @@ def slot_pca_figure(slots, alive, predicted=None, background: bool = True, width
             cx, cy = to_px(xy[steps[0], j])
             draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=rgb, width=2)
     return np.asarray(img)
+
+
+EDGE_RGB, MISSED_RGB = (230, 0, 170), (120, 120, 120)  # learned edges; true edges the graph missed (dashed)
+
+
+def _arrow(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], rgb, width: int,
+           shorten: float, dashed: bool = False) -> None:
+    """An arrow from ``a`` to ``b``, both ends pulled in by ``shorten`` pixels (to stop at the node circles)."""
+    length = math.dist(a, b)
+    if length <= 2 * shorten:
+        return
+    ux, uy = (b[0] - a[0]) / length, (b[1] - a[1]) / length
+    p, q = (a[0] + ux * shorten, a[1] + uy * shorten), (b[0] - ux * shorten, b[1] - uy * shorten)
+    if dashed:
+        _dashed(draw, p, q, rgb, width=width)
+    else:
+        draw.line([p, q], fill=rgb, width=width)
+    head, side = 3.0 * width + 4, 1.6 * width + 3
+    draw.polygon([q, (q[0] - ux * head - uy * side, q[1] - uy * head + ux * side),
+                  (q[0] - ux * head + uy * side, q[1] - uy * head - ux * side)], fill=rgb)
+
+
+def causal_graph_figure(frame, positions, alive, prob, true=None, background: bool = True, scale: int = 4,
+                        title: str = "") -> np.ndarray:
+    """The learned causal graph drawn on a frame: one node per alive object slot at its position, an arrow
+    sender -> receiver for every edge with probability > 0.5 (width by probability), and, when ``true`` is
+    given (an object-level graph already in slot order, [sender, receiver]), the true edges the graph missed
+    dashed grey.
+
+    frame (3, H, W) in [0, 1]; positions (K, 2) in [-1, 1] (x, y); alive (K,) bool; prob (K, K)
+    [receiver, sender] edge probabilities; slot 0 is the background when ``background`` (not drawn)."""
+    img = _as_frames(np.asarray(_np(frame))[None])[0]
+    h, w = img.shape[:2]
+    pos, alive, prob = _np(positions), _np(alive).astype(bool), _np(prob)
+    font = _font(12)
+    top = 20 if title else 0
+    canvas = Image.new("RGB", (w * scale, h * scale + top), (255, 255, 255))
+    canvas.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        _text(draw, (4, 3), title, font)
+    first = 1 if background else 0
+    xy = {k: ((pos[k, 0] + 1) / 2 * w * scale, (pos[k, 1] + 1) / 2 * h * scale + top)
+          for k in range(first, len(pos)) if alive[k]}
+    radius = 7.0
+    for (i, a), (j, b) in itertools.permutations(xy.items(), 2):  # i sends to j
+        if prob[j, i] > 0.5:
+            _arrow(draw, a, b, EDGE_RGB, width=max(1, round(1 + 3 * (prob[j, i] - 0.5) * 2)), shorten=radius)
+        elif true is not None and _np(true)[i, j]:
+            _arrow(draw, a, b, MISSED_RGB, width=2, shorten=radius, dashed=True)
+    labels = _slot_labels(len(pos), background)
+    for k, (x, y) in xy.items():
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(255, 255, 255),
+                     outline=tuple(int(c) for c in PALETTE[k % len(PALETTE)]),
+                     width=3)
+        _text(draw, (x, y), labels[k].removeprefix("slot "), _font(10), anchor="mm")
+    return np.asarray(canvas)

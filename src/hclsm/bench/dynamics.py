@@ -20,7 +20,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -94,27 +94,33 @@ def _train_config(minutes: float, seed: int, clip: int, *overrides: str) -> Conf
                                           f"data.clip.length={clip}", *overrides])
 
 
-def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: bool) -> tuple[torch.nn.Module, dict]:
+def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: bool, overrides: Sequence[str] = ()
+                ) -> tuple[torch.nn.Module, dict]:
     """The tiny HCLSM's two stages for ``minutes`` in all (``train_two_stages``: stage 1 on 4-frame clips for
-    40 % of the budget, then stage 2 on 8-frame clips)."""
-    s1, s2 = train_two_stages(_train_config(minutes, seed, STAGE2_CLIP), root, runs / "hclsm", minutes,
+    40 % of the budget, then stage 2 on 8-frame clips); ``overrides`` are dotted config settings."""
+    s1, s2 = train_two_stages(_train_config(minutes, seed, STAGE2_CLIP, *overrides), root, runs / "hclsm", minutes,
                               stage1_clip=STAGE1_CLIP, progress=progress)
     return s2.model, {"stage1_steps": s1.steps, "stage2_steps": s2.steps, "minutes": (s1.seconds + s2.seconds) / 60,
                       "skipped": s1.skipped + s2.skipped, **{f"final_{k}": v for k, v in s2.losses.items()}}
 
 
 @contextlib.contextmanager
-def trained_hclsm(name: str, quick: bool, seed: int) -> Iterator[tuple]:
-    """Generate the physics scenes and train the tiny HCLSM's two stages in a temporary directory; yields
-    (data root, runs directory, data config, the trained model on the CPU in eval mode, training facts,
-    minutes). Runs go to ``HCLSM_BENCH_KEEP`` when it names a directory."""
+def trained_hclsm(name: str, quick: bool, seed: int, data: PhysicsDataConfig | None = None,
+                  overrides: Sequence[str] = ()) -> Iterator[tuple]:
+    """Generate the physics scenes (``data``, default 3-6 balls) and train the tiny HCLSM's two stages (with the
+    dotted config ``overrides``) in a temporary directory; yields (data root, runs directory, data config, the
+    trained model on the CPU in eval mode, training facts, minutes). Runs go to ``HCLSM_BENCH_KEEP`` when it
+    names a directory."""
     minutes = 0.3 if quick else 20.0
     keep = os.environ.get("HCLSM_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix=f"hclsm-bench-{name}-") as tmp:
         runs = Path(keep) if keep else Path(tmp)
         root = Path(tmp) / "physics"
-        data = _physics(root, quick, seed)
-        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick)
+        if data is None:
+            data = _physics(root, quick, seed)
+        else:
+            generate_physics_dataset(root, data, progress=False)
+        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick, overrides=overrides)
         yield root, runs, data, model.cpu().eval(), info, minutes
 
 

@@ -48,7 +48,7 @@ class Case:
     errors: dict[str, float]  # factual, counterfactual, reuse
 
 
-def _frames(video: np.ndarray, size: int) -> torch.Tensor:
+def model_frames(video: np.ndarray, size: int) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (1, T, 3, size, size) float in [0, 1]."""
     x = torch.from_numpy(np.array(video)).permute(0, 3, 1, 2).float().div_(255.0)  # a copy: the arrays are read-only
     if x.shape[-1] != size:
@@ -87,7 +87,7 @@ def counterfactual_cases(model: HCLSM, root: str | Path, episodes: Iterable[int]
     for e in twin_episodes(root, episodes, context, horizon):
         fact, twin = source.load_episode(e), source.load_episode(e, counterfactual=True)
         t, k = int(twin["intervention_step"]), int(twin["intervention_object"])
-        ctx = _frames(fact["video"][t - context + 1:t + 1], size)
+        ctx = model_frames(fact["video"][t - context + 1:t + 1], size)
         objects = model.objects(ctx)
         where = to_model_xy(torch.tensor(fact["positions"][t, k], dtype=torch.float32), data_size)
         dist = (objects.positions[0, -1] - where).norm(dim=-1)  # (K,)
@@ -100,8 +100,8 @@ def counterfactual_cases(model: HCLSM, root: str | Path, episodes: Iterable[int]
             continue
         iv = _intervention(str(twin["intervention_kind"]), slot, twin["intervention_vector"], data_size)
         plain, intervened = model.rollout(ctx, horizon), model.rollout(ctx, horizon, intervention=iv)
-        truth = model.objects(_frames(fact["video"][t - context + 1:t + horizon + 1], size)).target[0]
-        resim = model.objects(_frames(twin["video"][t + 1:t + horizon + 1], size)).target[0]
+        truth = model.objects(model_frames(fact["video"][t - context + 1:t + horizon + 1], size)).target[0]
+        resim = model.objects(model_frames(twin["video"][t + 1:t + horizon + 1], size)).target[0]
         fact_future, pred, cf = truth[context:], plain.frames[0], intervened.frames[0]
         errors = {"factual": float((pred - fact_future).pow(2).mean()),
                   "counterfactual": float((cf - resim).pow(2).mean()),
