@@ -20,6 +20,7 @@ from hclsm import demo, demo_eval, keys
 from hclsm.config import load_config
 
 from helpers import SMALL, assert_user_error, run
+from test_causal import CAUSAL
 
 TINY_RUN = ["--minutes", "1", "--quiet", "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=20",
             "--set", "train.steps=3", "--set", "train.warmup_steps=0", "--set", "train.batch_size=2",
@@ -256,3 +257,15 @@ def test_dynamics_metrics_are_the_models_own_losses_and_scale_events_to_16_frame
     for key in ("frame_mse", "frame_mse_copy_last", "latent_mse", "latent_mse_copy_last"):
         assert len(m[f"{key}_per_step"]) == 4, key  # 8-frame clips: context 4, horizon 4
     assert math.isfinite(m["frame_mse"]) and m["frame_mse_copy_last"] > 0  # random frames: copying is wrong
+
+
+def test_demo_with_the_causal_graph_draws_it_in_the_report(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--out", tmp_path, "--name", "g", *TINY_RUN,
+                       *[f"--{o}" for o in CAUSAL])
+    assert code == 0, err
+    text = (tmp_path / "g" / "report.md").read_text()
+    assert "The causal graph was on" in text and "Not in this demo: the causal graph" not in text
+    assert set(re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)) == PICTURES | {"causal_graph.png"}
+    assert (tmp_path / "g" / "causal_graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    graph = json.loads((tmp_path / "g" / "metrics.json").read_text())["figures"]["graph"]
+    assert all(i != j for i, j in graph["edges"]) and graph["alive_slots"] >= 0

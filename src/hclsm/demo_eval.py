@@ -20,7 +20,7 @@ from hclsm.config import Config
 from hclsm.config.data import ClipConfig
 from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.memory import MemoryClips
-from hclsm.eval.dynamics import clip_events, rollout_errors, rollout_metrics, score_events, true_events
+from hclsm.eval.dynamics import clip_dynamics, rollout_errors, rollout_metrics, score_events, true_events
 from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
 from hclsm.models.hclsm import HCLSM
 from hclsm.viz import (
@@ -30,7 +30,7 @@ from hclsm.viz import (
     segmentation_figure,
     slot_masks_figure,
 )
-from hclsm.viz_dynamics import event_timeline, rollout_figure, slot_pca_figure
+from hclsm.viz_dynamics import causal_graph_figure, event_timeline, rollout_figure, slot_pca_figure
 
 EVAL_BATCH = 16
 EVENT_CLIP = 16  # frames per held-out dynamics clip: the seed counts events per 16-frame clip
@@ -239,10 +239,19 @@ def draw_figures(model: HCLSM, source: LeRobotSource, cfg: Config, val_episodes:
     title = f"held-out episode {ep}, frames {int(frames[0])}-{int(frames[-1])}"
     save_png(alive_count_figure(count, truth_count, title=f"{title}: object slots alive per frame"),
              run / "alive_count.png")
-    events = clip_events(model, long, long_out)
+    dynamics = clip_dynamics(model, long, long_out)
+    events = dynamics.events
     contact = true_events(long)[0]
     save_png(event_timeline(events.prob[0], events.gate[0], float(events.threshold), contact,
                             title=f"{title}: event probability per step"), run / "event_timeline.png")
+    if dynamics.graph is not None:  # the learned causal graph after the whole stretch, on its last frame
+        prob, alive = dynamics.graph.prob[0, -1], long_out.alive[0, -1]
+        save_png(causal_graph_figure(long[keys.VIDEO][0, -1], long_out.positions[0, -1], alive, prob,
+                                     background=long_out.has_background,
+                                     title=f"{title}: learned causal graph at the last frame"),
+                 run / "causal_graph.png")
+        edges = torch.nonzero((dynamics.graph.adjacency[0, -1] > 0).T).tolist()  # [sender, receiver]
+        shown["graph"] = {"edges": edges, "alive_slots": int(alive.sum()) - int(long_out.has_background)}
     return shown | {"count_episode": ep, "count_first_frame": int(frames[0]), "count_frames": len(frames),
                     "count": count.tolist(), "true_count": truth_count.tolist(),
                     "events_fired": torch.nonzero(events.gate[0] > 0.5).flatten().tolist(),

@@ -38,6 +38,7 @@ from hclsm.data.clips import split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.errors import DataError, HclsmError
 from hclsm.metrics.events import event_prf
+from hclsm.models.dynamics import DynamicsOutput
 from hclsm.models.hclsm import HCLSM, POSITION_MATCH_WEIGHT, Rollout
 from hclsm.models.objects import ObjectOutput
 from hclsm.nn.events import EventOutput
@@ -173,16 +174,21 @@ def true_events(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
 
 def clip_events(model: nn.Module, batch: Mapping[str, torch.Tensor], truth: ObjectOutput | None = None
                 ) -> EventOutput:
-    """The event detector of the dynamics run over whole clips, as in the stage-2 forward pass (zero actions for
-    an action-conditioned model on a dataset without them), on ``truth``, the clips' object decomposition
-    (computed when not given)."""
+    """The event detector of ``clip_dynamics``."""
+    return clip_dynamics(model, batch, truth).events
+
+
+def clip_dynamics(model: nn.Module, batch: Mapping[str, torch.Tensor], truth: ObjectOutput | None = None
+                  ) -> DynamicsOutput:
+    """The dynamics run over whole clips, as in the stage-2 forward pass (zero actions for an action-conditioned
+    model on a dataset without them), on ``truth``, the clips' object decomposition (computed when not given)."""
     video = batch[keys.VIDEO]
     truth = model.objects(video) if truth is None else truth
     action = None
     if model.cfg.d_action > 0:
         action = batch.get(keys.ACTION)
         action = video.new_zeros(*video.shape[:2], model.cfg.d_action) if action is None else action[:, :video.shape[1]]
-    return model.dynamics(truth.slots, truth.positions, truth.gate, action).events
+    return model.dynamics(truth.slots, truth.positions, truth.gate, action)
 
 
 def score_events(fired: torch.Tensor, prob: torch.Tensor, truth: torch.Tensor | None, tolerance: int = TOLERANCE
