@@ -36,8 +36,9 @@ class LossWeights:
     object_area: float = 0.01  # share of the frame drawn by object slots: the background is the default (ramped like existence)
     frame: float = 1.0  # pixel loss of a decoded next-step prediction (stage 2; the flat-SSM baseline's frames)
     rollout: float = 1.0  # open-loop loss: decoded frames of steps predicted from predictions (stage 2)
-    # lambda of the EWC penalty 1/2 sum F (theta - theta*)^2 while training on a later task (hclsm train --continual)
-    ewc: float = 100.0
+    # lambda of the EWC penalty 1/2 sum F (theta - theta*)^2 while training on a later task (hclsm train --continual);
+    # large because the Fisher is (squared gradients: ~1e-7 on average for the tiny HCLSM; hclsm bench memory)
+    ewc: float = 1e6
 
     def __post_init__(self) -> None:
         check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal",

@@ -1,0 +1,200 @@
+"""``hclsm bench memory``: continual learning with EWC (forgetting of task A after task B) and the Hopfield
+memory's retrieval of stored states.
+
+* **Two scene families** from the physics generator (32 px): A = ``FAMILY_A`` (five or six balls, half the pairs
+  joined by springs), B = ``FAMILY_B`` (one free ball). Training on B teaches the object layers a scene with one
+  object and much background, which costs A's many-ball reconstructions (measured: forgetting is mostly pixels). The tiny HCLSM with its memory on (``model.memory.enabled``) trains on A (both stages,
+  ``train_two_stages``), then on B (stage 2, as ``hclsm train --continual`` runs a later task) twice from the
+  same A weights with the same seed and budget: once plain, once with EWC (the diagonal Fisher of A's training
+  loss on ``train.ewc_samples`` A clips, weight ``train.loss.ewc``).
+* **Forgetting**: A's held-out loss (the stage-2 training loss, weighted as in training, EWC term excluded, in
+  eval mode) after A and after B; its increase with and without EWC and their ratio (target <= 0.5); the same for
+  the loss's pixel terms ``RECON``. B's held-out loss before and after, both ways, shows whether B was still
+  learned under EWC (``b_gain_ratio``: B's loss reduction with EWC / without).
+* **Retrieval**: the memory of the EWC model's rollouts over held-out A clips (what its write policy stored);
+  every stored state is queried with Gaussian noise of ``NOISE`` times the stored states' RMS spread about their
+  mean, and the one-step Hopfield update
+  (``HopfieldMemory.recall``, beta = ``model.memory.beta``) is scored: top-1 = the retrieved vector's nearest
+  stored state (cosine relative to the stored states' mean, as recall weighs them) is the one queried. Also reported: the share of candidate states the novelty policy wrote.
+
+Trained runs go to a temporary directory, or to ``HCLSM_BENCH_KEEP`` when that names a directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from hclsm import keys
+from hclsm.bench import BenchResult, register
+from hclsm.bench.dynamics import _machine
+from hclsm.bench.objects import val_clips
+from hclsm.config import Config, load_config
+from hclsm.config.data import PhysicsDataConfig
+from hclsm.config.train import LossWeights
+from hclsm.data.memory import MemoryClips
+from hclsm.data.physics import generate_physics_dataset
+from hclsm.models import build_model
+from hclsm.nn.memory import MemoryState
+from hclsm.train import train, train_two_stages, weighted_loss
+from hclsm.train.continual import task_config, task_train_clips
+from hclsm.train.ewc import consolidate, estimate_fisher
+
+FAMILY_A = {"min_objects": 5, "max_objects": 6, "spring_prob": 0.5, "follow_prob": 0.0}
+FAMILY_B = {"min_objects": 1, "max_objects": 1, "spring_prob": 0.0, "follow_prob": 0.0}
+IMAGE, FRAMES, CLIP = 32, 16, 8  # frame side, frames per episode, frames per stage-2 training / held-out clip
+NOISE = 0.5  # query noise of the retrieval test, relative to the RMS spread of the stored states about their mean
+LAMBDA = 1e6  # train.loss.ewc (the default; picked from {1e5, 1e6} on a shorter run of this setup)
+RECON = ("sbd", "frame", "rollout")  # the pixel terms of the loss: A's reconstruction and its predicted frames
+
+
+def _config(seed: int, minutes: float, *extra: str) -> Config:
+    return load_config("tiny", overrides=[
+        f"model.perception.image_size={IMAGE}", "model.memory.enabled=true", "model.slots.dynamic=false",
+        f"train.max_minutes={minutes}", "train.threads=1", "train.batch_size=8", "train.ewc_samples=16",
+        "train.steps=1000000", "train.eval_every=0", "train.ckpt_every=0", f"train.seed={seed}",
+        f"data.clip.length={CLIP}", f"train.loss.ewc={LAMBDA}", *extra])
+
+
+@torch.no_grad()
+def heldout_losses(model: torch.nn.Module, clips: MemoryClips, weights: LossWeights, seed: int = 0
+                   ) -> dict[str, float]:
+    """The stage-2 training loss (``loss``, weighted) and its terms on ``clips``, in eval mode, mean over clips."""
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in clips.batches(16):
+            out = model(batch, progress=1.0, stage=2)
+            b = batch[keys.VIDEO].shape[0]
+            terms = {"loss": weighted_loss(out.losses, weights, 2), **out.losses}
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * b
+            n += b
+    model.train()
+    return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def retrieval(model: torch.nn.Module, clips: MemoryClips, noise: float = NOISE, seed: int = 0) -> dict[str, float]:
+    """Store the held-out clips' object states by running the dynamics step by step (each clip's own memory), then
+    query every stored state with noise and score the Hopfield recall (see the module doc)."""
+    model.eval()
+    memory = model.dynamics.memory
+    g = torch.Generator().manual_seed(seed)
+    hits = total = written = candidates = 0
+    cos = []
+    for batch in clips.batches(16):
+        video = batch[keys.VIDEO]
+        obj = model.objects(video)
+        b, t, k, _ = obj.slots.shape
+        state = model.dynamics.init_state(b, k)
+        action = video.new_zeros(b, t, model.cfg.d_action) if model.cfg.d_action > 0 else None
+        for i in range(t):
+            _, _, _, state = model.dynamics.step(obj.slots[:, i], obj.positions[:, i], obj.gate[:, i],
+                                                 None if action is None else action[:, i], state)
+        mem = state.memory
+        candidates += int((obj.gate > 0.5).sum())
+        written += int(mem.count.sum())  # a clip's K * T candidates fit in model.memory.size: nothing replaced
+        for j in range(b):
+            stored = mem.patterns[j][mem.valid[j]].float()  # (n, d)
+            if len(stored) < 2:
+                continue
+            c = stored.mean(0)  # similarities relative to the stored states' mean, as recall weighs them
+            spread = (stored - c).pow(2).mean().sqrt()
+            query = stored + noise * spread * torch.randn(stored.shape, generator=g)
+            n = len(stored)
+            zeros = torch.zeros(1, n, dtype=torch.long)
+            out, _ = memory.recall(query[None], MemoryState(stored[None], zeros, torch.ones(1, n, dtype=torch.bool),
+                                                            zeros, zeros))
+            nearest = F.normalize(out[0] - c, dim=-1) @ F.normalize(stored - c, dim=-1).T  # (n, n)
+            hits += int((nearest.argmax(-1) == torch.arange(n)).sum())
+            total += n
+            cos.append(F.cosine_similarity(out[0] - c, stored - c, dim=-1))
+    model.train()
+    return {"retrieval_top1": hits / max(total, 1), "retrieval_cos": float(torch.cat(cos).mean()) if cos else None,
+            "stored_states": total, "written_share": written / max(candidates, 1)}
+
+
+def _families(root: Path, quick: bool, seed: int) -> dict[str, PhysicsDataConfig]:
+    out = {}
+    for name, family, offset in (("A", FAMILY_A, 0), ("B", FAMILY_B, 500)):
+        cfg = PhysicsDataConfig(episodes=16 if quick else 120, frames=FRAMES, image_size=IMAGE, counterfactual=False,
+                                seed=seed + offset, **family)
+        generate_physics_dataset(root / name, cfg, progress=False)
+        out[name] = cfg
+    return out
+
+
+@register("memory")
+def bench_memory(quick: bool, seed: int) -> BenchResult:
+    minutes_a, minutes_b = (0.2, 0.08) if quick else (5.0, 3.0)
+    keep = os.environ.get("HCLSM_BENCH_KEEP")
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-memory-") as tmp:
+        runs = Path(keep) if keep else Path(tmp)
+        data = _families(Path(tmp), quick, seed)
+        cfg = _config(seed, minutes_a, *(["train.ewc_samples=4"] if quick else []))
+        _, s2 = train_two_stages(cfg, Path(tmp) / "A", runs / "A", minutes_a, stage1_clip=4, progress=not quick)
+        model_a = s2.model.cpu()
+        val = {name: val_clips(Path(tmp) / name, cfg, CLIP) for name in ("A", "B")}
+        weights = cfg.train.loss
+        before = {name: heldout_losses(model_a, val[name], weights, seed) for name in ("A", "B")}
+        fisher = estimate_fisher(model_a, task_train_clips(cfg, Path(tmp) / "A"), cfg.train, stage=2)
+        ewc = consolidate(None, model_a, fisher)
+        start = {k: v.clone() for k, v in model_a.state_dict().items()}
+        cfg_b = task_config(dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, max_minutes=minutes_b, warmup_steps=5)), 1)
+        after, steps = {}, {}
+        for name, e in (("plain", None), ("ewc", ewc)):
+            model = build_model(cfg.model)
+            model.load_state_dict(start)
+            r = train(cfg_b, Path(tmp) / "B", run_dir=runs / f"B-{name}", model=model, ewc=e, progress=not quick)
+            model = r.model.cpu()
+            after[name] = {v: heldout_losses(model, val[v], weights, seed) for v in ("A", "B")}
+            steps[name] = r.steps
+        ret = retrieval(model, val["A"])
+    up_plain = after["plain"]["A"]["loss"] - before["A"]["loss"]
+    up_ewc = after["ewc"]["A"]["loss"] - before["A"]["loss"]
+
+    def recon(x: dict[str, float]) -> float:
+        return sum(x[k] for k in RECON)
+
+    rec_plain = recon(after["plain"]["A"]) - recon(before["A"])
+    rec_ewc = recon(after["ewc"]["A"]) - recon(before["A"])
+    st = ewc.stats()
+    metrics = {
+        "a_loss_after_a": before["A"]["loss"], "a_loss_after_b_plain": after["plain"]["A"]["loss"],
+        "a_loss_after_b_ewc": after["ewc"]["A"]["loss"], "a_increase_plain": up_plain, "a_increase_ewc": up_ewc,
+        "increase_ratio": up_ewc / up_plain if up_plain > 0 else None,
+        "a_recon_after_a": recon(before["A"]), "a_recon_increase_plain": rec_plain, "a_recon_increase_ewc": rec_ewc,
+        "recon_increase_ratio": rec_ewc / rec_plain if rec_plain > 0 else None,
+        "b_loss_before": before["B"]["loss"], "b_loss_after_plain": after["plain"]["B"]["loss"],
+        "b_loss_after_ewc": after["ewc"]["B"]["loss"],
+        "b_gain_ratio": ((before["B"]["loss"] - after["ewc"]["B"]["loss"]) / (before["B"]["loss"] - after["plain"]["B"]["loss"])
+                         if before["B"]["loss"] > after["plain"]["B"]["loss"] else None),
+        **ret, "fisher_mean": st["fisher_mean"], "fisher_max": st["fisher_max"], "fisher_nonzero": st["fisher_nonzero"],
+        "a_stage2_steps": s2.steps, "b_steps_plain": steps["plain"], "b_steps_ewc": steps["ewc"],
+    }
+    rows = [{"model": "after A", "A loss": before["A"]["loss"], "B loss": before["B"]["loss"],
+             "A pixel terms": recon(before["A"]), "A jepa": before["A"].get("jepa")}]
+    for name, title in (("plain", "after A then B, no EWC"), ("ewc", f"after A then B, EWC (lambda {LAMBDA:g})")):
+        a, b = after[name]["A"], after[name]["B"]
+        rows.append({"model": title, "A loss": a["loss"], "B loss": b["loss"], "A pixel terms": recon(a),
+                     "A jepa": a.get("jepa"), "A increase": a["loss"] - before["A"]["loss"],
+                     "A pixel increase": recon(a) - recon(before["A"])})
+    config = {"family_a": FAMILY_A, "family_b": FAMILY_B, "episodes": data["A"].episodes, "image_size": IMAGE,
+              "clip": CLIP, "minutes_a": minutes_a, "minutes_b": minutes_b, "ewc_lambda": LAMBDA,
+              "ewc_samples": cfg.train.ewc_samples, "noise": NOISE, "memory_size": cfg.model.memory.size,
+              "write_threshold": cfg.model.memory.write_threshold, "beta": cfg.model.memory.beta, "preset": "tiny",
+              **_machine()}
+    ratio = metrics["increase_ratio"]
+    title = (f"memory: forgetting of scene family A after training on B ({minutes_a:g} + {minutes_b:g} min), held-out "
+             f"stage-2 loss; A's increase with EWC / without = {'n/a' if ratio is None else f'{ratio:.3g}'} (target "
+             f"<= 0.5); Hopfield recall of stored states from queries with {NOISE:g}x noise: top-1 "
+             f"{ret['retrieval_top1']:.3g} over {ret['stored_states']} states")
+    return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
