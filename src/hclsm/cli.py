@@ -15,10 +15,6 @@ from pathlib import Path
 from hclsm.config import MODEL_NAMES, PRESETS, Config, load_config
 from hclsm.errors import HclsmError
 
-NOT_BUILT = ("{what} not built yet in this version of hclsm (data, metrics, configs and benchmarks are); see "
-             "the README's status section")
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
     g.add_argument("--preset", choices=PRESETS, default=None, help="size preset (default: tiny, or the YAML's preset)")
@@ -254,11 +250,30 @@ def _cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _cmd_not_built(what: str):
-    def run(args: argparse.Namespace, extra: list[str]) -> int:
-        _config(args, extra)  # a bad config still fails with its own message first
-        raise HclsmError(NOT_BUILT.format(what=what))
-    return run
+def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from hclsm.planning.planners import PlannerConfig
+    from hclsm.planning.run import format_summary, run_plan
+
+    if extra:
+        raise HclsmError(f"hclsm plan takes no config overrides (got --{extra[0]}); it plans with a run's own "
+                         f"config.yaml (use --samples, --iterations, --horizon for the planner)")
+    try:
+        pcfg = PlannerConfig(horizon=args.horizon, samples=args.samples, iterations=args.iterations,
+                             elites=max(1, min(args.samples, args.samples // 8)))
+    except ValueError as e:
+        raise HclsmError(str(e)) from None
+    record = run_plan(args.checkpoint, episodes=args.episodes, planner=args.planner, out=args.out, data=args.data,
+                      seed=args.seed, gifs=args.gifs, baselines=args.baselines, cfg=pcfg,
+                      replan_every=args.replan_every, progress=not args.quiet)
+    print(f"{record['run']} step {record['step']}: {record['episodes']} start states from held-out episodes "
+          f"{record['held_out_episodes']} of {record['data']}")
+    if record["stage"] == 1:
+        print("note: the checkpoint is from stage 1, so the dynamics were not trained yet")
+    print(format_summary(record["results"]))
+    print(f"success: ||(agent, block) xy - goal|| < 20 px and block angle error < 20 deg within {record['budget']} "
+          f"steps; coverage: the env's own T target covered > 95 %")
+    print(f"summary.json and GIFs: {record['out']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,10 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", choices=MODEL_NAMES, default=None, help="model name (default: the preset's, hclsm)")
     i.set_defaults(func=_cmd_info)
 
-    c = sub.add_parser("plan", help="plan with a trained world model in PushT (not built yet)",
-                       description="plan with a trained world model in PushT (not built yet)")
-    _add_config_args(c)
-    c.set_defaults(func=_cmd_not_built("`hclsm plan`: the planner is"))
+    c = sub.add_parser("plan", help="plan with a trained HCLSM in the PushT simulator (CEM or MPPI)",
+                       description="Closed-loop goal reaching in the real PushT simulator with a trained HCLSM: start "
+                                   "states from the run's held-out episodes, goals made by replaying the next 25 "
+                                   "recorded actions, 50 env steps, re-planning every few steps. Prints a summary "
+                                   "table; writes summary.json and GIFs (goal drawn in red) to --out.")
+    c.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="a run of `hclsm train` (HCLSM on PushT) or of `hclsm demo`")
+    c.add_argument("--episodes", type=int, default=50, help="start states (default 50)")
+    c.add_argument("--planner", choices=["mppi", "cem"], default="mppi", help="planner (default mppi)")
+    c.add_argument("--data", default=None, help="the PushT dataset (default: the demo's data/pusht or the one the "
+                                                "checkpoint was trained on)")
+    c.add_argument("--out", default=None, help="output directory (default RUN_DIR/plan)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the start states and the planner (default 0)")
+    c.add_argument("--gifs", type=int, default=4, help="episodes written as GIFs per policy (default 4)")
+    c.add_argument("--baselines", action="store_true", help="also run random actions and the scripted policy")
+    c.add_argument("--samples", type=int, default=64, help="candidates per planner iteration (default 64)")
+    c.add_argument("--iterations", type=int, default=5, help="planner iterations per re-plan (default 5)")
+    c.add_argument("--horizon", type=int, default=5, help="planned env steps (default 5)")
+    c.add_argument("--replan-every", type=int, default=5, help="env steps executed between re-plans (default 5)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_cmd_plan)
 
     b = sub.add_parser("bench", help="run a named benchmark; last stdout line is one JSON object")
     b.add_argument("name", nargs="?", help="benchmark name (see --list)")
