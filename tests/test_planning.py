@@ -290,9 +290,18 @@ def test_plan_cli_writes_summary_and_gifs(capsys, tmp_path, pusht_data):
     code, out, err = run(capsys, "plan", "--checkpoint", good, "--episodes", "1", "--planner", "cem", "--samples", "4",
                          "--iterations", "1", "--gifs", "1", "--baselines", "--quiet", "--out", tmp_path / "plan")
     assert code == 0, err
-    assert "cem" in out and "random" in out and "scripted" in out and "ms/step" in out
+    assert all(name in out for name in ("cem", "random", "scripted", "oracle", "ms/step"))
     summary = json.loads((tmp_path / "plan" / "summary.json").read_text())
-    assert set(summary["results"]) == {"cem", "random", "scripted"}
+    assert set(summary["results"]) == {"cem", "random", "scripted", "oracle"}
     assert summary["results"]["cem"]["episodes"] == 1 and summary["results"]["cem"]["plan_ms_per_step"] > 0
     gif = Image.open(tmp_path / "plan" / "cem_000.gif")
     assert gif.n_frames > 1 and gif.size == (288, 288)
+
+
+def test_a_single_context_frame_needs_no_past_actions():
+    ctx = _context(c=1)
+    goal = SlotSet(ctx.slots[0, -1], torch.tensor([[0.0, 0.0], [0.3, -0.2], [0.0, 0.0]]), torch.tensor([True, True, False]))
+    cost = WorldModelCost(ToyModel(), ctx, torch.zeros(0, 2), goal)
+    assert cost(torch.zeros(5, 2, 2)).shape == (5,)
+    with pytest.raises(ValueError, match="past_actions"):
+        WorldModelCost(ToyModel(), ctx, torch.zeros(1, 2), goal)

@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory (default RUN_DIR/plan)")
     c.add_argument("--seed", type=int, default=0, help="seed of the start states and the planner (default 0)")
     c.add_argument("--gifs", type=int, default=4, help="episodes written as GIFs per policy (default 4)")
-    c.add_argument("--baselines", action="store_true", help="also run random actions and the scripted policy")
+    c.add_argument("--baselines", action="store_true", help="also run random actions, the scripted policy and the "
+                                                             "oracle (CEM on the true simulator, same candidates and iterations)")
     c.add_argument("--samples", type=int, default=64, help="candidates per planner iteration (default 64)")
     c.add_argument("--iterations", type=int, default=5, help="planner iterations per re-plan (default 5)")
     c.add_argument("--horizon", type=int, default=5, help="planned env steps (default 5)")

@@ -75,7 +75,10 @@ class WorldModelCost:
         self.slots, self.positions = context.slots[0], context.positions[0]  # (C, K, d), (C, K, 2)
         self.gate = context.alive[0].float()  # (C, K)
         self.alive = context.alive[0, -1]  # (K,): the rollout keeps the last context frame's slots
-        self.past = torch.as_tensor(past_actions, dtype=torch.float32).reshape(self.slots.shape[0] - 1, -1)
+        self.past = torch.as_tensor(past_actions, dtype=torch.float32)  # (C - 1, A)
+        if self.past.dim() != 2 or self.past.shape[0] != self.slots.shape[0] - 1:
+            raise ValueError(f"past_actions must be (context - 1, A) = ({self.slots.shape[0] - 1}, A), got "
+                             f"{tuple(self.past.shape)}")
         self.goal, self.goal_action = goal, goal_action
         self.action_scale = torch.as_tensor(action_scale, dtype=torch.float32)
         self.position_weight, self.proprio_weight = position_weight, proprio_weight

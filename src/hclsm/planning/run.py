@@ -17,10 +17,13 @@ from PIL import Image, ImageDraw
 
 from hclsm.errors import HclsmError
 from hclsm.planning.env_loop import (
+    ACTION_HIGH,
+    ACTION_LOW,
     BUDGET,
     SUCCESS_POS_PX,
     EpisodeResult,
     Goal,
+    OraclePlanner,
     RandomPolicy,
     ScriptedPolicy,
     Task,
@@ -30,6 +33,7 @@ from hclsm.planning.env_loop import (
 from hclsm.planning.planners import PLANNERS, PlannerConfig, make_planner
 
 GIF_SCALE = 3  # observation pixels -> GIF pixels
+ORACLE_REPEAT = 5  # the oracle holds each planned action for 5 env steps: a 25-step look-ahead
 SIM_SIZE = 512
 
 
@@ -107,12 +111,14 @@ def episode_gif(frames, goal: Goal, result: EpisodeResult, path: str | os.PathLi
     return path
 
 
+def action_box() -> tuple[np.ndarray, np.ndarray]:
+    return np.full(2, ACTION_LOW, np.float32), np.full(2, ACTION_HIGH, np.float32)
+
+
 def planning_policies(model, planner_names, cfg: PlannerConfig, replan_every: int, seed: int):
     from hclsm.planning.agent import ModelPlanner
-    from hclsm.planning.env_loop import ACTION_HIGH, ACTION_LOW
 
-    low, high = np.full(2, ACTION_LOW, np.float32), np.full(2, ACTION_HIGH, np.float32)
-    return [ModelPlanner(model, make_planner(n, cfg, low, high, seed), n, replan_every) for n in planner_names]
+    return [ModelPlanner(model, make_planner(n, cfg, *action_box(), seed), n, replan_every) for n in planner_names]
 
 
 def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=None, seed: int = 0,
@@ -140,8 +146,9 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
         raise HclsmError(f"--data {data_dir}: {e}") from None
     cfg = cfg or PlannerConfig()
     policies = planning_policies(model, [planner], cfg, replan_every, seed)
-    if baselines:
-        policies += [RandomPolicy(seed), ScriptedPolicy(seed)]
+    if baselines:  # the oracle gets the model planner's budget of candidates and iterations
+        policies += [RandomPolicy(seed), ScriptedPolicy(seed),
+                     OraclePlanner(make_planner("cem", cfg, *action_box(), seed), replan_every, ORACLE_REPEAT)]
     out = Path(out) if out is not None else Path(run_dir) / "plan"
     out.mkdir(parents=True, exist_ok=True)
 
