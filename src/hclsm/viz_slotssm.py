@@ -23,7 +23,7 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, x
     """(H, W, 3) uint8 chart of ``series`` {label: (xs, ys)}; points with a None y are skipped."""
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw, font = ImageDraw.Draw(img), _font(12)
-    left, right, top, bottom = 64, width - 150, 28, height - 44
+    left, right, top, bottom = 64, width - 150, 40, height - 44
     pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None]
     fx = (lambda v: math.log2(v)) if log_x else (lambda v: float(v))
     x_lo, x_hi = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
@@ -39,9 +39,9 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, x
         y = y_lo + (y_hi - y_lo) * i / 4
         draw.line([left - 4, py(y), left, py(y)], fill=(0, 0, 0))
         _text(draw, (left - 6, py(y)), f"{y:.3g}", font, "rm")
-    _text(draw, ((left + right) / 2, 6), title, font, "ma")
+    _text(draw, ((left + right) / 2 + 40, 6), title, font, "ma")
     _text(draw, ((left + right) / 2, height - 16), xlabel, font, "ma")
-    _text(draw, (4, top - 18), ylabel, font, "la")
+    _text(draw, (4, top - 30), ylabel, font, "la")
     for i, (label, (xs, ys)) in enumerate(series.items()):
         rgb = PALETTE[i % len(PALETTE)]
         line = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
