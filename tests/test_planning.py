@@ -300,7 +300,8 @@ def test_plan_cli_writes_summary_and_gifs(capsys, tmp_path, pusht_data):
 
 def test_a_single_context_frame_needs_no_past_actions():
     ctx = _context(c=1)
-    goal = SlotSet(ctx.slots[0, -1], torch.tensor([[0.0, 0.0], [0.3, -0.2], [0.0, 0.0]]), torch.tensor([True, True, False]))
+    goal = SlotSet(ctx.slots[0, -1], torch.tensor([[0.0, 0.0], [0.3, -0.2], [0.0, 0.0]]),
+                   torch.tensor([True, True, False]))
     cost = WorldModelCost(ToyModel(), ctx, torch.zeros(0, 2), goal)
     assert cost(torch.zeros(5, 2, 2)).shape == (5,)
     with pytest.raises(ValueError, match="past_actions"):

@@ -94,12 +94,14 @@ def bench_planning(quick: bool, seed: int) -> BenchResult:
     rand = results["random"]["success_rate"]
     metrics["model_best_success_rate"] = best
     metrics["model_best_over_random"] = best / rand if rand > 0 else None
-    title = (f"planning: PushT goal reaching, {len(tasks)} held-out start states, goal = replay of 25 recorded actions, "
-             f"{BUDGET} env steps, re-plan every {REPLAN_EVERY}; tiny HCLSM trained {facts['minutes']:.1f} min "
-             f"(stage 2: {facts['stage2_steps']} steps). Target: model success >= 3x random and >= 50 %"
+    title = (f"planning: PushT goal reaching, {len(tasks)} held-out start states, goal = replay of 25 recorded "
+             f"actions, {BUDGET} env steps, re-plan every {REPLAN_EVERY}; tiny HCLSM trained "
+             f"{facts['minutes']:.1f} min (stage 2: {facts['stage2_steps']} steps). Target: model success >= 3x "
+             f"random and >= 50 %"
              + (" (quick: smoke only, a barely trained model)" if quick else ""))
     config = {"states": len(tasks), "start_states": [[t.episode, t.frame] for t in tasks], "budget": BUDGET,
               "replan_every": REPLAN_EVERY, "model_planner": vars(s["model"]), "oracle_planner": vars(s["oracle"]),
-              "oracle_action_repeat": 5, "data": {k: data[k] for k in ("episodes", "frames", "contact_and_moved_fraction")},
+              "oracle_action_repeat": 5,
+              "data": {k: data[k] for k in ("episodes", "frames", "contact_and_moved_fraction")},
               "train": facts, "seconds": seconds, **_machine()}
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)

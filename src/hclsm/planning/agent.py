@@ -3,8 +3,8 @@
 At every re-plan the agent encodes the ``context`` most recent observations (HCLSM's object layers; padded with
 the first frame and "hold still" actions at the start of an episode, when the env is at rest), builds a
 ``WorldModelCost`` against the goal frame's slots, and asks the planner for ``horizon`` actions, each held for
-``action_repeat`` env steps, of which it executes the first ``replan_every`` env steps. Observations are resized to the model's frame size the way the training
-data are (bilinear, antialiased).
+``action_repeat`` env steps, of which it executes the first ``replan_every`` env steps. Observations are resized
+to the model's frame size the way the training data are (bilinear, antialiased).
 """
 from __future__ import annotations
 

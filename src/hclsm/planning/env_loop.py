@@ -191,7 +191,9 @@ class ScriptedPolicy:
 class OraclePlanner:
     """The same sampling planner with the **true simulator** as its model (the upper bound): each candidate is
     re-simulated from a copy of the env's full state (positions and velocities) in a separate state-only env
-    (each planned action held for ``action_repeat`` env steps), and scored by the squared success margins ``(d / 20 px)^2 + (angle error / (pi / 9))^2`` at its last step."""
+    (each planned action held for ``action_repeat`` env steps), and scored by the squared success margins
+    ``(d / 20 px)^2 + (angle error / (pi / 9))^2`` at its best step (success is sticky: passing through the goal
+    counts)."""
 
     def __init__(self, planner, replan_every: int = 5, action_repeat: int = 1, name: str = "oracle"):
         import gymnasium as gym

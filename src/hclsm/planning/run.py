@@ -162,7 +162,8 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
         summary = evaluate(env, tasks, policies, budget, progress=progress, on_episode=save_gif)
     finally:
         env.close()
-    record = {"run": str(train_run), "out": str(out), "budget": budget, "checkpoint": state["path"], "step": state["step"], "stage": state["stage"],
+    record = {"run": str(train_run), "out": str(out), "budget": budget, "checkpoint": state["path"],
+              "step": state["step"], "stage": state["stage"],
               "data": str(data_dir), "episodes": episodes, "held_out_episodes": val, "seed": seed,
               "planner": asdict(cfg), "replan_every": replan_every, "success_px": SUCCESS_POS_PX,
               "results": summary}
