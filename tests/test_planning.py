@@ -270,15 +270,20 @@ def _saved_run(root, pusht_data, *overrides):
     return root
 
 
-def test_plan_cli_bad_inputs(capsys, tmp_path, pusht_data):
+def test_plan_cli_bad_inputs(capsys, tmp_path, pusht_data, data):
     code, out, err = run(capsys, "plan", "--checkpoint", tmp_path / "nope")
     assert_user_error(code, err, "nope", "does not exist")
     code, out, err = run(capsys, "plan", "--checkpoint", tmp_path)
     assert_user_error(code, err, "no config.yaml")
+    (tmp_path / "file").write_text("x")
+    code, out, err = run(capsys, "plan", "--checkpoint", tmp_path / "file")
+    assert_user_error(code, err, "is a file")
     no_actions = _saved_run(tmp_path / "physics_run", pusht_data, "model.d_action=0")
     code, out, err = run(capsys, "plan", "--checkpoint", no_actions)
     assert_user_error(code, err, "model.d_action=2", "PushT")
     good = _saved_run(tmp_path / "run", pusht_data)
+    code, out, err = run(capsys, "plan", "--checkpoint", good, "--data", data)  # physics scenes, not PushT
+    assert_user_error(code, err, str(data))
     code, out, err = run(capsys, "plan", "--checkpoint", good, "--samples", "0")
     assert_user_error(code, err, "samples")
     code, out, err = run(capsys, "plan", "--checkpoint", good, "--train.lr=1")

@@ -43,7 +43,8 @@ def find_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None) 
 
     run = Path(run_dir)
     if not run.is_dir():
-        raise HclsmError(f"--checkpoint {run} does not exist; pass a run directory of `hclsm train` or `hclsm demo`")
+        what = "is a file, not a run directory" if run.exists() else "does not exist"
+        raise HclsmError(f"--checkpoint {run} {what}; pass a run directory of `hclsm train` or `hclsm demo`")
     demo = run / "train" / "stage2"
     train_run = demo if (demo / "config.yaml").is_file() else run
     if not (train_run / "config.yaml").is_file():
