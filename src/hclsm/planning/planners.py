@@ -16,6 +16,7 @@ Stds are given in units of the half-width of the action box, ``(high - low) / 2`
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ class PlannerConfig:
             raise ValueError("PlannerConfig needs temperature > 0 and 0 <= momentum < 1")
 
 
-class SamplingPlanner:
+class SamplingPlanner(ABC):
     """Shared loop of CEM and MPPI; subclasses say how candidates are weighted (``weights``)."""
 
     def __init__(self, cfg: PlannerConfig, low: torch.Tensor, high: torch.Tensor, seed: int = 0):
@@ -62,8 +63,9 @@ class SamplingPlanner:
         """Forget the previous plan (a new episode)."""
         self._prev = None
 
-    def weights(self, cost: torch.Tensor) -> torch.Tensor:  # (N,) -> (N,) summing to 1
-        raise NotImplementedError
+    @abstractmethod
+    def weights(self, cost: torch.Tensor) -> torch.Tensor:
+        """The candidates' weights in the refit, (N,) costs -> (N,) summing to 1 (CEM: elites; MPPI: softmax)."""
 
     def initial_mean(self, default: torch.Tensor, executed: int) -> torch.Tensor:
         """Warm start: the previous mean shifted by the ``executed`` steps, its tail padded with its last action;
