@@ -4,8 +4,9 @@ memory's retrieval of stored states.
 * **Two scene families** from the physics generator (32 px): A = ``FAMILY_A`` (five or six balls, half the pairs
   joined by springs), B = ``FAMILY_B`` (one free ball). Training on B teaches the object layers a scene with one
   object and much background, which costs A's many-ball reconstructions (measured: forgetting is mostly pixels). The tiny HCLSM with its memory on (``model.memory.enabled``) trains on A (both stages,
-  ``train_two_stages``), then on B (stage 2, as ``hclsm train --continual`` runs a later task) twice from the
-  same A weights with the same seed and budget: once plain, once with EWC (the diagonal Fisher of A's training
+  ``train_two_stages``, a wall-clock budget), then on B (stage 2, as ``hclsm train --continual`` runs a later
+  task) twice from the same A weights with the same seed and the same number of steps (``B_STEPS``, so the
+  two runs see the same batches whatever the machine's load): once plain, once with EWC (the diagonal Fisher of A's training
   loss on ``train.ewc_samples`` A clips, weight ``train.loss.ewc``).
 * **Forgetting**: A's held-out loss after A and after B (eval mode), its increase with and without EWC and their
   ratio (target <= 0.5). Primary: the loss's pixel terms ``RECON`` (reconstruction, decoded next frame, open-loop
@@ -51,6 +52,7 @@ FAMILY_A = {"min_objects": 5, "max_objects": 6, "spring_prob": 0.5, "follow_prob
 FAMILY_B = {"min_objects": 1, "max_objects": 1, "spring_prob": 0.0, "follow_prob": 0.0}
 IMAGE, FRAMES, CLIP = 32, 16, 8  # frame side, frames per episode, frames per stage-2 training / held-out clip
 NOISE = 0.5  # query noise of the retrieval test, relative to the RMS spread of the stored states about their mean
+B_STEPS = 300  # steps on B, plain and with EWC alike (long enough that plain training measurably forgets A)
 LAMBDA = 1e6  # train.loss.ewc (the default; picked from {1e5, 1e6} on a shorter run of this setup)
 RECON = ("sbd", "frame", "rollout")  # the pixel terms of the loss: A's reconstruction and its predicted frames
 
@@ -136,7 +138,7 @@ def _families(root: Path, quick: bool, seed: int) -> dict[str, PhysicsDataConfig
 
 @register("memory")
 def bench_memory(quick: bool, seed: int) -> BenchResult:
-    minutes_a, minutes_b = (0.2, 0.08) if quick else (5.0, 3.0)
+    minutes_a, steps_b = (0.2, 6) if quick else (5.0, B_STEPS)
     keep = os.environ.get("HCLSM_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix="hclsm-bench-memory-") as tmp:
         runs = Path(keep) if keep else Path(tmp)
@@ -151,7 +153,7 @@ def bench_memory(quick: bool, seed: int) -> BenchResult:
         ewc = consolidate(None, model_a, fisher)
         start = {k: v.clone() for k, v in model_a.state_dict().items()}
         cfg_b = task_config(dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, max_minutes=minutes_b, warmup_steps=5)), 1)
+            cfg.train, max_minutes=0.0, steps=steps_b, warmup_steps=5)), 1)
         after, steps = {}, {}
         for name, e in (("plain", None), ("ewc", ewc)):
             model = build_model(cfg.model)
@@ -194,12 +196,12 @@ def bench_memory(quick: bool, seed: int) -> BenchResult:
                      "A loss": a["loss"], "A jepa": a["jepa"], "B pixel": pixel(b), "B loss": b["loss"],
                      "B jepa": b["jepa"]})
     config = {"family_a": FAMILY_A, "family_b": FAMILY_B, "episodes": data["A"].episodes, "image_size": IMAGE,
-              "clip": CLIP, "minutes_a": minutes_a, "minutes_b": minutes_b, "ewc_lambda": LAMBDA,
+              "clip": CLIP, "minutes_a": minutes_a, "steps_b": steps_b, "ewc_lambda": LAMBDA,
               "ewc_samples": cfg.train.ewc_samples, "noise": NOISE, "memory_size": cfg.model.memory.size,
               "write_threshold": cfg.model.memory.write_threshold, "beta": cfg.model.memory.beta, "preset": "tiny",
               **_machine()}
     r = metrics["pixel_increase_ratio"]
-    title = (f"memory: forgetting of scene family A after training on B ({minutes_a:g} + {minutes_b:g} min); held-out "
+    title = (f"memory: forgetting of scene family A after training on B ({minutes_a:g} min, then {steps_b} steps); held-out "
              f"pixel terms ({' + '.join(RECON)}) and whole stage-2 loss; A's pixel increase with EWC / without = "
              f"{'n/a' if r is None else f'{r:.3g}'} (target <= 0.5); Hopfield recall of stored states from queries "
              f"with {NOISE:g}x noise: top-1 {ret['retrieval_top1']:.3g} over {ret['stored_states']} states")
