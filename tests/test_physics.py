@@ -180,6 +180,29 @@ def test_follow_force_is_one_way_and_springs_two_way():
     assert np.all(physics_sim.accelerations(follow, state) == 0)  # removed objects exert nothing
 
 
+def test_follow_strength_scales_the_follow_force_and_its_clip():
+    off = np.zeros((2, 2), dtype=bool)
+    lead = np.array([[False, True], [False, False]])  # 0 -> 1
+
+    def pull(strength, gap):
+        scene = physics_sim.Scene(64, np.array([4.0, 5.0]), physics_sim.PALETTE[:2], off, np.zeros((2, 2)), lead,
+                                  strength)
+        state = physics_sim.State(np.array([[20.0, 20.0], [20.0 + gap, 20.0]]), np.zeros((2, 2)),
+                                  np.ones(2, dtype=bool))
+        return physics_sim.accelerations(scene, state)[1]
+
+    near, far = 14.0, 60.0  # 1 px beyond the stand-off (under the clip) and far beyond it (clipped)
+    np.testing.assert_allclose(pull(3.0, near), 3.0 * pull(1.0, near))
+    assert np.linalg.norm(pull(1.0, far)) == pytest.approx(physics_sim.FOLLOW_MAX)
+    assert np.linalg.norm(pull(3.0, far)) == pytest.approx(3.0 * physics_sim.FOLLOW_MAX)
+    default = simulate_episode(PhysicsDataConfig(**SMALL), 0)[0]
+    same = simulate_episode(PhysicsDataConfig(**SMALL, follow_strength=1.0), 0)[0]
+    strong = simulate_episode(PhysicsDataConfig(**{**SMALL, "follow_prob": 1.0}, follow_strength=3.0), 0)[0]
+    weak = simulate_episode(PhysicsDataConfig(**{**SMALL, "follow_prob": 1.0}), 0)[0]
+    np.testing.assert_array_equal(default["positions"], same["positions"])
+    assert not np.allclose(strong["positions"], weak["positions"])
+
+
 def test_deterministic_and_order_independent(dataset, tmp_path):
     root, _ = dataset
     other = tmp_path / "two"

@@ -61,7 +61,8 @@ def simulate_episode(cfg: PhysicsDataConfig, index: int) -> tuple[dict[str, np.n
     """Arrays of factual episode ``index`` and of its twin (None unless ``cfg.counterfactual``)."""
     rng = np.random.default_rng([cfg.seed, index])
     num_objects = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    scene, state = sample_scene(rng, cfg.image_size, num_objects, cfg.spring_prob, cfg.follow_prob)
+    scene, state = sample_scene(rng, cfg.image_size, num_objects, cfg.spring_prob, cfg.follow_prob,
+                                cfg.follow_strength)
     factual = simulate(scene, state, cfg.frames, cfg.substeps)
     if not cfg.counterfactual:
         return _episode_arrays(scene, factual), None

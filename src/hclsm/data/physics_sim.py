@@ -18,7 +18,8 @@ Hidden interactions (the ground-truth graph, ``graph[i, j] = 1`` when i's state 
 * springs, undirected: Hooke force ``SPRING_K (d - rest)`` along the pair axis, divided by each
   ball's mass, with a rest length shorter than the initial distance so springs visibly contract;
 * follow forces along a random DAG: edge ``i -> j`` accelerates j (and only j) toward a stand-off
-  distance from i, ``FOLLOW_GAIN (d - d0) u - FOLLOW_DAMP (v_j - v_i)``, clipped to ``FOLLOW_MAX``.
+  distance from i, ``FOLLOW_GAIN (d - d0) u - FOLLOW_DAMP (v_j - v_i)``, clipped to ``FOLLOW_MAX``; the gain
+  and the clip are scaled by the scene's ``follow_strength`` (1 by default: the figures above).
 
 Speeds are capped at ``MAX_SPEED`` (a guard against tunnelling; natural dynamics stay well below).
 Nothing after the scene is sampled is random, so a run continued from a copied state reproduces the
@@ -56,6 +57,7 @@ class Scene:
     springs: np.ndarray  # (K, K) bool, symmetric, zero diagonal
     rest: np.ndarray  # (K, K) float64 spring rest lengths (meaningful where springs)
     follow: np.ndarray  # (K, K) bool, [i, j] = i pulls j; acyclic
+    follow_strength: float = 1.0  # multiplies FOLLOW_GAIN and FOLLOW_MAX
 
     @property
     def scale(self) -> float:
@@ -116,7 +118,7 @@ def _place(rng: np.random.Generator, radii: np.ndarray, size: int, margin: float
 
 
 def sample_scene(rng: np.random.Generator, image_size: int, num_objects: int, spring_prob: float,
-                 follow_prob: float) -> tuple[Scene, State]:
+                 follow_prob: float, follow_strength: float = 1.0) -> tuple[Scene, State]:
     """Draw one episode's objects, hidden interactions and initial state."""
     k, s = num_objects, image_size / 64.0
     radii = rng.choice(BASE_RADII, size=k, replace=False) * s  # (K,)
@@ -132,7 +134,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, num_objects: int, sp
     order = rng.permutation(k)  # (K,) topological order of the follow DAG
     follow = np.zeros((k, k), dtype=bool)  # (K, K)
     follow[np.ix_(order, order)] = np.triu(rng.random((k, k)) < follow_prob, 1)
-    scene = Scene(image_size, radii, colours, springs, rest, follow)
+    scene = Scene(image_size, radii, colours, springs, rest, follow, follow_strength)
     return scene, State(pos, vel, np.ones(k, dtype=bool))
 
 
@@ -146,14 +148,22 @@ def accelerations(scene: Scene, state: State) -> np.ndarray:
     stretch = np.where(scene.springs & both, SPRING_K * (dist - scene.rest), 0.0)  # (K, K)
     acc = (stretch[..., None] * unit).sum(axis=1) / scene.mass[:, None]  # (K, 2)
     # Follow: edge i -> j pulls j toward i. Work in [j, i] layout so the sum runs over leaders i.
-    s = scene.scale
-    stand_off = scene.radii[:, None] + scene.radii[None, :] + FOLLOW_GAP * s  # (K, K)
-    pull = FOLLOW_GAIN * (dist - stand_off)[..., None] * unit  # (K, K, 2) [j, i]: j toward i
-    pull = pull - FOLLOW_DAMP * (vel[:, None, :] - vel[None, :, :])  # (K, K, 2) minus v_j - v_i
-    norm = np.linalg.norm(pull, axis=-1, keepdims=True)  # (K, K, 1)
-    pull = pull * np.minimum(1.0, FOLLOW_MAX * s / np.maximum(norm, 1e-12))  # (K, K, 2)
+    pull = follow_pulls(scene.radii, scene.scale, scene.follow_strength, pos, vel)  # (K, K, 2) [j, i]
     active = (scene.follow.T & both)[..., None]  # (K, K, 1) [j, i] = i pulls j
     return acc + np.where(active, pull, 0.0).sum(axis=1)  # (K, 2)
+
+
+def follow_pulls(radii: np.ndarray, scale: float, strength: float, pos: np.ndarray, vel: np.ndarray) -> np.ndarray:
+    """The follow acceleration every ball j would feel from every ball i if i led j: (K, K, 2), [j, i], for
+    radii (K,), positions and velocities (K, 2) (diagonal meaningless)."""
+    diff = pos[None, :, :] - pos[:, None, :]  # (K, K, 2) diff[j, i] = p_i - p_j
+    dist = np.linalg.norm(diff, axis=-1)  # (K, K)
+    unit = diff / np.maximum(dist, 1e-9)[..., None]  # (K, K, 2) from j toward i
+    stand_off = radii[:, None] + radii[None, :] + FOLLOW_GAP * scale  # (K, K)
+    pull = strength * FOLLOW_GAIN * (dist - stand_off)[..., None] * unit  # (K, K, 2) j toward i
+    pull = pull - FOLLOW_DAMP * (vel[:, None, :] - vel[None, :, :])  # (K, K, 2) minus v_j - v_i
+    norm = np.linalg.norm(pull, axis=-1, keepdims=True)  # (K, K, 1)
+    return pull * np.minimum(1.0, strength * FOLLOW_MAX * scale / np.maximum(norm, 1e-12))  # (K, K, 2)
 
 
 def _collide(scene: Scene, state: State, contacts: np.ndarray) -> None:
