@@ -7,7 +7,9 @@ against re-simulation).
   stages as in ``hclsm bench dynamics``; on ``GRAPH_TEST_EPISODES`` fresh held-out scenes (another seed) the
   graph of each whole episode is matched to the true DAG (``hclsm.eval.causal``). Beside it: the empty graph,
   and linear NOTEARS run directly on each episode's *true* trajectories (positions, velocities or
-  accelerations; ``hclsm.eval.notears``). Targets: SHD <= 1.5, edge accuracy >= 90 %, final h <= 1e-4.
+  accelerations; ``hclsm.eval.notears``), and an upper reference: the simulator's follow law fitted on the
+  true states (``hclsm.eval.causal.follow_law_graph``: it shows the DAG is identifiable from exact states).
+  Targets: SHD <= 1.5, edge accuracy >= 90 %, final h <= 1e-4.
 
 * ``counterfactual``: the tiny HCLSM trains both stages on physics scenes exactly as in ``hclsm bench
   dynamics``; then, on ``TEST_EPISODES`` freshly generated held-out scenes (another seed), every twin whose
@@ -31,7 +33,7 @@ from hclsm.bench.dynamics import _machine, trained_hclsm
 from hclsm.config.data import PhysicsDataConfig
 from hclsm.data.physics import generate_physics_dataset
 from hclsm.data.physics import PhysicsSource
-from hclsm.eval.causal import episode_graphs, graph_scores
+from hclsm.eval.causal import episode_graphs, follow_law_graph, graph_scores
 from hclsm.eval.counterfactual import counterfactual_cases, summarise
 from hclsm.eval.notears import KINEMATICS, trajectory_graph
 
@@ -62,7 +64,9 @@ def bench_causal(quick: bool, seed: int) -> BenchResult:
             schedule = {"graph_steps": int(layer.steps), "graph_alpha": float(layer.alpha),
                         "graph_rho": float(layer.rho), "graph_temperature": layer.temperature()}
             source = PhysicsSource(root)
-            positions = [source.load_episode(e)["positions"] for e in range(test.episodes)]
+            episodes = [source.load_episode(e) for e in range(test.episodes)]
+            positions = [ep["positions"] for ep in episodes]
+            law = np.stack([follow_law_graph(ep, test.image_size, test.follow_strength) for ep in episodes])
     true = np.stack([g.true for g in learned])  # (E, K, K) [source, target]
     rows, metrics = [], {}
 
@@ -80,6 +84,7 @@ def bench_causal(quick: bool, seed: int) -> BenchResult:
         pred = np.stack([trajectory_graph(p, kind) for p in tqdm(positions, desc=f"NOTEARS ({kind})", leave=False,
                                                                  disable=quick)])
         add(f"NOTEARS on the true {kind}", f"notears_{kind}", pred)
+    add("the simulator's follow law fitted on the true states (upper reference)", "law", law)
     metrics.update({"shd": metrics["learned_shd"], "edge_accuracy": metrics["learned_edge_accuracy"],
                     "h_prob_mean": float(h_prob.mean()), "h_prob_max": float(h_prob.max()),
                     "h_binary_mean": float(np.mean([g.h_binary for g in learned])),

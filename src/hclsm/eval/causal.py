@@ -7,7 +7,8 @@ frames where the slot is alive (``match_slots``); the slot graph is then read ou
 (``object_graph``; an object no slot matched has no edges). Scores use ``hclsm.metrics.graphs`` (row =
 source): SHD with a reversal counting 1 (NOTEARS' ``count_accuracy``) and 2 (cdt's default), edge accuracy
 over the K (K - 1) ordered pairs, directed precision / recall, and the NOTEARS acyclicity h of the graph's
-edge probabilities and of the binary graph.
+edge probabilities and of the binary graph. ``follow_law_graph`` is the upper reference: the simulator's
+follow law fitted on an episode's true states.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from hclsm.data import physics_sim
 from hclsm.data.physics import PhysicsSource
 from hclsm.eval.counterfactual import model_frames
 from hclsm.metrics.graphs import edge_accuracy, edge_precision_recall_f1, shd
@@ -107,3 +109,36 @@ def graph_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             "edge_accuracy": edge_accuracy(true, pred), "precision": prf["precision"], "recall": prf["recall"],
             "f1": prf["f1"], "edges_pred": float(np.asarray(pred, dtype=bool).sum((1, 2)).mean()),
             "edges_true": float(np.asarray(true, dtype=bool).sum((1, 2)).mean())}
+
+
+def follow_law_graph(episode: dict[str, np.ndarray], image_size: int, strength: float = 1.0,
+                     threshold: float = 0.5, wall_margin: float = 4.0) -> np.ndarray:
+    """An upper reference for graph recovery: the simulator's own follow law fitted on an episode's *true*
+    states, (K, K) bool [leader, follower].
+
+    For every ball j, its velocity change over each frame (plus the simulator's velocity damping) is regressed
+    by least squares on the follow pull every other ball i would exert on it (``physics_sim.follow_pulls`` at
+    the frame's start), over the frames where j touches no ball and stays ``wall_margin`` px (at 64 px) off
+    the walls; an edge i -> j where i's coefficient exceeds ``threshold`` (the law's own coefficient is 1 for
+    a leader, 0 otherwise). It knows the functional form, so it shows how identifiable the DAG is from exact
+    states, not what a learner without that knowledge can do."""
+    pos, vel = episode["positions"].astype(np.float64), episode["velocities"].astype(np.float64)  # (T, K, 2)
+    contacts, radii = episode["contacts"], episode["radii"].astype(np.float64)  # (T, K, K), (K,)
+    frames, k = pos.shape[:2]
+    scale = image_size / 64.0
+    pulls = np.stack([physics_sim.follow_pulls(radii, scale, strength, pos[t], vel[t])
+                      for t in range(frames - 1)])  # (T-1, K, K, 2) [t, j, i]
+    change = vel[1:] - vel[:-1] + physics_sim.DAMPING * vel[:-1]  # (T-1, K, 2)
+    graph = np.zeros((k, k), dtype=bool)
+    for j in range(k):
+        p, r = pos[:-1, j], radii[j] + wall_margin * scale  # (T-1, 2)
+        clear = ~contacts[1:, j].any(-1) & np.all((p > r) & (p < image_size - r), axis=-1)  # (T-1,)
+        clear &= np.isfinite(change[:, j]).all(-1) & np.isfinite(pulls[:, j]).all((-1, -2))
+        others = [i for i in range(k) if i != j]
+        if clear.sum() * 2 < len(others):  # too few clean frames to fit: no edges
+            continue
+        x = pulls[clear][:, j, others].transpose(0, 2, 1).reshape(-1, len(others))  # (2 n, K-1)
+        y = change[clear, j].reshape(-1)  # (2 n,)
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]  # (K-1,)
+        graph[others, j] = coef > threshold
+    return graph
