@@ -67,7 +67,8 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
                    "3 steps", "`train/stage1/`", "`train/stage2/`", "## Dynamics on held-out episodes",
                    "stage-2 prediction loss (JEPA", "0.008–0.01: ", "events per 16-frame clip", "2–3: ",
                    "copy-last frame MSE", "copy-last latent MSE", "event F1 (±1 step)", "contact onsets",
-                   "the first 6 frames are\ncontext, the next 10 are predicted"):
+                   "the first 6 frames are\ncontext, the next 10 are predicted",
+                   "## Planning in the real PushT simulator", "Skipped: no held-out episode has more than 25 frames"):
         assert phrase in text, phrase
     assert "stage 2 (hierarchical dynamics" not in text  # the old "not yet" sentence is gone
     images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
@@ -87,6 +88,7 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
     assert 0 <= t["agent_iou"] <= 1 and t["true_objects"] > 0 and t["jepa"] >= 0 and t["frame_mse_copy_last"] >= 0
     assert 0 <= t["event_f1"] <= 1 and t["events_per_16_frames"] == t["events_per_clip"]  # 16-frame clips: no scaling
     assert m["dynamics"] == {"clips": 1, "of_clips": 1, "clip_length": 16, "context": 6, "horizon": 10}
+    assert "skipped" in m["planning"] and m["seconds"]["planning"] >= 0  # 20-frame episodes: no 25-step goal
     assert m["indicators"]["jepa"] == [0.008, 0.01] and m["indicators"]["events_per_16_frames"] == [2, 3]
     assert m["train"]["steps"] == m["train"]["stage2"]["steps"] == 3 and m["train"]["minutes_budget"] == 1.0
     assert (m["train"]["clip_length"], m["train"]["stage2"]["clip_length"]) == (4, 8)

@@ -13,6 +13,8 @@ from hclsm.config.data import PushTDataConfig
 from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.pusht import generate_pusht_dataset, make_env
 from hclsm.models import build_model
+from hclsm import demo_eval
+from hclsm.demo_report import _planning_section
 from hclsm.planning import CEM, MPPI, PlannerConfig, SlotSet, WorldModelCost, matched_slot_cost
 from hclsm.planning.env_loop import (
     GOAL_OFFSET,
@@ -311,3 +313,22 @@ def test_a_single_context_frame_needs_no_past_actions():
     assert cost(torch.zeros(5, 2, 2)).shape == (5,)
     with pytest.raises(ValueError, match="past_actions"):
         WorldModelCost(ToyModel(), ctx, torch.zeros(1, 2), goal)
+
+
+# ---- the demo's planning section ---------------------------------------------------------------------
+
+def test_demo_planning_runs_both_policies_and_the_report_shows_them(tmp_path, pusht_data, tiny_hclsm, monkeypatch):
+    monkeypatch.setattr(demo_eval, "PLAN_EPISODES", 1)
+    monkeypatch.setattr(demo_eval, "PLAN_SAMPLES", 4)
+    monkeypatch.setattr(demo_eval, "PLAN_ITERATIONS", 1)
+    source = LeRobotSource(pusht_data)
+    record = demo_eval.demo_planning(tiny_hclsm, source, [0, 1], tmp_path / "plan", seed=0, progress=False, budget=10)
+    assert set(record["results"]) == {"mppi", "random"} and record["planner"]["samples"] == 4
+    assert all(r["episodes"] == 1 for r in record["results"].values()) and record["budget"] == 10
+    assert record["gifs"] == ["mppi_000.gif", "random_000.gif"]
+    assert all((tmp_path / "plan" / g).is_file() for g in record["gifs"])
+    section = _planning_section(record)
+    assert "| mppi |" in section and "| random |" in section and "![mppi_000.gif](plan/mppi_000.gif)" in section
+    short = demo_eval.demo_planning(tiny_hclsm, source, [], tmp_path / "none", seed=0, progress=False)
+    assert "no held-out episode has more than 25 frames" in short["skipped"]
+    assert "Skipped: no held-out episode" in _planning_section(short)

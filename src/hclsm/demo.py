@@ -22,6 +22,10 @@
    segmentation against ground truth, alpha heat maps, alive slots per frame, a rollout against the true
    frames, the event timeline with the contact onsets, the PCA of slot trajectories) and a plain
    statement of which stages ran; ``metrics.json`` has every number.
+5. **Planning.** MPPI with the trained model and random actions from ``demo_eval.PLAN_EPISODES`` held-out start
+   states in the real PushT simulator (the ``hclsm plan`` protocol with a cheaper planner; ``plan/`` holds a GIF
+   of each policy's first episode); skipped, with the reason in the report, when no held-out episode is long
+   enough for a goal.
 
 Everything is written into a temporary directory renamed to ``OUT/NAME`` at the end
 (``atomic_output_dir``): a failure or Ctrl-C leaves no half-written run, and an earlier run of the
@@ -46,6 +50,7 @@ from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.demo_eval import (
     DYNAMICS_CLIPS,
+    demo_planning,
     draw_figures,
     dynamics_clips,
     dynamics_metrics,
@@ -136,7 +141,8 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
     ``metrics.json``: ``trained`` / ``untrained`` (object and dynamics metrics, ``heldout_metrics`` and
     ``dynamics_metrics``), ``train`` (the budget, the parameter count and stage 1's run: steps, seconds,
     why it stopped, skipped steps, final losses; ``train.stage2`` the same for stage 2), ``dynamics`` (the
-    held-out dynamics clips: how many, their length, rollout context and horizon), the figures' contents,
+    held-out dynamics clips: how many, their length, rollout context and horizon), ``planning``
+    (``demo_eval.demo_planning``: results per policy, or why it was skipped), the figures' contents,
     the seed's indicators, timings and the machine.
     """
     check_run_name(name)  # before anything is generated or replaced
@@ -184,6 +190,9 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
         trained = heldout_metrics(model, clips) | dynamics_metrics(model, dyn_batches)
         shown = draw_figures(model, source, cfg, val_eps, clips, dyn_clips, run)
         seconds["evaluation"] = time.perf_counter() - t
+        t = time.perf_counter()
+        planning = demo_planning(model, source, val_eps, run / "plan", cfg.train.seed, progress)
+        seconds["planning"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
 
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -196,7 +205,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
                   "val_episodes": val_eps, "clips": len(clips), "eval_clip_length": cfg.data.clip.length,
                   "dynamics": {"clips": sum(len(b[keys.VIDEO]) for b in dyn_batches), "of_clips": len(dyn_clips),
                                "clip_length": length, "context": context, "horizon": horizon},
-                  "figures": shown, "seconds": seconds,
+                  "figures": shown, "planning": planning, "seconds": seconds,
                   "indicators": {"sbd": SEED_SBD, "diversity": SEED_DIVERSITY, "jepa": list(SEED_JEPA),
                                  "events_per_16_frames": list(SEED_EVENTS)},
                   "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()}}

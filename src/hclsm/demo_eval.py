@@ -5,7 +5,9 @@
   peakedness, the SBD and diversity losses and alive slots against visible objects;
 * dynamics (``dynamics_metrics``): the stage-2 prediction losses in eval mode, rollouts against the
   copy-last baselines and the event gate against the contact onsets, on ``EVENT_CLIP``-frame clips;
-* pictures (``draw_figures``).
+* pictures (``draw_figures``);
+* planning (``demo_planning``): MPPI with the trained model against random actions from ``PLAN_EPISODES``
+  held-out PushT start states in the real simulator (the ``hclsm plan`` protocol, with a cheaper planner).
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ EVAL_BATCH = 16
 EVENT_CLIP = 16  # frames per held-out dynamics clip: the seed counts events per 16-frame clip
 DYNAMICS_CLIPS = 32  # at most this many held-out dynamics clips are evaluated (spread over the held-out episodes)
 ROLLOUT_CONTEXT = 6  # context frames of a rollout (as `hclsm eval`); the rest of the clip is predicted
+PLAN_EPISODES = 2  # held-out start states the demo plans from (`hclsm bench planning` uses 50)
+PLAN_SAMPLES, PLAN_ITERATIONS = 32, 3  # MPPI candidates and refits per plan (`hclsm plan`'s default: 64 x 5)
+PLAN_REPLAN = 5  # env steps executed per plan
 
 
 def heldout_clips(source: LeRobotSource, cfg: Config, episodes: list[int], length: int | None = None) -> MemoryClips:
@@ -256,3 +261,31 @@ def draw_figures(model: HCLSM, source: LeRobotSource, cfg: Config, val_episodes:
                     "count": count.tolist(), "true_count": truth_count.tolist(),
                     "events_fired": torch.nonzero(events.gate[0] > 0.5).flatten().tolist(),
                     "contact_onsets": torch.nonzero(contact).flatten().tolist()}
+
+
+def demo_planning(model: HCLSM, source: LeRobotSource, val_eps: list[int], out: Path, seed: int,
+                  progress: bool, budget: int | None = None) -> dict:
+    """MPPI with ``model`` and random actions, each from the same ``PLAN_EPISODES`` held-out start states, in
+    the real PushT simulator (``hclsm.planning``: goal = the state after replaying the next 25 recorded actions,
+    ``budget`` env steps, default the protocol's 50, success within 20 px and pi / 9); a GIF of each policy's first episode into ``out``. Returns
+    the results per policy, or ``skipped`` with the reason when no held-out episode is long enough or the model
+    takes no 2-D actions."""
+    from dataclasses import asdict
+
+    from hclsm.planning.env_loop import BUDGET, GOAL_OFFSET, RandomPolicy, make_tasks
+    from hclsm.planning.planners import PlannerConfig
+    from hclsm.planning.run import plan_tasks, planning_policies
+
+    if model.cfg.d_action != 2:
+        return {"skipped": f"the model takes {model.cfg.d_action}-D actions; PushT planning needs 2-D ones"}
+    try:
+        tasks = make_tasks(source, val_eps, PLAN_EPISODES, seed)
+    except ValueError:
+        return {"skipped": f"no held-out episode has more than {GOAL_OFFSET} frames (a goal is {GOAL_OFFSET} recorded "
+                           f"actions ahead)"}
+    cfg = PlannerConfig(samples=PLAN_SAMPLES, iterations=PLAN_ITERATIONS, elites=min(PlannerConfig.elites, PLAN_SAMPLES))
+    policies = planning_policies(model, ["mppi"], cfg, PLAN_REPLAN, seed) + [RandomPolicy(seed)]
+    budget = BUDGET if budget is None else budget
+    results = plan_tasks(source, tasks, policies, out, gifs=1, budget=budget, progress=progress)
+    return {"results": results, "starts": [[t.episode, t.frame] for t in tasks], "budget": budget,
+            "replan_every": PLAN_REPLAN, "planner": asdict(cfg), "gifs": sorted(p.name for p in out.glob("*.gif"))}

@@ -129,7 +129,6 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
     first ``gifs`` episodes per policy into ``out`` (default ``RUN_DIR/plan``); returns the summary."""
     from hclsm.data.clips import split_episodes
     from hclsm.data.lerobot_read import LeRobotSource
-    from hclsm.data.pusht import make_env
 
     if planner not in PLANNERS:
         raise HclsmError(f"--planner {planner!r}: choose one of {', '.join(sorted(PLANNERS))}")
@@ -151,6 +150,22 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
         policies += [RandomPolicy(seed), ScriptedPolicy(seed),
                      OraclePlanner(make_planner("cem", cfg, *action_box(), seed), replan_every, ORACLE_REPEAT)]
     out = Path(out) if out is not None else Path(run_dir) / "plan"
+    summary = plan_tasks(source, tasks, policies, out, gifs, budget, progress)
+    record = {"run": str(train_run), "out": str(out), "budget": budget, "checkpoint": state["path"],
+              "step": state["step"], "stage": state["stage"],
+              "data": str(data_dir), "episodes": episodes, "held_out_episodes": val, "seed": seed,
+              "planner": asdict(cfg), "replan_every": replan_every, "success_px": SUCCESS_POS_PX,
+              "results": summary}
+    (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def plan_tasks(source, tasks: list[Task], policies, out: Path, gifs: int = 4, budget: int = BUDGET,
+               progress: bool = True) -> dict[str, dict]:
+    """Every policy on every task in a fresh PushT env (the dataset's frame size); GIFs of the first ``gifs``
+    episodes per policy into ``out`` as ``POLICY_III.gif``; returns ``evaluate``'s summary per policy."""
+    from hclsm.data.pusht import make_env
+
     out.mkdir(parents=True, exist_ok=True)
 
     def save_gif(policy, i: int, task: Task, goal: Goal, result: EpisodeResult) -> None:
@@ -160,16 +175,9 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
 
     env = make_env(source.frame_size[0] if source.frame_size else 96)
     try:
-        summary = evaluate(env, tasks, policies, budget, progress=progress, on_episode=save_gif)
+        return evaluate(env, tasks, policies, budget, progress=progress, on_episode=save_gif)
     finally:
         env.close()
-    record = {"run": str(train_run), "out": str(out), "budget": budget, "checkpoint": state["path"],
-              "step": state["step"], "stage": state["stage"],
-              "data": str(data_dir), "episodes": episodes, "held_out_episodes": val, "seed": seed,
-              "planner": asdict(cfg), "replan_every": replan_every, "success_px": SUCCESS_POS_PX,
-              "results": summary}
-    (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
 def format_summary(results: dict[str, dict]) -> str:
