@@ -107,7 +107,7 @@ class ToyModel:
     def __init__(self):
         self.calls = 0
 
-    def predict_ahead(self, slots, positions, gate, horizon, action):
+    def predict_ahead(self, slots, positions, gate, horizon, action, shared_context=False):
         self.calls += 1
         c = slots.shape[1]
         pos = positions[:, -1]  # (N, K, 2)
@@ -171,6 +171,26 @@ def test_batched_rollout_equals_per_candidate_rollouts_and_candidates_differ(tin
     assert (slots[0] - slots[1]).abs().max() > 1e-4  # different actions, different futures
     c = cost(actions)
     assert c.shape == (4,) and torch.isfinite(c).all() and len(set(c.tolist())) == 4
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.causal.enabled=true", "model.memory.enabled=true")])
+def test_a_shared_context_runs_once_and_predicts_the_same(overrides):
+    torch.manual_seed(0)
+    cfg = load_config("tiny", overrides=["model.perception.image_size=32", "model.slots.num_slots=4", *overrides])
+    model = build_model(cfg.model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ctx = model.objects(torch.rand(1, 3, 3, 32, 32, generator=g))
+    n, c, h = 5, 3, 4
+    slots, pos, gate = (x.expand(n, *x.shape[1:]) for x in (ctx.slots, ctx.positions, ctx.gate))
+    actions = torch.cat([torch.rand(1, c - 1, 2, generator=g).expand(n, -1, -1),
+                         torch.rand(n, h, 2, generator=g)], dim=1) * 512  # shared past, different futures
+    with torch.no_grad():
+        full = model.predict_ahead(slots, pos, gate, h, actions)
+        shared = model.predict_ahead(slots, pos, gate, h, actions, shared_context=True)
+    for a, b in zip(full, shared):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (full[1][0] - full[1][1]).abs().max() > 0  # the candidates' futures differ
 
 
 # ---- the PushT loop --------------------------------------------------------------------------------

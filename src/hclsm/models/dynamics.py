@@ -41,6 +41,7 @@ carry O(1) state; L1/L2 keep the history of their inputs and compute only the ne
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,20 @@ class DynamicsState:
     views: torch.Tensor | None  # (B, t, K, d) each object's view of its own and its parents' L0 states
     noise: torch.Tensor | None  # (B, 1, K, K) the causal graph's sampling noise for this rollout (training)
     memory: MemoryState | None = None  # the episodic memory of this rollout (model.memory.enabled)
+
+
+def tile_batch(state, n: int):
+    """A rollout state of batch 1 (``DynamicsState`` or any of its parts) repeated for ``n`` sequences: every
+    tensor is tiled along its first dimension, which is the batch, or batch x objects for the per-object SSM
+    states (with a batch of 1 both tile the same way). Used to share a context run once among candidates."""
+    if isinstance(state, torch.Tensor):
+        return state.repeat(n, *([1] * (state.dim() - 1)))
+    if isinstance(state, (list, tuple)):
+        return type(state)(tile_batch(x, n) for x in state)
+    if dataclasses.is_dataclass(state):
+        return dataclasses.replace(state, **{f.name: tile_batch(getattr(state, f.name), n)
+                                             for f in dataclasses.fields(state)})
+    return state
 
 
 def masked_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from hclsm import keys
 from hclsm.config.model import ModelConfig
-from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics, fold
+from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics, fold, tile_batch
 from hclsm.models.interventions import Intervention, apply_to_state
 from hclsm.models.objects import ObjectDecomposer, ObjectOutput
 from hclsm.nn.chunks import map_chunks
@@ -199,13 +199,16 @@ class HCLSM(nn.Module):
         return F.mse_loss(torch.cat(recon).float(), target.float())
 
     def predict_ahead(self, slots: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor, horizon: int,
-                      action: torch.Tensor | None = None, intervention: Intervention | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      action: torch.Tensor | None = None, intervention: Intervention | None = None,
+                      shared_context: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Autoregressive prediction in latent space: the slots (B, C, K, d), positions (B, C, K, 2) and alive gate
         (B, C, K) of C context steps -> the predicted slots (B, H, K, d) and positions (B, H, K, 2) of the next
         ``horizon`` steps, each made from the previous prediction with the last context step's gate, and the event
         gate of every step run (B, C + H - 1). ``action`` (B, >= C + H - 1, A) drives an action-conditioned model
-        (zeros when omitted). ``intervention`` acts on the last context step (``hclsm.models.interventions``)."""
+        (zeros when omitted). ``intervention`` acts on the last context step (``hclsm.models.interventions``).
+        ``shared_context``: the caller promises that every sequence of the batch has the same context and the same
+        actions over it (planning: candidates differ only in their future actions), so the first C - 1 steps run
+        once, on the first sequence, and their state is tiled over the batch (same result, less work)."""
         b, c, k, _ = slots.shape
         n = c + horizon - 1
         if self.cfg.d_action > 0 and action is None:
@@ -213,9 +216,16 @@ class HCLSM(nn.Module):
         if action is not None and action.shape[1] < n:
             raise ValueError(f"a rollout needs actions for {n} steps (context {c} + horizon {horizon} - 1), got "
                              f"{action.shape[1]}")
-        state = self.dynamics.init_state(b, k, slots.device, slots.dtype)
+        prefix = c - 1 if shared_context and b > 1 else 0  # steps run once on the first sequence
+        state = self.dynamics.init_state(1 if prefix else b, k, slots.device, slots.dtype)
         s, p, g, events, pred_slots, pred_pos = None, None, None, [], [], []
-        for t in range(n):
+        for t in range(prefix):
+            _, _, ev, state = self.dynamics.step(slots[:1, t], positions[:1, t], gate[:1, t],
+                                                 None if action is None else action[:1, t], state)
+            events.append(ev.expand(b))
+        if prefix:
+            state = tile_batch(state, b)
+        for t in range(prefix, n):
             if t < c:
                 s, p, g = slots[:, t], positions[:, t], gate[:, t]
                 if t == c - 1 and intervention is not None:

@@ -1,7 +1,8 @@
 """The planning cost: how far a candidate's predicted object slots end from the goal's slots.
 
 ``WorldModelCost`` rolls every candidate action sequence out through the world model in **one batched call**
-(the context slots are shared, expanded over the candidates) and scores the last predicted step against the
+(the context slots and the actions between them are shared: the context's first steps run once and their
+state is tiled over the candidates, ``predict_ahead(shared_context=True)``) and scores the last predicted step against the
 goal frame's slots, as DINO-WM's ``objective.mode: last`` and C-JEPA's criterion do:
 
 * ``matched_slot_cost``: the alive object slots of the prediction and of the goal are put in correspondence by
@@ -91,7 +92,8 @@ class WorldModelCost:
         steps = torch.cat([self.past[None].expand(n, -1, -1), actions.float()], dim=1)  # (N, C - 1 + H, A)
         slots, pos, _ = self.model.predict_ahead(self.slots[None].expand(expand),
                                                  self.positions[None].expand(n, *self.positions.shape),
-                                                 self.gate[None].expand(n, *self.gate.shape), h, steps)
+                                                 self.gate[None].expand(n, *self.gate.shape), h, steps,
+                                                 shared_context=True)
         return slots, pos
 
     @torch.no_grad()
