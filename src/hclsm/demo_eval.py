@@ -267,9 +267,9 @@ def demo_planning(model: HCLSM, source: LeRobotSource, val_eps: list[int], out: 
                   progress: bool, budget: int | None = None) -> dict:
     """MPPI with ``model`` and random actions, each from the same ``PLAN_EPISODES`` held-out start states, in
     the real PushT simulator (``hclsm.planning``: goal = the state after replaying the next 25 recorded actions,
-    ``budget`` env steps, default the protocol's 50, success within 20 px and pi / 9); a GIF of each policy's first episode into ``out``. Returns
-    the results per policy, or ``skipped`` with the reason when no held-out episode is long enough or the model
-    takes no 2-D actions."""
+    ``budget`` env steps, default the protocol's 50, success within 20 px and pi / 9); a GIF of each policy's
+    first episode into ``out``. Returns the results per policy, or ``skipped`` with the reason when no held-out
+    episode is long enough or the model takes no 2-D actions."""
     from dataclasses import asdict
 
     from hclsm.planning.env_loop import BUDGET, GOAL_OFFSET, RandomPolicy, make_tasks
@@ -283,7 +283,8 @@ def demo_planning(model: HCLSM, source: LeRobotSource, val_eps: list[int], out: 
     except ValueError:
         return {"skipped": f"no held-out episode has more than {GOAL_OFFSET} frames (a goal is {GOAL_OFFSET} recorded "
                            f"actions ahead)"}
-    cfg = PlannerConfig(samples=PLAN_SAMPLES, iterations=PLAN_ITERATIONS, elites=min(PlannerConfig.elites, PLAN_SAMPLES))
+    cfg = PlannerConfig(samples=PLAN_SAMPLES, iterations=PLAN_ITERATIONS,
+                        elites=min(PlannerConfig.elites, PLAN_SAMPLES))
     policies = planning_policies(model, ["mppi"], cfg, PLAN_REPLAN, seed) + [RandomPolicy(seed)]
     budget = BUDGET if budget is None else budget
     results = plan_tasks(source, tasks, policies, out, gifs=1, budget=budget, progress=progress)
