@@ -53,12 +53,13 @@ def _planning_section(p: dict) -> str:
     if "skipped" in p:
         return head + f"Skipped: {p['skipped']}. `hclsm plan --checkpoint RUN` plans with this run's model."
     rows = "\n".join(f"| {name} | {r['success_rate']:.0%} | {r['coverage_success_rate']:.0%} | "
-                     f"{r['mean_final_distance_px']:.1f} | {r['plan_ms_per_step']:.0f} |" for name, r in p["results"].items())
+                     f"{r['mean_final_distance_px']:.1f} | {r['plan_ms_per_step']:.0f} |"
+                     for name, r in p["results"].items())
     starts = "; ".join(f"episode {e}, frame {t}" for e, t in p["starts"])
     pc = p["planner"]
     gifs = "\n\n".join(f"![{g}](plan/{g})" for g in p["gifs"])
-    return head + f"""From {len(p['starts'])} held-out start states ({starts}) the goal is the state after replaying the next
-25 recorded actions in the simulator; each policy has {p['budget']} env steps, and succeeds once the agent and
+    return head + f"""From {len(p['starts'])} held-out start states ({starts}) the goal is the state after
+replaying the next 25 recorded actions in the simulator; each policy has {p['budget']} env steps, and succeeds once the agent and
 block positions are within 20 px of the goal's and the block angle within 20°. `mppi` plans with the trained
 model ({pc['samples']} candidates x {pc['iterations']} refits over {pc['horizon']} steps, re-planning every
 {p['replan_every']} steps; cost: the predicted object slots matched to the goal frame's), `random` acts at random.

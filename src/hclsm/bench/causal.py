@@ -96,7 +96,8 @@ def bench_causal(quick: bool, seed: int) -> BenchResult:
                     "h_prob_mean": float(h_prob.mean()), "h_prob_max": float(h_prob.max()),
                     "h_binary_mean": float(np.mean([g.h_binary for g in learned])),
                     "matched_objects": float(np.mean([g.matched for g in learned])), **schedule, **info})
-    config = {"objects": OBJECTS, "follow_prob": FOLLOW_PROB, "follow_strength": FOLLOW_STRENGTH, "train_episodes": train_data.episodes,
+    config = {"objects": OBJECTS, "follow_prob": FOLLOW_PROB, "follow_strength": FOLLOW_STRENGTH,
+              "train_episodes": train_data.episodes,
               "test_episodes": test.episodes, "test_seed": test.seed, "minutes": minutes, "preset": "tiny",
               "overrides": list(GRAPH_OVERRIDES), "shd_convention": "reversal counts 1 (NOTEARS)", **_machine()}
     title = (f"causal: learned follow-DAG of {OBJECTS}-ball held-out scenes vs the truth (target SHD <= 1.5, edge "

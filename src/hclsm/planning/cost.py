@@ -2,8 +2,8 @@
 
 ``WorldModelCost`` rolls every candidate action sequence out through the world model in **one batched call**
 (the context slots and the actions between them are shared: the context's first steps run once and their
-state is tiled over the candidates, ``predict_ahead(shared_context=True)``) and scores the last predicted step against the
-goal frame's slots, as DINO-WM's ``objective.mode: last`` and C-JEPA's criterion do:
+state is tiled over the candidates, ``predict_ahead(shared_context=True)``) and scores the last predicted step
+against the goal frame's slots, as DINO-WM's ``objective.mode: last`` and C-JEPA's criterion do:
 
 * ``matched_slot_cost``: the alive object slots of the prediction and of the goal are put in correspondence by
   entropic optimal transport (log-domain Sinkhorn, ``hclsm.nn.matching``; uniform marginals, so the two sets may
