@@ -191,6 +191,8 @@ def test_wrong_type_in_yaml(tmp_path):
     ("data.pusht.codec=vp9", "data.pusht.codec"),
     ("data.physics.follow_prob=-0.1", "data.physics.follow_prob"),
     ("data.physics.follow_strength=0", "data.physics.follow_strength"),
+    ("data.physics.background=[1,2]", "data.physics.background"),
+    ("data.physics.background=[0,0,256]", "data.physics.background"),
     ("model.dynamics.l1.event_threshold_init=1.0", "model.dynamics.l1.event_threshold_init"),
     ("train.stage=3", "train.stage"),
     ("train.run_name=a/b", "train.run_name"),

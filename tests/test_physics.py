@@ -203,6 +203,19 @@ def test_follow_strength_scales_the_follow_force_and_its_clip():
     assert not np.allclose(strong["positions"], weak["positions"])
 
 
+def test_background_colour_fills_the_empty_pixels_and_is_recorded(tmp_path):
+    cfg = PhysicsDataConfig(**{**SMALL, "episodes": 1}, background=(200, 180, 10))
+    factual, twin = simulate_episode(cfg, 0)
+    for ep in (factual, twin):
+        empty = ep["mask"] == 0
+        assert empty.any() and np.all(ep["video"][empty] == (200, 180, 10))
+        assert not np.any(np.all(ep["video"][~empty] == (200, 180, 10), axis=-1))  # balls keep their colours
+    default = simulate_episode(PhysicsDataConfig(**{**SMALL, "episodes": 1}), 0)[0]
+    np.testing.assert_array_equal(default["mask"], factual["mask"])  # the same scene, only repainted
+    generate_physics_dataset(tmp_path / "ds", cfg, progress=False)
+    assert json.loads((tmp_path / "ds" / "meta.json").read_text())["background"] == [200, 180, 10]
+
+
 def test_deterministic_and_order_independent(dataset, tmp_path):
     root, _ = dataset
     other = tmp_path / "two"

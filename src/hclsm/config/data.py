@@ -50,6 +50,7 @@ class PhysicsDataConfig:
     spring_prob: float = 0.2  # probability that an (unordered) pair is joined by a spring
     follow_prob: float = 0.3  # probability of each edge i -> j (i < j in a random order) of the follow DAG
     follow_strength: float = 1.0  # multiplies the follow forces' gain and their acceleration clip
+    background: tuple[int, ...] = (40, 40, 40)  # RGB (0-255) of the empty frame (default dark grey)
     substeps: int = 10  # physics integration steps per rendered frame
     counterfactual: bool = True  # also store one intervened twin per episode
     seed: int = 0
@@ -66,6 +67,10 @@ class PhysicsDataConfig:
             _check(0.0 <= p <= 1.0, f"data.physics.{name}", f"must be a probability in [0, 1], got {p}")
         _check(isinstance(self.follow_strength, (int, float)) and 0.0 < self.follow_strength <= 10.0,
                "data.physics.follow_strength", f"must be a number in (0, 10], got {self.follow_strength!r}")
+        bg = self.background
+        _check(isinstance(bg, (list, tuple)) and len(bg) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in bg),
+               "data.physics.background", f"must be three integers in [0, 255] (RGB), got {bg!r}")
+        self.background = tuple(bg)
         _check(self.substeps >= 1, "data.physics.substeps", f"must be >= 1, got {self.substeps}")
         _check(self.seed >= 0, "data.physics.seed", f"must be >= 0, got {self.seed}")
 

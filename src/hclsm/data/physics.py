@@ -48,8 +48,9 @@ ARRAYS = ("video", "mask", "positions", "velocities", "contacts", "events", "rad
 INTERVENTION_ARRAYS = ("intervention_kind", "intervention_step", "intervention_object", "intervention_vector")
 
 
-def _episode_arrays(scene: Scene, traj: Trajectory) -> dict[str, np.ndarray]:
-    video, mask = render(scene, traj.positions)  # (T, H, W, 3), (T, H, W)
+def _episode_arrays(scene: Scene, traj: Trajectory, background: tuple[int, ...] = tuple(BACKGROUND)
+                    ) -> dict[str, np.ndarray]:
+    video, mask = render(scene, traj.positions, np.array(background, dtype=np.uint8))  # (T, H, W, 3), (T, H, W)
     return {
         "video": video, "mask": mask, "positions": traj.positions, "velocities": traj.velocities,
         "contacts": traj.contacts, "events": traj.events, "radii": scene.radii.astype(np.float32),
@@ -65,12 +66,12 @@ def simulate_episode(cfg: PhysicsDataConfig, index: int) -> tuple[dict[str, np.n
                                 cfg.follow_strength)
     factual = simulate(scene, state, cfg.frames, cfg.substeps)
     if not cfg.counterfactual:
-        return _episode_arrays(scene, factual), None
+        return _episode_arrays(scene, factual, cfg.background), None
     iv = sample_intervention(np.random.default_rng([cfg.seed, index, 1]), scene, factual)
-    twin = _episode_arrays(scene, counterfactual(scene, factual, iv, cfg.substeps))
+    twin = _episode_arrays(scene, counterfactual(scene, factual, iv, cfg.substeps), cfg.background)
     twin.update(intervention_kind=np.array(iv.kind), intervention_step=np.array(iv.step),
                 intervention_object=np.array(iv.target), intervention_vector=iv.vector)
-    return _episode_arrays(scene, factual), twin
+    return _episode_arrays(scene, factual, cfg.background), twin
 
 
 def episode_file(index: int) -> str:
@@ -101,7 +102,7 @@ def generate_physics_dataset(out: str | os.PathLike, cfg: PhysicsDataConfig, ove
             "format": FORMAT, "version": VERSION, "config": asdict(cfg), "episodes": cfg.episodes,
             "frames": cfg.frames, "image_size": cfg.image_size, "max_objects": cfg.max_objects,
             "counterfactual": cfg.counterfactual, "palette": PALETTE.tolist(),
-            "background": BACKGROUND.tolist(),
+            "background": list(cfg.background),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     seconds = time.perf_counter() - start

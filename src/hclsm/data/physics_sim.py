@@ -277,7 +277,7 @@ def counterfactual(scene: Scene, factual: Trajectory, iv: Intervention, substeps
     )
 
 
-def render(scene: Scene, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def render(scene: Scene, positions: np.ndarray, background: np.ndarray = BACKGROUND) -> tuple[np.ndarray, np.ndarray]:
     """Frames (T, H, W, 3) uint8 and masks (T, H, W) uint8 (id k + 1 for ball k, 0 background).
 
     A pixel belongs to ball k when its centre lies within the radius; later balls are drawn on top;
@@ -290,6 +290,6 @@ def render(scene: Scene, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         dx = centres[None, None, :] - positions[:, k, 0, None, None]  # (T, 1, W)
         dy = centres[None, :, None] - positions[:, k, 1, None, None]  # (T, H, 1)
         mask[dx * dx + dy * dy <= r * r] = k + 1
-    lut = np.concatenate([BACKGROUND[None], scene.colours])  # (K + 1, 3)
+    lut = np.concatenate([np.asarray(background, dtype=np.uint8)[None], scene.colours])  # (K + 1, 3)
     return lut[mask], mask
 
