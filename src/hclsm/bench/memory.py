@@ -1,15 +1,16 @@
 """``hclsm bench memory``: continual learning with EWC (forgetting of task A after task B) and the Hopfield
 memory's retrieval of stored states.
 
-* **Two scene families** from the physics generator (32 px): A = ``FAMILY_A`` (five or six balls, half the pairs
-  joined by springs, on the default dark background), B = ``FAMILY_B`` (one free ball on a light grey background).
-  Training on B moves the object layers to another background and a scene with one object, which costs A's
-  reconstructions. (With B on A's own background, one ball is a scene the A model already draws well, and the
-  plain run hardly forgot A at all at one seed of two: the ratio of two tiny increases is noise.) The tiny HCLSM with its memory on (``model.memory.enabled``) trains on A (both stages,
+* **Two scene families** from the physics generator (32 px): A = ``FAMILY_A`` (five or six balls, half the
+  pairs joined by springs, on the default dark background), B = ``FAMILY_B`` (one free ball on a light grey
+  background). Training on B moves the object layers to another background and a scene with one object, which
+  costs A's reconstructions. (With B on A's own background, one ball is a scene the A model already draws well,
+  and the plain run hardly forgot A at all at one seed of two: the ratio of two tiny increases is noise.)
+* **Training.** The tiny HCLSM with its memory on (``model.memory.enabled``) trains on A (both stages,
   ``train_two_stages``, a wall-clock budget), then on B (stage 2, as ``hclsm train --continual`` runs a later
-  task) twice from the same A weights with the same seed and the same number of steps (``B_STEPS``, so the
-  two runs see the same batches whatever the machine's load): once plain, once with EWC (the diagonal Fisher of A's training
-  loss on ``train.ewc_samples`` A clips, weight ``train.loss.ewc``).
+  task) twice from the same A weights with the same seed and the same number of steps (``B_STEPS``, so the two
+  runs see the same batches whatever the machine's load): once plain, once with EWC (the diagonal Fisher of
+  A's training loss on ``train.ewc_samples`` A clips, weight ``train.loss.ewc``).
 * **Forgetting**: A's held-out loss after A and after B (eval mode), its increase with and without EWC and their
   ratio (target <= 0.5). Primary: the loss's pixel terms ``RECON`` (reconstruction, decoded next frame, open-loop
   rollout), which are scored against the frames themselves and so compare across models; also the whole
@@ -203,7 +204,8 @@ def bench_memory(quick: bool, seed: int) -> BenchResult:
               "write_threshold": cfg.model.memory.write_threshold, "beta": cfg.model.memory.beta, "preset": "tiny",
               **_machine()}
     r = metrics["pixel_increase_ratio"]
-    title = (f"memory: forgetting of scene family A after training on B ({minutes_a:g} min, then {steps_b} steps); held-out "
+    title = (f"memory: forgetting of scene family A after training on B ({minutes_a:g} min, then {steps_b} steps); "
+             f"held-out "
              f"pixel terms ({' + '.join(RECON)}) and whole stage-2 loss; A's pixel increase with EWC / without = "
              f"{'n/a' if r is None else f'{r:.3g}'} (target <= 0.5); Hopfield recall of stored states from queries "
              f"with {NOISE:g}x noise: top-1 {ret['retrieval_top1']:.3g} over {ret['stored_states']} states")
