@@ -1,10 +1,12 @@
 """Blinking Color Balls: the two colour rules on hand-made sequences, generator determinism and
-consistency, patchification, config and file errors."""
+consistency, patchification, config and file errors; the benchmark's error split (position vs colour)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from hclsm.bench.slotssm import blinking_errors, color_chance, visible_ball_classes, white_baseline
 from hclsm.data.blinking import (BACKGROUND, CLASSES, WHITE, BlinkingConfig, blinking_episode, earliest_color,
                                  load_blinking, make_blinking, most_frequent_color, patchify, render, save_blinking,
                                  to_rgb)
@@ -95,3 +97,42 @@ def test_bad_config_and_bad_file_raise_clear_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(DataError, match="bad.npz"):
         load_blinking(bad)
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in classifier whose logits are one-hot maps of fixed class images (N, H, W), in call order."""
+
+    def __init__(self, classes: np.ndarray):
+        super().__init__()
+        self.classes, self.at = torch.as_tensor(classes, dtype=torch.long), 0
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        out = self.classes[self.at:self.at + len(patches)]
+        self.at += len(patches)
+        return torch.nn.functional.one_hot(out, CLASSES).permute(0, 3, 1, 2).float()
+
+
+def test_blinking_errors_split_position_from_colour():
+    cfg = BlinkingConfig(seed=4)
+    data = make_blinking(cfg, 12)
+    target = data["target"]
+    balls = visible_ball_classes(data, cfg)
+    white_share = float(np.mean(balls != WHITE))
+
+    oracle = blinking_errors(_Fixed(target), data, cfg)
+    assert oracle == {"error": 0.0, "ball_color_error": 0.0, "pixel_error": 0.0, "ball_recall": 1.0,
+                      "masked_color_error": 0.0}
+
+    white = blinking_errors(_Fixed(np.where(target != BACKGROUND, WHITE, BACKGROUND)), data, cfg)
+    assert white["error"] == pytest.approx(white_baseline(data))
+    assert white["ball_recall"] == 1.0
+    assert white["ball_color_error"] == pytest.approx(white_share)
+    assert white["masked_color_error"] == pytest.approx(white_share)
+
+    empty = blinking_errors(_Fixed(np.zeros_like(target)), data, cfg)  # all background: no position, no colour
+    assert empty["ball_recall"] == 0.0 and empty["error"] == 1.0 and empty["ball_color_error"] == 1.0
+    assert empty["pixel_error"] == pytest.approx(float(np.mean(target != BACKGROUND)))
+
+    counts = np.bincount(balls, minlength=CLASSES)
+    assert color_chance(data, cfg) == pytest.approx(1 - counts.max() / counts.sum())
+    assert color_chance(data, cfg) <= white_share

@@ -9,8 +9,11 @@ thread choice on a busy machine, machine facts and the wall-clock training loop.
   pixel-wise 7-way cross-entropy, plus the same cross-entropy averaged over the target's ball pixels only
   (at this tiny budget plain cross-entropy stays at "all background", 80 % of the pixels); the error is the pixel error on the target's ball pixels (and the share of balls whose
   majority-predicted colour is wrong), on held-out episodes, beside always predicting white balls at
-  the true positions. A probe times one training step (batch 8) of SlotSSM and SlotTransformer at
-  every length 80 ... 2560 and reports where SlotTransformer's attention runs out of memory: it
+  the true positions. Two diagnostics split the paper's two challenges (appendix B.3): ``ball_recall``
+  (ball pixels predicted as some ball: positions) and ``masked_color_error`` (the colour decided among
+  the ball classes at the true ball pixels: memory of the colour history), beside its chance level
+  (every ball the most frequent target colour). A probe times one training step (batch 8) of SlotSSM
+  and SlotTransformer at every length 80 ... 2560 and reports where SlotTransformer's attention runs out of memory: it
   materialises a (B, heads, T*K, T*K) score matrix, counted 3x for the backward, against half of this
   machine's memory (estimated, not allocated: allocating it would take the machine down).
 * ``slotssm-latency``: inference latency of one step (batch 6, as in the paper) of SlotSSM and
@@ -110,17 +113,27 @@ def _memory_cap_gb() -> float:
 
 @torch.no_grad()
 def blinking_errors(model: BlinkingClassifier, data: dict, cfg: BlinkingConfig, batch: int = 32) -> dict[str, float]:
-    """Ball-pixel error, ball colour error (majority vote over the ball's visible pixels) and overall pixel error."""
-    wrong = fg = all_wrong = total = 0
-    ball_wrong = balls = 0
+    """Errors on held-out episodes, split by the paper's two challenges (appendix B.3):
+
+    * ``error``: pixel error on the target's ball pixels; ``ball_color_error``: share of balls whose
+      majority-predicted class over their visible pixels is wrong; ``pixel_error``: over all pixels.
+    * position: ``ball_recall``, the share of ball pixels predicted as some ball (any class but background).
+    * colour memory: ``masked_color_error``, the ball colour error with the decision taken among the six
+      ball classes only (white and the five colours) at the ball's true pixels, i.e. given the positions.
+    """
+    wrong = fg = all_wrong = total = found = 0
+    ball_wrong = masked_wrong = balls = 0
     size = cfg.image_size
     c = np.arange(size) + 0.5
     yy, xx = np.meshgrid(c, c, indexing="ij")
     for i in range(0, len(data["target"]), batch):
-        pred = model(patchify(data["context"][i:i + batch], cfg.patch)).argmax(1).numpy()  # (b, H, W)
+        logits = model(patchify(data["context"][i:i + batch], cfg.patch))  # (b, 7, H, W)
+        pred = logits.argmax(1).numpy()  # (b, H, W)
+        colour = (logits[:, WHITE:].argmax(1) + WHITE).numpy()  # the best ball class at every pixel
         target = data["target"][i:i + batch]
         fgm = target != BACKGROUND
         wrong += int(((pred != target) & fgm).sum())
+        found += int(((pred != BACKGROUND) & fgm).sum())
         fg += int(fgm.sum())
         all_wrong += int((pred != target).sum())
         total += target.size
@@ -128,11 +141,28 @@ def blinking_errors(model: BlinkingClassifier, data: dict, cfg: BlinkingConfig, 
             for (x, y), k in zip(data["positions"][i + j, -1], data["target_colors"][i + j]):
                 sel = ((xx - x) ** 2 + (yy - y) ** 2 <= cfg.radius ** 2) & (target[j] == k)
                 if sel.any():
-                    votes = np.bincount(pred[j][sel], minlength=7)
-                    ball_wrong += int(votes.argmax() != k)
+                    ball_wrong += int(np.bincount(pred[j][sel], minlength=7).argmax() != k)
+                    masked_wrong += int(np.bincount(colour[j][sel], minlength=7).argmax() != k)
                     balls += 1
     return {"error": wrong / max(fg, 1), "ball_color_error": ball_wrong / max(balls, 1),
-            "pixel_error": all_wrong / max(total, 1)}
+            "pixel_error": all_wrong / max(total, 1), "ball_recall": found / max(fg, 1),
+            "masked_color_error": masked_wrong / max(balls, 1)}
+
+
+def visible_ball_classes(data: dict, cfg: BlinkingConfig) -> np.ndarray:
+    """Target classes of the balls that show at least one pixel in their target image (those scored)."""
+    c = np.arange(cfg.image_size) + 0.5
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    return np.array([int(k) for j, target in enumerate(data["target"])
+                     for (x, y), k in zip(data["positions"][j, -1], data["target_colors"][j])
+                     if (((xx - x) ** 2 + (yy - y) ** 2 <= cfg.radius ** 2) & (target == k)).any()], dtype=np.int64)
+
+
+def color_chance(data: dict, cfg: BlinkingConfig) -> float:
+    """``masked_color_error`` of a model that ignores the context's colours: every ball gets the most frequent
+    target class of ``data``'s scored balls."""
+    counts = np.bincount(visible_ball_classes(data, cfg), minlength=7)
+    return float(1 - counts.max() / max(counts.sum(), 1))
 
 
 def white_baseline(data: dict) -> float:
@@ -167,7 +197,7 @@ def bench_blinking(quick: bool, seed: int) -> BenchResult:
             train = make_blinking(cfg, n_train, progress=progress)
             test = make_blinking(cfg, n_eval, start=n_train)
             context, target = torch.from_numpy(train["context"]), torch.from_numpy(train["target"]).long()
-            base = white_baseline(test)
+            base, chance = white_baseline(test), color_chance(test, cfg)
             torch.manual_seed(seed)
             reference = n_params(_blinking_model("slotssm", cfg, d))
             for kind in kinds:
@@ -192,10 +222,19 @@ def bench_blinking(quick: bool, seed: int) -> BenchResult:
                 err = blinking_errors(model, test, cfg)
                 rows.append({"length": length, "rule": rule, "model": LABELS[kind], "params": n_params(model),
                              "width": w, "steps": info["steps"], "error": err["error"],
-                             "ball_color_error": err["ball_color_error"], "white_baseline": base, "status": "ok"})
-                metrics[f"{kind}_error_{length}"] = err["error"]
-                metrics[f"{kind}_ball_color_error_{length}"] = err["ball_color_error"]
+                             "ball_color_error": err["ball_color_error"], "pixel_error": err["pixel_error"],
+                             "ball_recall": err["ball_recall"], "masked_color_error": err["masked_color_error"],
+                             "status": "ok"})
+                for key in ("error", "ball_color_error", "pixel_error", "ball_recall", "masked_color_error"):
+                    metrics[f"{kind}_{key}_{length}"] = err[key]
+            white_colour = float(np.mean(visible_ball_classes(test, cfg) != WHITE))
+            rows.append({"length": length, "rule": rule, "model": "white balls at the true positions", "error": base,
+                         "ball_color_error": white_colour, "ball_recall": 1.0, "masked_color_error": white_colour})
+            rows.append({"length": length, "rule": rule, "model": "most frequent colour (chance)",
+                         "masked_color_error": chance})
             metrics[f"white_baseline_{length}"] = base
+            metrics[f"white_ball_color_error_{length}"] = white_colour
+            metrics[f"color_chance_{length}"] = chance
         longest = max(BlinkingConfig(context_frames=f, patch=p).sequence_length for _, f, p, _ in settings)
         rivals = [metrics.get(f"{k}_error_{longest}") for k in kinds[1:]]
         metrics["longest_length"] = longest
