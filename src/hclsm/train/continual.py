@@ -27,10 +27,10 @@ from pathlib import Path
 from torch import nn
 
 from hclsm.config import Config, save_config
-from hclsm.data.clips import split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.errors import HclsmError
 from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint
+from hclsm.train.data import run_clips
 from hclsm.train.distributed import env_world
 from hclsm.train.ewc import EWC, consolidate, estimate_fisher
 from hclsm.train.loop import EvalFn, TrainResult, seed_everything, train
@@ -64,10 +64,7 @@ def final_stage(cfg: Config) -> int:
 
 def task_train_clips(cfg: Config, root: str | os.PathLike) -> MemoryClips:
     """The training clips of a task: its dataset minus the held-out episodes, split as ``train`` splits them."""
-    source = open_dataset(root)
-    n = len(source.episode_lengths)
-    eps = split_episodes(n, cfg.train.val_fraction, cfg.train.seed)[0] if cfg.train.val_fraction > 0 else list(range(n))
-    return MemoryClips(source, cfg.data.clip, eps, cfg.model.perception.image_size, progress=False)
+    return run_clips(cfg, root, held_out=False)[0]
 
 
 def read_continual(run_dir: str | os.PathLike) -> list[str]:

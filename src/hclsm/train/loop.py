@@ -43,10 +43,10 @@ from torch import nn
 from tqdm import tqdm
 
 from hclsm.config import Config, config_to_dict, save_config
-from hclsm.data.clips import clip_windows, split_episodes
-from hclsm.data.memory import MemoryClips, open_dataset
+from hclsm.data.memory import MemoryClips
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
+from hclsm.train.data import run_clips
 from hclsm.train.checkpoint import load_checkpoint, read_checkpoint_tensors, read_optimizer_state, save_checkpoint
 from hclsm.train.ewc import EWC
 from hclsm.train.step import StepResult, out_of_memory, train_step
@@ -210,20 +210,9 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
     torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
 
     # data: every chosen episode in memory, at the model's frame size
-    source = open_dataset(data_root)
-    n_episodes = len(source.episode_lengths)
-    if t.val_fraction > 0:
-        train_eps, val_eps = split_episodes(n_episodes, t.val_fraction, t.seed)
-    else:
-        train_eps, val_eps = list(range(n_episodes)), []
-    clip, size = cfg.data.clip, cfg.model.perception.image_size
-    train_clips = MemoryClips(source, clip, train_eps, size, progress=progress)
-    if val_eps and len(clip_windows(source.episode_lengths, clip.length, clip.frame_skip, clip.stride, val_eps)):
-        val_clips: MemoryClips | None = MemoryClips(source, clip, val_eps, size, progress=progress)
-    else:
-        val_clips = None
-        if eval_fn is not None:
-            _warn(f"no held-out clips in {source.name} (val episodes {val_eps}); evaluation is off")
+    train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
+    if val_clips is None and eval_fn is not None:
+        _warn(f"no held-out clips in {train_clips.source.name} (val episodes {val_eps}); evaluation is off")
 
     if model is None:
         from hclsm.models import build_model
@@ -335,7 +324,8 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
                 if not out_of_memory(e):
                     raise
                 raise HclsmError(f"out of memory at step {step + 1} on {device} (train.batch_size={t.batch_size}, "
-                                 f"data.clip.length={clip.length}, model.perception.image_size={size}); lower "
+                                 f"data.clip.length={cfg.data.clip.length}, model.perception.image_size="
+                                 f"{cfg.model.perception.image_size}); lower "
                                  f"them or use a smaller preset") from None
             step += 1
             interval.add(result)
@@ -387,7 +377,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         "seconds": round(seconds, 3), "steps_per_s": round(step / max(seconds, 1e-9), 3),
         "skipped_steps": skipped, "final_losses": finite_or_none(last_losses), "val": finite_or_none(metrics),
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "train_episodes": len(train_eps), "val_episodes": len(val_eps) if val_clips is not None else 0,
+        "train_episodes": len(train_clips.episodes), "val_episodes": len(val_eps) if val_clips is not None else 0,
         "train_clips": len(train_clips), "processes": world.world,
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "ewc_tasks": ewc.tasks if ewc is not None else 0,
