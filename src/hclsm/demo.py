@@ -45,7 +45,6 @@ import torch
 
 from hclsm import keys
 from hclsm.config import Config, save_config
-from hclsm.data.clips import split_episodes
 from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.demo_eval import (
@@ -63,6 +62,7 @@ from hclsm.demo_report import SEED_DIVERSITY, SEED_EVENTS, SEED_JEPA, SEED_SBD, 
 from hclsm.errors import HclsmError
 from hclsm.models import build_model
 from hclsm.train import TrainResult, train_two_stages
+from hclsm.train.data import run_split
 from hclsm.train.loop import seed_everything
 from hclsm.train.stages import stage_configs
 from hclsm.utils.atomic import atomic_output_dir, atomic_write_text
@@ -169,7 +169,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
 
         # 2. the baseline (the same model untrained: train() seeds and builds it identically), then both stages
         t = time.perf_counter()
-        _, val_eps = split_episodes(len(source), cfg.train.val_fraction, cfg.train.seed)
+        _, val_eps = run_split(len(source), cfg)
         clips = heldout_clips(source, cfg, val_eps)
         dyn_clips = dynamics_clips(source, cfg, val_eps)
         dyn_batches = spread_batches(dyn_clips, DYNAMICS_CLIPS)

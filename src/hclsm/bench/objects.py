@@ -27,13 +27,13 @@ from hclsm import keys
 from hclsm.bench import BenchResult, register
 from hclsm.config import Config, load_config
 from hclsm.config.data import ClipConfig, PhysicsDataConfig, PushTDataConfig
-from hclsm.data.clips import split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.data.physics import PhysicsSource, generate_physics_dataset
 from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
 from hclsm.metrics import hungarian_match
 from hclsm.train import train
+from hclsm.train.data import run_split
 
 
 def _config(minutes: float, seed: int, *overrides: str) -> Config:
@@ -46,7 +46,7 @@ def _config(minutes: float, seed: int, *overrides: str) -> Config:
 def val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
     """Non-overlapping held-out clips of ``length`` frames (the training loop's split of ``cfg``), at the model's size."""
     source = open_dataset(root)
-    _, val = split_episodes(len(source.episode_lengths), cfg.train.val_fraction, cfg.train.seed)
+    _, val = run_split(len(source.episode_lengths), cfg)
     return MemoryClips(source, ClipConfig(length=length, stride=length), val, cfg.model.perception.image_size,
                        progress=False)
 
@@ -139,7 +139,7 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
             run = train(cfg, root, run_dir=runs / f"objects-physics-{len(results)}", progress=not quick)
             val = val_clips(root, cfg, length=8)
             m = evaluate_objects(run.model, val.batches(16))
-            _, val_eps = split_episodes(physics.episodes, cfg.train.val_fraction, cfg.train.seed)
+            _, val_eps = run_split(physics.episodes, cfg)
             m |= birth_death(run.model, root, val_eps)
             results[name] = m
             rows.append(_row(name, m, run.seconds / 60, run.steps))

@@ -127,7 +127,7 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
              budget: int = BUDGET, progress: bool = True) -> dict:
     """Plan from ``episodes`` held-out start states with the run's model; writes ``summary.json`` and GIFs of the
     first ``gifs`` episodes per policy into ``out`` (default ``RUN_DIR/plan``); returns the summary."""
-    from hclsm.data.clips import split_episodes
+    from hclsm.train.data import run_split
     from hclsm.data.lerobot_read import LeRobotSource
 
     if planner not in PLANNERS:
@@ -138,8 +138,7 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
     run_cfg, model, state = load_planning_model(train_run)
     source = LeRobotSource(data_dir)
     n = len(source)
-    val = split_episodes(n, run_cfg.train.val_fraction, run_cfg.train.seed)[1] if run_cfg.train.val_fraction > 0 \
-        and n > 1 else list(range(n))
+    val = run_split(n, run_cfg)[1] or list(range(n))  # the run's held-out episodes; all when it held none out
     try:
         tasks = make_tasks(source, val, episodes, seed)
     except ValueError as e:
