@@ -212,6 +212,12 @@ def test_train_two_stages_runs_stage1_on_short_clips_then_stage2_from_that_model
     assert (tmp_path / "run" / "stage2" / "summary.json").exists()
     with pytest.raises(ConfigError, match="stage1_fraction"):
         stage_configs(small_cfg("train.stage1_fraction=1.0"), minutes=1.0)
+    # a step budget: each stage exactly its steps, no time limit, clips and schedules as above
+    c1, c2 = stage_configs(cfg, minutes=10.0, stage1_clip=4, steps=(7, 3))
+    assert (c1.train.steps, c2.train.steps, c1.train.max_minutes, c2.train.max_minutes) == (7, 3, 0.0, 0.0)
+    assert (c1.data.clip.length, c2.data.clip.length, c2.train.progress_start) == (4, 6, 1.0)
+    with pytest.raises(ConfigError, match="at least one step"):
+        stage_configs(cfg, minutes=10.0, steps=(5, 0))
 
 
 def test_chunked_encoder_and_decoder_passes_equal_one_pass(monkeypatch):

@@ -92,8 +92,9 @@ def test_episode_graphs_read_the_learned_graph_of_every_episode(tmp_path):
     for g in graphs:
         assert g.true.shape == g.pred.shape == g.prob.shape == (3, 3)
         assert g.true.sum() == 3  # follow_prob 1: a full DAG on 3 objects
-        assert 0 <= g.matched <= 3 and g.h_prob >= 0.0
+        assert 0 <= g.matched <= 3 and g.h_prob >= 0.0 and g.valid.shape == (3,) and g.valid.sum() == g.matched
         assert not g.pred.diagonal().any()
+        assert not g.pred[~g.valid].any() and not g.pred[:, ~g.valid].any()  # an unmatched object has no edges
     plain = build_model(load_config("tiny", overrides=SMALL).model)
     with pytest.raises(ValueError, match="no causal graph"):
         episode_graphs(plain, root, range(1))

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 from hclsm.metrics import (
     ari,
     edge_accuracy,
+    edge_auc,
     edge_precision_recall_f1,
     event_prf,
     fg_ari,
@@ -258,6 +259,21 @@ def test_edge_prf_and_errors():
         shd(np.zeros((3, 3)), np.zeros((4, 4)))
     with pytest.raises(ValueError, match="valid"):
         shd(np.zeros((2, 3, 3)), np.zeros((2, 3, 3)), valid=np.ones((2, 4), bool))
+
+
+def test_edge_auc_matches_sklearn_and_reads_rankings_under_any_threshold():
+    rng = np.random.default_rng(0)
+    true = rng.random((40, 4, 4)) < 0.3
+    scores = np.round(rng.normal(size=(40, 4, 4)) + 1.5 * true, 1)  # rounded: ties between the classes
+    off = ~np.eye(4, dtype=bool)[None].repeat(40, 0)
+    assert edge_auc(true, scores) == pytest.approx(roc_auc_score(true[off], scores[off]))
+    assert edge_auc(TRUE, 5.0 * TRUE - 10.0) == 1.0  # perfect ranking, though every score is below 0
+    assert edge_auc(TRUE, -TRUE.astype(float)) == 0.0 and edge_auc(TRUE, np.zeros((3, 3))) == 0.5
+    valid = np.array([True, True, False])  # only 0 <-> 1 scored: one edge, one non-edge
+    assert edge_auc(TRUE, np.array([[0, 1, 0], [2, 0, 0], [0, 0, 0]]), valid=valid) == 0.0
+    assert np.isnan(edge_auc(np.zeros((3, 3)), np.ones((3, 3))))
+    with pytest.raises(ValueError, match="shape"):
+        edge_auc(TRUE, np.zeros((4, 4)))
 
 
 def test_valid_mask_excludes_padding():

@@ -94,23 +94,24 @@ def _train_config(minutes: float, seed: int, clip: int, *overrides: str) -> Conf
                                           f"data.clip.length={clip}", *overrides])
 
 
-def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: bool, overrides: Sequence[str] = ()
-                ) -> tuple[torch.nn.Module, dict]:
+def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: bool, overrides: Sequence[str] = (),
+                steps: tuple[int, int] | None = None) -> tuple[torch.nn.Module, dict]:
     """The tiny HCLSM's two stages for ``minutes`` in all (``train_two_stages``: stage 1 on 4-frame clips for
-    40 % of the budget, then stage 2 on 8-frame clips); ``overrides`` are dotted config settings."""
+    40 % of the budget, then stage 2 on 8-frame clips), or for ``steps`` = (stage 1, stage 2) steps whatever the
+    time; ``overrides`` are dotted config settings."""
     s1, s2 = train_two_stages(_train_config(minutes, seed, STAGE2_CLIP, *overrides), root, runs / "hclsm", minutes,
-                              stage1_clip=STAGE1_CLIP, progress=progress)
+                              stage1_clip=STAGE1_CLIP, progress=progress, steps=steps)
     return s2.model, {"stage1_steps": s1.steps, "stage2_steps": s2.steps, "minutes": (s1.seconds + s2.seconds) / 60,
                       "skipped": s1.skipped + s2.skipped, **{f"final_{k}": v for k, v in s2.losses.items()}}
 
 
 @contextlib.contextmanager
 def trained_hclsm(name: str, quick: bool, seed: int, data: PhysicsDataConfig | None = None,
-                  overrides: Sequence[str] = ()) -> Iterator[tuple]:
+                  overrides: Sequence[str] = (), steps: tuple[int, int] | None = None) -> Iterator[tuple]:
     """Generate the physics scenes (``data``, default 3-6 balls) and train the tiny HCLSM's two stages (with the
-    dotted config ``overrides``) in a temporary directory; yields (data root, runs directory, data config, the
-    trained model on the CPU in eval mode, training facts, minutes). Runs go to ``HCLSM_BENCH_KEEP`` when it
-    names a directory."""
+    dotted config ``overrides``; 20 minutes, or ``steps`` = (stage 1, stage 2) steps) in a temporary directory;
+    yields (data root, runs directory, data config, the trained model on the CPU in eval mode, training facts,
+    minutes). Runs go to ``HCLSM_BENCH_KEEP`` when it names a directory."""
     minutes = 0.3 if quick else 20.0
     keep = os.environ.get("HCLSM_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix=f"hclsm-bench-{name}-") as tmp:
@@ -120,7 +121,7 @@ def trained_hclsm(name: str, quick: bool, seed: int, data: PhysicsDataConfig | N
             data = _physics(root, quick, seed)
         else:
             generate_physics_dataset(root, data, progress=False)
-        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick, overrides=overrides)
+        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick, overrides=overrides, steps=steps)
         yield root, runs, data, model.cpu().eval(), info, minutes
 
 

@@ -7,7 +7,9 @@ frames where the slot is alive (``match_slots``); the slot graph is then read ou
 (``object_graph``; an object no slot matched has no edges). Scores use ``hclsm.metrics.graphs`` (row =
 source): SHD with a reversal counting 1 (NOTEARS' ``count_accuracy``) and 2 (cdt's default), edge accuracy
 over the K (K - 1) ordered pairs, directed precision / recall, and the NOTEARS acyclicity h of the graph's
-edge probabilities and of the binary graph. ``follow_law_graph`` is the upper reference: the simulator's
+edge probabilities and of the binary graph. ``EpisodeGraph.valid`` marks the matched objects, so the ranking of
+the edge probabilities can be scored over their pairs (``hclsm.metrics.graphs.edge_auc``: a signal under the
+threshold shows there). ``follow_law_graph`` is the upper reference: the simulator's
 follow law fitted on an episode's true states.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class EpisodeGraph:
     pred: np.ndarray  # (K, K) bool: the learned graph read out in object order
     prob: np.ndarray  # (K, K) float: its edge probabilities
     matched: int  # objects that got a slot
+    valid: np.ndarray  # (K,) bool: the objects that got a slot (pairs of them are the ones the graph can score)
     h_prob: float  # acyclicity of the slot graph's probabilities (alive slots)
     h_binary: float  # acyclicity of the binary slot graph
 
@@ -96,6 +99,7 @@ def episode_graphs(model: HCLSM, root: str | Path, episodes: Iterable[int]) -> l
             pred=object_graph(adjacency.T.numpy() > 0, slot_of),
             prob=object_graph(prob.T.numpy(), slot_of),
             matched=int((slot_of >= 0).sum()),
+            valid=slot_of >= 0,
             h_prob=float(acyclicity(prob[live][:, live])),
             h_binary=float(acyclicity(adjacency[live][:, live]))))
     return out

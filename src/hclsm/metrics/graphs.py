@@ -20,11 +20,12 @@ Conventions
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 from hclsm.metrics.events import prf_from_counts
 from hclsm.metrics.segmentation import _nanmean, to_numpy
 
-__all__ = ["shd", "edge_accuracy", "edge_precision_recall_f1", "is_dag", "binarize_adjacency"]
+__all__ = ["shd", "edge_accuracy", "edge_precision_recall_f1", "edge_auc", "is_dag", "binarize_adjacency"]
 
 
 def binarize_adjacency(adj, threshold: float = 0.5) -> np.ndarray:
@@ -98,6 +99,23 @@ def edge_precision_recall_f1(true_adj, pred_adj, threshold: float = 0.5, valid=N
     """
     (t, p), pairs, _ = _prepare([true_adj, pred_adj], threshold, valid)
     return prf_from_counts((t & p & pairs).sum(), (p & pairs).sum(), (t & pairs).sum())
+
+
+def edge_auc(true_adj, scores, valid=None) -> float:
+    """ROC AUC of real-valued edge ``scores`` (logits or probabilities, same shape as ``true_adj``) for the true
+    edges against the non-edges, pooled over the valid ordered pairs of the batch: the chance that a random true
+    edge outscores a random non-edge (ties count 1/2). 0.5 = no signal; NaN when either class is empty. It reads the
+    ranking under any threshold, so it shows a signal that a thresholded graph may hide."""
+    (t,), pairs, _ = _prepare([true_adj], 0.5, valid)
+    s = to_numpy(scores).astype(np.float64)
+    s = s if s.ndim == 3 else s[None]
+    if s.shape != t.shape:
+        raise ValueError(f"scores must have the graph's shape {t.shape}, got {s.shape}")
+    pos, neg = s[t & pairs], s[~t & pairs]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    ranks = rankdata(np.concatenate([pos, neg]))  # ties get their average rank (Mann-Whitney U)
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def is_dag(adj, threshold: float = 0.5, valid=None):

@@ -23,8 +23,18 @@ from hclsm.train.loop import EvalFn, TrainResult, train
 STAGE2_WARMUP = 20  # warmup steps of stage 2 (it continues a trained model)
 
 
-def stage_configs(cfg: Config, minutes: float, stage1_clip: int = 4) -> tuple[Config, Config]:
-    """The configs of the two runs: ``minutes`` split by ``train.stage1_fraction``."""
+def stage_configs(cfg: Config, minutes: float, stage1_clip: int = 4, steps: tuple[int, int] | None = None
+                  ) -> tuple[Config, Config]:
+    """The configs of the two runs: ``minutes`` split by ``train.stage1_fraction``, or, with ``steps`` = (stage-1
+    steps, stage-2 steps), exactly those steps with no time limit (``minutes`` unused): the same training
+    whatever the machine's load."""
+    if steps is not None:
+        if min(steps) < 1:
+            raise ConfigError(f"steps: both stages need at least one step, got {tuple(steps)}")
+        s1, s2 = stage_configs(cfg, 1.0, stage1_clip)
+        return tuple(dataclasses.replace(c, train=dataclasses.replace(c.train, max_minutes=0.0, steps=n,
+                                                                      warmup_steps=min(c.train.warmup_steps, n)))
+                     for c, n in ((s1, steps[0]), (s2, steps[1])))
     if not minutes > 0:
         raise ConfigError(f"train.max_minutes: the two-stage budget must be > 0 minutes, got {minutes}")
     share = cfg.train.stage1_fraction
@@ -43,11 +53,12 @@ def stage_configs(cfg: Config, minutes: float, stage1_clip: int = 4) -> tuple[Co
 
 
 def train_two_stages(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike, minutes: float, *,
-                     stage1_clip: int = 4, progress: bool = True, eval_fn: EvalFn | None = None
-                     ) -> tuple[TrainResult, TrainResult]:
+                     stage1_clip: int = 4, progress: bool = True, eval_fn: EvalFn | None = None,
+                     steps: tuple[int, int] | None = None) -> tuple[TrainResult, TrainResult]:
     """Train stage 1 then stage 2 into ``run_dir/stage1`` and ``run_dir/stage2``; returns both results (the
-    second holds the final model)."""
-    s1_cfg, s2_cfg = stage_configs(cfg, minutes, stage1_clip)
+    second holds the final model). ``steps`` = (stage 1, stage 2) counts the stages in steps instead of
+    ``minutes`` (see ``stage_configs``)."""
+    s1_cfg, s2_cfg = stage_configs(cfg, minutes, stage1_clip, steps)
     run_dir = Path(run_dir)
     s1 = train(s1_cfg, data_root, run_dir=run_dir / "stage1", progress=progress, eval_fn=eval_fn)
     s2 = train(s2_cfg, data_root, run_dir=run_dir / "stage2", model=s1.model, progress=progress, eval_fn=eval_fn)
