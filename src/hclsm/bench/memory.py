@@ -57,7 +57,9 @@ IMAGE, FRAMES, CLIP = 32, 16, 8  # frame side, frames per episode, frames per st
 NOISE = 0.5  # query noise of the retrieval test, relative to the RMS spread of the stored states about their mean
 A_STEPS = (600, 150)  # A's stage-1 and stage-2 steps (~2 + 4 min on one quiet core)
 B_STEPS = 300  # steps on B, plain and with EWC alike (long enough that plain training measurably forgets A)
-LAMBDA = 1.4e9  # train.loss.ewc: chosen on seed 2 (see BENCHMARKS.md): the least forgetting among the lambdas whose B gain ratio is >= 0.5
+# train.loss.ewc, chosen on seed 2 (not a bench seed; BENCHMARKS.md): the least forgetting among the lambdas whose
+# B gain ratio is >= 0.5, i.e. B is still learned
+LAMBDA = 1.4e9
 RECON = ("sbd", "frame", "rollout")  # the pixel terms of the loss: A's reconstruction and its predicted frames
 
 
@@ -143,8 +145,9 @@ def _families(root: Path, quick: bool, seed: int) -> dict[str, PhysicsDataConfig
 def continual_runs(seed: int, quick: bool, lambdas: tuple[float, ...] = (LAMBDA,), keep: Path | None = None,
                    plain: bool = True) -> dict:
     """Train A (``A_STEPS``), then B (``B_STEPS``) from A's weights once plain (unless ``plain`` is false) and
-    once per EWC weight in ``lambdas``; held-out losses of A and B before and after each, the Fisher's statistics, step counts, and the
-    retrieval test on the first EWC model. Everything in step counts: the same training whatever the load."""
+    once per EWC weight in ``lambdas``; held-out losses of A and B before and after each, the Fisher's
+    statistics, step counts, and the retrieval test on the first EWC model. Everything in step counts: the same
+    training whatever the load."""
     steps_a, steps_b = ((20, 4), 6) if quick else (A_STEPS, B_STEPS)
     with tempfile.TemporaryDirectory(prefix="hclsm-bench-memory-") as tmp:
         runs = keep or Path(tmp)
@@ -228,7 +231,7 @@ def bench_memory(quick: bool, seed: int) -> BenchResult:
     r = metrics["pixel_increase_ratio"]
     (s1, s2), sb = res["steps_a"], res["steps_b"]
     title = (f"memory: forgetting of scene family A after training on B ({s1} + {s2} steps, then {sb} steps); "
-             f"held-out pixel terms ({' + '.join(RECON)}) and whole stage-2 loss; A's pixel increase with EWC / without = "
-             f"{'n/a' if r is None else f'{r:.3g}'} (target <= 0.5); Hopfield recall of stored states from queries "
-             f"with {NOISE:g}x noise: top-1 {ret['retrieval_top1']:.3g} over {ret['stored_states']} states")
+             f"held-out pixel terms ({' + '.join(RECON)}) and whole stage-2 loss; A's pixel increase with EWC / "
+             f"without = {'n/a' if r is None else f'{r:.3g}'} (target <= 0.5); Hopfield recall of stored states "
+             f"from queries with {NOISE:g}x noise: top-1 {ret['retrieval_top1']:.3g} over {ret['stored_states']} states")
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
