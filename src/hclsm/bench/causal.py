@@ -70,8 +70,7 @@ def bench_causal(quick: bool, seed: int) -> BenchResult:
 
     train_data = scenes(24 if quick else 300, seed)
     with trained_hclsm("causal", quick, seed, train_data, GRAPH_OVERRIDES, CAUSAL_STEPS_QUICK if quick else CAUSAL_STEPS
-                       ) as (_, _, _, model, info, _):
-        minutes = info["minutes"]
+                       ) as (_, _, _, model, info, minutes):
         with tempfile.TemporaryDirectory(prefix="hclsm-bench-graphs-") as tmp:
             test = scenes(6 if quick else GRAPH_TEST_EPISODES, seed + 1000)
             root = Path(tmp) / "graphs"
