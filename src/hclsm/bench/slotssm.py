@@ -111,6 +111,18 @@ def _memory_cap_gb() -> float:
         return 8.0
 
 
+def scored_balls(data: dict, cfg: BlinkingConfig) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The balls scored in ``data``'s target images: (episode, target class, (H, W) bool of its visible pixels)
+    for every ball that shows at least one pixel of its class."""
+    c = np.arange(cfg.image_size) + 0.5
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    for j, target in enumerate(data["target"]):
+        for (x, y), k in zip(data["positions"][j, -1], data["target_colors"][j]):
+            sel = ((xx - x) ** 2 + (yy - y) ** 2 <= cfg.radius ** 2) & (target == k)
+            if sel.any():
+                yield j, int(k), sel
+
+
 @torch.no_grad()
 def blinking_errors(model: BlinkingClassifier, data: dict, cfg: BlinkingConfig, batch: int = 32) -> dict[str, float]:
     """Errors on held-out episodes, split by the paper's two challenges (appendix B.3):
@@ -122,14 +134,12 @@ def blinking_errors(model: BlinkingClassifier, data: dict, cfg: BlinkingConfig, 
       ball classes only (white and the five colours) at the ball's true pixels, i.e. given the positions.
     """
     wrong = fg = all_wrong = total = found = 0
-    ball_wrong = masked_wrong = balls = 0
-    size = cfg.image_size
-    c = np.arange(size) + 0.5
-    yy, xx = np.meshgrid(c, c, indexing="ij")
+    preds, colours = [], []
     for i in range(0, len(data["target"]), batch):
         logits = model(patchify(data["context"][i:i + batch], cfg.patch))  # (b, 7, H, W)
         pred = logits.argmax(1).numpy()  # (b, H, W)
-        colour = (logits[:, WHITE:].argmax(1) + WHITE).numpy()  # the best ball class at every pixel
+        preds.append(pred)
+        colours.append((logits[:, WHITE:].argmax(1) + WHITE).numpy())  # the best ball class at every pixel
         target = data["target"][i:i + batch]
         fgm = target != BACKGROUND
         wrong += int(((pred != target) & fgm).sum())
@@ -137,13 +147,12 @@ def blinking_errors(model: BlinkingClassifier, data: dict, cfg: BlinkingConfig, 
         fg += int(fgm.sum())
         all_wrong += int((pred != target).sum())
         total += target.size
-        for j in range(len(target)):
-            for (x, y), k in zip(data["positions"][i + j, -1], data["target_colors"][i + j]):
-                sel = ((xx - x) ** 2 + (yy - y) ** 2 <= cfg.radius ** 2) & (target[j] == k)
-                if sel.any():
-                    ball_wrong += int(np.bincount(pred[j][sel], minlength=7).argmax() != k)
-                    masked_wrong += int(np.bincount(colour[j][sel], minlength=7).argmax() != k)
-                    balls += 1
+    pred, colour = np.concatenate(preds), np.concatenate(colours)
+    ball_wrong = masked_wrong = balls = 0
+    for j, k, sel in scored_balls(data, cfg):
+        ball_wrong += int(np.bincount(pred[j][sel], minlength=7).argmax() != k)
+        masked_wrong += int(np.bincount(colour[j][sel], minlength=7).argmax() != k)
+        balls += 1
     return {"error": wrong / max(fg, 1), "ball_color_error": ball_wrong / max(balls, 1),
             "pixel_error": all_wrong / max(total, 1), "ball_recall": found / max(fg, 1),
             "masked_color_error": masked_wrong / max(balls, 1)}
@@ -151,11 +160,7 @@ def blinking_errors(model: BlinkingClassifier, data: dict, cfg: BlinkingConfig, 
 
 def visible_ball_classes(data: dict, cfg: BlinkingConfig) -> np.ndarray:
     """Target classes of the balls that show at least one pixel in their target image (those scored)."""
-    c = np.arange(cfg.image_size) + 0.5
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    return np.array([int(k) for j, target in enumerate(data["target"])
-                     for (x, y), k in zip(data["positions"][j, -1], data["target_colors"][j])
-                     if (((xx - x) ** 2 + (yy - y) ** 2 <= cfg.radius ** 2) & (target == k)).any()], dtype=np.int64)
+    return np.array([k for _, k, _ in scored_balls(data, cfg)], dtype=np.int64)
 
 
 def color_chance(data: dict, cfg: BlinkingConfig) -> float:
