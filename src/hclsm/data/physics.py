@@ -35,7 +35,7 @@ from tqdm import tqdm
 from hclsm import keys
 from hclsm.config.data import PhysicsDataConfig
 from hclsm.data.physics_sim import (
-    BACKGROUND, INTERVENTIONS, PALETTE, Scene, Trajectory, counterfactual, render, sample_intervention,
+    INTERVENTIONS, PALETTE, Scene, Trajectory, counterfactual, render, sample_intervention,
     sample_scene, simulate,
 )
 from hclsm.errors import DataError
@@ -48,9 +48,8 @@ ARRAYS = ("video", "mask", "positions", "velocities", "contacts", "events", "rad
 INTERVENTION_ARRAYS = ("intervention_kind", "intervention_step", "intervention_object", "intervention_vector")
 
 
-def _episode_arrays(scene: Scene, traj: Trajectory, background: tuple[int, ...] = tuple(BACKGROUND)
-                    ) -> dict[str, np.ndarray]:
-    video, mask = render(scene, traj.positions, np.array(background, dtype=np.uint8))  # (T, H, W, 3), (T, H, W)
+def _episode_arrays(scene: Scene, traj: Trajectory, background: tuple[int, ...]) -> dict[str, np.ndarray]:
+    video, mask = render(scene, traj.positions, background)  # (T, H, W, 3), (T, H, W)
     return {
         "video": video, "mask": mask, "positions": traj.positions, "velocities": traj.velocities,
         "contacts": traj.contacts, "events": traj.events, "radii": scene.radii.astype(np.float32),

@@ -27,6 +27,7 @@ original bit for bit; counterfactual twins rely on this.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,8 +278,10 @@ def counterfactual(scene: Scene, factual: Trajectory, iv: Intervention, substeps
     )
 
 
-def render(scene: Scene, positions: np.ndarray, background: np.ndarray = BACKGROUND) -> tuple[np.ndarray, np.ndarray]:
-    """Frames (T, H, W, 3) uint8 and masks (T, H, W) uint8 (id k + 1 for ball k, 0 background).
+def render(scene: Scene, positions: np.ndarray, background: Sequence[int] | np.ndarray = BACKGROUND
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (T, H, W, 3) uint8 and masks (T, H, W) uint8 (id k + 1 for ball k, 0 background); ``background``
+    is the empty frame's RGB (0-255).
 
     A pixel belongs to ball k when its centre lies within the radius; later balls are drawn on top;
     NaN (removed) positions draw nothing. Frame colours are looked up from the mask, so they agree.
