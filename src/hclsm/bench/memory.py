@@ -67,7 +67,7 @@ def _config(seed: int, *extra: str) -> Config:
     return load_config("tiny", overrides=[
         f"model.perception.image_size={IMAGE}", "model.memory.enabled=true", "model.slots.dynamic=false",
         "train.threads=1", "train.batch_size=8", "train.ewc_samples=16",
-        "train.steps=1000000", "train.eval_every=0", "train.ckpt_every=0", f"train.seed={seed}",
+        "train.eval_every=0", "train.ckpt_every=0", f"train.seed={seed}",
         f"data.clip.length={CLIP}", f"train.loss.ewc={LAMBDA}", *extra])
 
 
