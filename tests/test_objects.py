@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hclsm.assets import pretrained_decomposer
 from hclsm.config import load_config
 from hclsm.errors import ConfigError
 from hclsm.eval.objects import true_counts
@@ -293,18 +294,9 @@ def test_permutations_helper_roundtrip():
         assert permute(x, perm)[0, :, 0].tolist() == [x[0, j, 0].item() for j in p]
 
 
-FIXTURE = Path(__file__).parent / "fixtures" / "objects_tiny"
-
-
 def trained_decomposer() -> ObjectDecomposer:
-    """The tiny HCLSM's object layers as trained by ``hclsm bench objects`` (see fixtures/objects_tiny/README.md)."""
-    from safetensors.torch import load_file
-
-    cfg = load_config(yaml_path=FIXTURE / "config.yaml")
-    net = ObjectDecomposer(cfg.model)  # the fixture predates the dynamics: it holds the object layers only
-    tensors = load_file(FIXTURE / "model.safetensors")
-    net.load_state_dict({k.removeprefix("objects."): v for k, v in tensors.items()}, strict=True)
-    return net.eval()
+    """The tiny HCLSM's object layers as trained by ``hclsm bench objects`` (``hclsm.assets``, objects_tiny)."""
+    return pretrained_decomposer("objects_tiny")
 
 
 def render_clip(positions: np.ndarray, radii=(5.0, 6.0, 4.5), colours=(0, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ class BenchResult:
 _REGISTRY: dict[str, Callable[[bool, int], BenchResult]] = {}
 _MODULES = ("hclsm.bench.data", "hclsm.bench.objects", "hclsm.bench.scale", "hclsm.bench.dynamics", "hclsm.bench.scan",
             "hclsm.bench.causal", "hclsm.bench.memory", "hclsm.bench.slotssm", "hclsm.bench.slotssm_scenes",
-            "hclsm.bench.planning")  # modules whose import registers benchmarks
+            "hclsm.bench.planning", "hclsm.bench.cjepa")  # modules whose import registers benchmarks
 
 
 def register(name: str):
