@@ -281,3 +281,28 @@ def test_answers_from_the_true_positions_are_right(twins):
     assert m["where_accuracy"] == 1.0 and m["where_error_px"] == 0.0
     far = read + 100.0
     assert answer([q for q in qs.questions if q.kind == "where"], far)["where_accuracy"] == 0.0
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+def test_cli_slots_then_train(capsys, tmp_path):
+    from helpers import assert_user_error, run
+
+    code, _, err = run(capsys, "data", "physics", "--out", tmp_path / "phys", "--episodes", "3", "--quiet")
+    assert code == 0, err
+    code, out, err = run(capsys, "cjepa", "slots", "--data", tmp_path / "phys", "--out", tmp_path / "s.npz", "--quiet")
+    assert code == 0, err
+    assert load_slot_file(tmp_path / "s.npz").slots.shape == (3, 32, 7, 66)
+    code, out, err = run(capsys, "cjepa", "train", "--slots", tmp_path / "s.npz", "--out", tmp_path / "run", "--quiet",
+                         "--set", "cjepa.epochs=1", "--cjepa.d_model=16", "--set", "cjepa.heads=2",
+                         "--set", "cjepa.position_dims=2")
+    assert code == 0, err
+    assert "graph density" in out
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"model.safetensors", "config.yaml", "losses.json"}
+    code, _, err = run(capsys, "cjepa", "train", "--slots", tmp_path / "s.npz", "--out", tmp_path / "run", "--quiet")
+    assert_user_error(code, err, "already exists", "--overwrite")
+    code, _, err = run(capsys, "cjepa", "train", "--slots", tmp_path / "nope.npz", "--out", tmp_path / "r2")
+    assert_user_error(code, err, "nope.npz", "does not exist")
+    code, _, err = run(capsys, "cjepa", "train", "--slots", tmp_path / "s.npz", "--out", tmp_path / "r2",
+                       "--set", "cjepa.masekd=2")
+    assert_user_error(code, err, "cjepa.masekd", "masked")
+    assert not (tmp_path / "r2").exists()

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hclsm.cli_cjepa import add_cjepa_parser
 from hclsm.cli_train import cmd_train
 from hclsm.config import MODEL_NAMES, PRESETS, Config, load_config
 from hclsm.errors import HclsmError
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--replan-every", type=int, default=5, help="env steps executed between re-plans (default 5)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_plan)
+
+    add_cjepa_parser(sub)
 
     b = sub.add_parser("bench", help="run a named benchmark; last stdout line is one JSON object")
     b.add_argument("name", nargs="?", help="benchmark name (see --list)")

@@ -8,8 +8,8 @@ from hclsm.errors import HclsmError
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model named by ``cfg.name`` (``hclsm``, ``flat_ssm``, ``slotssm``, ``oc_slotssm``; ``cjepa`` is not
-    built yet)."""
+    """The video model named by ``cfg.name`` (``hclsm``, ``flat_ssm``, ``slotssm``, ``oc_slotssm``). ``cjepa``
+    trains on slot sequences, not video: ``hclsm.models.cjepa`` and ``hclsm cjepa train``."""
     if cfg.name == "hclsm":
         from hclsm.models.hclsm import HCLSM
 
@@ -26,4 +26,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from hclsm.models.slot_world import OCSlotSSMWorld
 
         return OCSlotSSMWorld(cfg)
+    if cfg.name == "cjepa":
+        raise HclsmError("model 'cjepa' trains on slot sequences, not video: make a slot file with `hclsm cjepa slots` "
+                         "and train it with `hclsm cjepa train`")
     raise HclsmError(f"model {cfg.name!r} is not built yet in this version of hclsm; use --model hclsm")
