@@ -3,11 +3,13 @@ questions better, and what do the CTT losses add on a real graph?
 
 Slots come from the frozen object model shipped with hclsm (``hclsm.assets``, objects_tiny: FG-ARI 0.92
 on these scenes); each object's state is its slot vector and position. Training: every 10-frame window
-(4 read, 6 predicted; the position weighs as much as the slot vector in the losses) of 300 factual physics episodes (seed 0, 3-6 balls, 64 px). Questions: the twins
-of 600 fresh episodes (seed 1000), answered by rolling each predictor forward from the intervened
-history and reading positions with a probe trained on factual slots only (``hclsm.eval.cjepa``).
+(4 read, 6 predicted; the position weighs as much as the slot vector in the losses) of 300 factual
+physics episodes (seed 0, 3-6 balls, 64 px). Questions: the twins of 600 fresh episodes, answered by
+rolling each predictor forward from the intervened history and reading positions with a probe trained on
+factual slots only (``hclsm.eval.cjepa``).
 
-Rows, each trained with 3 seeds (the benchmark's ``--seed`` and the next two), mean ± std:
+``--seed S`` draws the test scenes with seed 1000 + S (a fresh question set per S) and trains every row
+with seeds S, S + 1, S + 2; mean ± std over those. Rows:
 no masking (|M| = 0, the plain slot predictor), C-JEPA with |M| = 1, 2, 4, and C-JEPA (|M| = 2) + CTT
 on the attention graph and on the learned graph (the predictor's attention gated by a causal graph).
 |M| = 2 for the CTT rows was fixed before any run (the CTT fork's setting), not picked on results.
@@ -72,8 +74,8 @@ class Prepared:
     seconds: float
 
 
-def prepare(n_train: int, n_test: int, base: CJEPAConfig, device: str, progress: bool, probe_steps: int = 3000
-            ) -> Prepared:
+def prepare(n_train: int, n_test: int, base: CJEPAConfig, device: str, progress: bool, probe_steps: int = 3000,
+            test_seed: int = 1000) -> Prepared:
     """Generate the training and test scenes, encode them with the frozen object model, fit the probe on
     factual training slots and build the balanced questions on the test twins."""
     t0 = time.perf_counter()
@@ -82,7 +84,7 @@ def prepare(n_train: int, n_test: int, base: CJEPAConfig, device: str, progress:
         train_root, test_root = Path(tmp) / "train", Path(tmp) / "test"
         generate_physics_dataset(train_root, PhysicsDataConfig(episodes=n_train, seed=0, counterfactual=False),
                                  progress=progress)
-        generate_physics_dataset(test_root, PhysicsDataConfig(episodes=n_test, seed=1000), progress=progress)
+        generate_physics_dataset(test_root, PhysicsDataConfig(episodes=n_test, seed=test_seed), progress=progress)
         train_src, test_src = PhysicsSource(train_root), PhysicsSource(test_root, counterfactual=True)
         train_seqs, train_centres = encode_episodes(net, train_src, list(range(n_train)), device=device,
                                                     progress=progress)
@@ -113,7 +115,8 @@ def bench_cjepa(quick: bool, seed: int) -> BenchResult:
             else CJEPAConfig(d_model=64, depth=2, heads=4, mlp=128, epochs=15))
     base = replace(base, position_dims=2)  # the object model's state ends with its (x, y)
     seeds = [seed, seed + 1] if quick else [seed, seed + 1, seed + 2]
-    prep = prepare(n_train, n_test, base, device, progress=not quick, probe_steps=300 if quick else 3000)
+    prep = prepare(n_train, n_test, base, device, progress=not quick, probe_steps=300 if quick else 3000,
+                   test_seed=1000 + seed)
     qs, probe = prep.questions, prep.probe
     metrics: dict[str, float] = {"questions_where": sum(q.kind == "where" for q in qs.questions),
                                  "questions_collide": sum(q.kind == "collide" for q in qs.questions),
@@ -151,7 +154,7 @@ def bench_cjepa(quick: bool, seed: int) -> BenchResult:
     for key in ("ctt_attention", "ctt_learned"):
         metrics[f"{key}_vs_m2"] = metrics[f"{key}_accuracy_mean"] - metrics["m2_accuracy_mean"]
         metrics[f"{key}_noise"] = max(metrics[f"{key}_accuracy_std"], metrics["m2_accuracy_std"])
-    config = {"train_episodes": n_train, "test_episodes": n_test, "train_seed": 0, "test_seed": 1000,
+    config = {"train_episodes": n_train, "test_episodes": n_test, "train_seed": 0, "test_seed": 1000 + seed,
               "history": base.history, "future": base.future, "d_model": base.d_model, "depth": base.depth,
               "epochs": base.epochs, "batch_size": base.batch_size, "lr": base.lr, "seeds": seeds,
               "ctt_inv_weight": CTT.inv_weight, "ctt_suf_weight": CTT.suf_weight,
