@@ -40,11 +40,6 @@ class SlotSequences:
     def frames(self) -> int:
         return self.slots.shape[1]
 
-    def subset(self, index: list[int] | np.ndarray) -> SlotSequences:
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        pick = (lambda a: None if a is None else a[idx])
-        return SlotSequences(self.slots[idx], self.alive[idx], pick(self.action), pick(self.proprio))
-
 
 def save_slot_file(path: str | os.PathLike, seqs: SlotSequences) -> None:
     """Write ``seqs`` as a slot file (complete or not at all: written beside, then renamed)."""
