@@ -23,7 +23,8 @@ def _cjepa_config(overrides: list[str]):
     over = parse_overrides(overrides)
     unknown = sorted(set(over) - {"cjepa"})
     if unknown:
-        raise HclsmError(f"hclsm cjepa train takes cjepa.* overrides only (got {unknown[0]}.*), e.g. --set cjepa.masked=2")
+        raise HclsmError(f"hclsm cjepa train takes cjepa.* overrides only (got {unknown[0]}.*), "
+                         "e.g. --set cjepa.masked=2")
     return config_from_dict(CJEPAConfig, over.get("cjepa", {}), "cjepa")
 
 

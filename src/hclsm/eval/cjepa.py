@@ -20,7 +20,7 @@ A stand-in for CLEVRER's counterfactual VQA, scored against re-simulation. For e
    shortcut scores exactly 50 %; collide questions also have as many "yes" as "no" answers among each
    (so "never" and "always" score 50 % too). ``accuracy`` is the mean of the two types' accuracies.
 
-Brackets (``baseline_answers``): ``factual`` (the shortcut, 50 % by construction), ``copy_last`` (the
+Brackets (``factual_answers``, ``baseline_reads``): ``factual`` (the shortcut, 50 % by construction), ``copy_last`` (the
 history's last slots frozen), ``constant_velocity`` (read positions extrapolated from the last two
 history frames) and ``encoder_truth`` (the object model's own slots of the twin's true future: the
 ceiling the probe and the encoder allow).
@@ -42,7 +42,7 @@ from hclsm.metrics.segmentation import match_slots_to_objects
 
 MATCH_PX = 6.0  # a slot's centroid within this many pixels of an object's centre shows that object
 POSITION_TOL_PX = 4.0  # a "where" answer is right within this distance (about a ball's radius)
-COLLIDE_PX = 1.0  # read positions this close to touching count as a collision (frames are sampled)
+COLLIDE_PX = 1.0  # read positions this close to touching count as a collision (frames are sampled; not tuned)
 HORIZONS = (3, 6)  # "where" questions at these steps after the last history frame
 
 
@@ -100,7 +100,7 @@ class PositionProbe(nn.Module):
 def fit_probe(seqs: SlotSequences, centres: np.ndarray, positions: list[np.ndarray], image_size: int,
               steps: int = 3000, seed: int = 0) -> tuple[PositionProbe, float]:
     """Train a ``PositionProbe`` on every matched (slot, object) pair of factual sequences (``positions``:
-    per sequence the true (T, K, 2) centres). Returns it and its mean error in pixels on the last 10 % of
+    per sequence the true (T, K, 2) centres). Returns it and its mean error in pixels on a random 10 % of
     the pairs (held out)."""
     xs, ys = [], []
     for e, truth in enumerate(positions):

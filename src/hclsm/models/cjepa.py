@@ -15,14 +15,16 @@ the network spends itself on what constant motion misses: collisions, walls, spr
 
 Attention has one learned bias per head on the tokens of the query's own slot (the same for every slot,
 so slots stay exchangeable): the predictor can follow an object through its frames without having to
-recognise it by content first. The query of a hidden slot holds the mask token, the time and that slot's **first-frame** state (frame 0
-is never hidden), so it names which object to predict but carries nothing of its hidden states. M is
+recognise it by content first. The query of a hidden slot holds the mask token, the time and that
+slot's **first-frame** state (frame 0 is never hidden), so it names which object to predict but carries
+nothing of its hidden states. M is
 drawn afresh for every sample at every call (|M| = ``masked`` among the slots alive on frame 0), unlike
 the public C-JEPA whose re-seeded generator hides the same slot indices at every step.
 
 Losses (``prediction_losses``, in the normalised slot space, stop-gradient targets, dead target slots
-excluded; with ``position_dims`` the position weighs as much as the rest of the state): ``masked`` = MSE on hidden slots over history frames 1..T_h-1 (frame 0 is visible, so it is
-not scored), ``future`` = MSE on every slot of the future frames (+ ``proprio`` on PushT's node).
+excluded; with ``position_dims`` the position weighs as much as the rest of the state): ``masked`` = MSE
+on hidden slots over history frames 1..T_h-1 (frame 0 is visible, so it is not scored), ``future`` = MSE
+on every slot of the future frames (+ ``proprio`` on PushT's node).
 
 Extra nodes (PushT): with ``action_dim`` an action token per frame (given on every frame, as a planner
 gives candidate actions; never predicted), with ``proprio_dim`` a proprioception token (read on history
@@ -35,7 +37,7 @@ frames, predicted on future ones). Node types get their own embedding; they are 
   of the sample, so a row sums to 1 whatever the window length (the public CTT fork's rows sum to 1/T, so
   its 0.15 threshold is out of reach for T >= 7). j is a parent when its share is at least
   ``attention_threshold`` times an even split. Per sample, never averaged over a batch (slot indices are
-  not objects across videos), computed without dropout.
+  not objects across videos); free of dropout noise at the default ``dropout`` 0 (the fork's has it).
 * ``learned`` (``graph_gate``): a ``CausalGraph`` (``hclsm.nn.causal``: Gumbel-sigmoid edges, l1
   sparsity, NOTEARS) reads the *visible* history (hidden slots replaced by their frame-0 state) and gates
   the attention: a token of slot i attends to slot j's tokens only when the edge j -> i is on (its own
@@ -82,10 +84,12 @@ class Block(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.norm2 = nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, d), nn.Dropout(dropout))
+        self.ff = nn.Sequential(nn.Linear(d, mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp, d),
+                                nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, same: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, same: torch.Tensor, gate: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, d), same (N, N) float 1 where two tokens belong to one node (slot), gate (B, N, N) or None
         -> x, the head-averaged attention (B, N, N)."""
         b, n, d = x.shape

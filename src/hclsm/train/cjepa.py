@@ -115,7 +115,8 @@ def train_cjepa(seqs: SlotSequences, cfg: CJEPAConfig, device: str | torch.devic
             if ctt_on:
                 loss = loss + cfg.ctt.inv_weight * losses["ctt_inv"] + cfg.ctt.suf_weight * losses["ctt_suf"]
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"cjepa: non-finite loss at step {step} ({ {k: float(v) for k, v in losses.items()} })")
+                shown = {k: float(v) for k, v in losses.items()}
+                raise TrainingDiverged(f"cjepa: non-finite loss at step {step} ({shown})")
             set_lr(opt, lr_at(step, sched))
             opt.zero_grad(set_to_none=True)
             loss.backward()
