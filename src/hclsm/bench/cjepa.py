@@ -103,8 +103,8 @@ def score(prep: Prepared, cfg: CJEPAConfig, device: str, progress: bool) -> dict
     hist = prep.questions.history
     pred = run.model.rollout(hist.slots.to(device), hist.alive.to(device), cfg.future).cpu()
     return answer(prep.questions.questions, read_positions(prep.probe, pred)) | {
-        "graph_density": run.graph_density, "future_loss": run.losses["future"], "masked_loss": run.losses["masked"],
-        "minutes": run.seconds / 60, "steps": run.steps}
+        "graph_density": run.graph_density, "future_loss": run.losses["future"], "minutes": run.seconds / 60,
+        "steps": run.steps}
 
 
 @register("cjepa")

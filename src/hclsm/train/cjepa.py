@@ -55,7 +55,7 @@ def gather(a: torch.Tensor | None, win: torch.Tensor, length: int) -> torch.Tens
     return a[win[:, :1], t]
 
 
-def graph_density(graph: torch.Tensor, alive0: torch.Tensor) -> tuple[float, float]:
+def edge_counts(graph: torch.Tensor, alive0: torch.Tensor) -> tuple[float, float]:
     """(edges, ordered pairs of distinct alive slots) of (B, S, S) graphs."""
     n = alive0.sum(-1).float()
     return float(graph.sum()), float((n * (n - 1)).sum())
@@ -106,7 +106,7 @@ def train_cjepa(seqs: SlotSequences, cfg: CJEPAConfig, device: str | torch.devic
                 losses |= model.graph.losses(out.graph, live[:, :th])
             graph = learned_graph(out) if cfg.ctt.graph == "learned" else attention_graph(
                 out.attention, live[:, 0], th, cfg.ctt.attention_threshold)
-            e, p = graph_density(graph, live[:, 0])
+            e, p = edge_counts(graph, live[:, 0])
             edges, pairs = edges + e, pairs + p
             ctt_on = cfg.ctt.enabled and epoch >= cfg.ctt.start_epoch
             if ctt_on:
