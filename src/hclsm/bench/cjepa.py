@@ -3,8 +3,9 @@ questions better, and what do the CTT losses add on a real graph?
 
 Slots come from the frozen object model shipped with hclsm (``hclsm.assets``, objects_tiny: FG-ARI 0.92
 on these scenes); each object's state is its slot vector and position. Training: every 10-frame window
-(4 read, 6 predicted; the position weighs as much as the slot vector in the losses) of 300 factual
-physics episodes (seed 0, 3-6 balls, 64 px). Questions: the twins of 600 fresh episodes, answered by
+(4 read, 6 predicted; the position weighs as much as the slot vector in the losses; a hidden object's
+first two frames stay visible, ``visible`` = 2, chosen on a development question set of test seed 1010)
+of 300 factual physics episodes (seed 0, 3-6 balls, 64 px). Questions: the twins of 600 fresh episodes, answered by
 rolling each predictor forward from the intervened history and reading positions with a probe trained on
 factual slots only (``hclsm.eval.cjepa``).
 
@@ -113,7 +114,8 @@ def bench_cjepa(quick: bool, seed: int) -> BenchResult:
     n_train, n_test = (24, 60) if quick else (300, 600)
     base = (CJEPAConfig(d_model=32, depth=1, heads=2, mlp=64, epochs=1, batch_size=32, warmup_steps=10) if quick
             else CJEPAConfig(d_model=64, depth=2, heads=4, mlp=128, epochs=15))
-    base = replace(base, position_dims=2)  # the object model's state ends with its (x, y)
+    # the object model's state ends with its (x, y); a hidden object shows its first two frames (its velocity)
+    base = replace(base, position_dims=2, visible=2)
     seeds = [seed, seed + 1] if quick else [seed, seed + 1, seed + 2]
     prep = prepare(n_train, n_test, base, device, progress=not quick, probe_steps=300 if quick else 3000,
                    test_seed=1000 + seed)
@@ -155,7 +157,8 @@ def bench_cjepa(quick: bool, seed: int) -> BenchResult:
         metrics[f"{key}_vs_m2"] = metrics[f"{key}_accuracy_mean"] - metrics["m2_accuracy_mean"]
         metrics[f"{key}_noise"] = max(metrics[f"{key}_accuracy_std"], metrics["m2_accuracy_std"])
     config = {"train_episodes": n_train, "test_episodes": n_test, "train_seed": 0, "test_seed": 1000 + seed,
-              "history": base.history, "future": base.future, "d_model": base.d_model, "depth": base.depth,
+              "history": base.history, "future": base.future, "visible": base.visible,
+              "d_model": base.d_model, "depth": base.depth,
               "epochs": base.epochs, "batch_size": base.batch_size, "lr": base.lr, "seeds": seeds,
               "ctt_inv_weight": CTT.inv_weight, "ctt_suf_weight": CTT.suf_weight,
               "ctt_start_epoch": base.epochs // 3, "encoder": "objects_tiny", "device": device,

@@ -45,9 +45,12 @@ class CJEPAConfig:
     heads: int = 4
     mlp: int = 256
     dropout: float = 0.0
-    history: int = 4  # T_h: frames the predictor reads (frame 0 of the window is never masked)
+    history: int = 4  # T_h: frames the predictor reads
     future: int = 6  # T_p: frames it predicts after them, all at once
-    masked: int = 2  # |M|: object slots hidden on history frames 1..T_h-1, drawn per sample and step; 0 = no masking
+    # history frames at the start of a window that are never hidden: 1 = the first frame only (C-JEPA); 2 also
+    # shows a hidden object's velocity, so its hidden states follow from its motion and the other objects
+    visible: int = 1
+    masked: int = 2  # |M|: object slots hidden on history frames visible..T_h-1, drawn per sample and step; 0 = none
     # the last position_dims of a slot state are its position (our object model's (x, y)); in every loss they weigh
     # as much as all the other dims together, so the few numbers that say where an object is are not drowned
     # out by its appearance vector. 0: every dim weighs the same
@@ -82,8 +85,9 @@ class CJEPAConfig:
         check(self.dropout < 1.0, f"{p}.dropout", f"must be < 1, got {self.dropout}")
         check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
         check_heads(self.d_model, self.heads, p)
-        check(self.history >= 2 or self.masked == 0, f"{p}.history",
-              f"must be >= 2 to mask history frames (frame 0 is never masked), got {self.history}")
+        check_min(self, p, 1, "visible")
+        check(self.history > self.visible or self.masked == 0, f"{p}.history",
+              f"must exceed cjepa.visible ({self.visible}) to mask history frames, got {self.history}")
         check(self.ctt.graph != "learned" or self.graph_gate, f"{p}.ctt.graph",
               "'learned' needs the learned graph: set cjepa.graph_gate=true")
 

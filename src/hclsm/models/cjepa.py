@@ -2,28 +2,34 @@
 
 The predictor reads a window of slot sequences from a frozen object model: ``history`` frames it sees
 and ``future`` frames it predicts, all at once. Tokens are (time x slot); slots carry no index embedding
-(they are exchangeable), every token gets its frame's time embedding. With M the hidden slots of a sample::
+(they are exchangeable), every token gets its frame's time embedding. With M the hidden slots of a sample
+and V = ``visible`` the history frames never hidden::
 
-    visible       z[t, s] = W_in [x[t, s]; x[t, s] - x[t-1, s]] + p_t      t < T_h, and t = 0 or s not in M
-    query         z[t, s] = m + p_t + W_id x[0, s]                    s in M on history frames 1..T_h-1,
+    visible       z[t, s] = W_in [x[t, s]; dx[t, s]] + p_t            t < T_h, and t < V or s not in M
+    query         z[t, s] = m + p_t + W_id x[0, s]                    s in M on history frames V..T_h-1,
                                                                       and every s on future frames
     output        y[t, s] = b[t, s] + W_out LN(Transformer(z))[t, s]
 
-The output is an offset from b, the slot's visible states carried on at constant velocity (b[t, s] = x_last
-+ max(t - T_h + 1, 0) (x_last - x_prev); a hidden slot has only its frame-0 state, so b stands still), so
-the network spends itself on what constant motion misses: collisions, walls, springs, the other objects.
+dx is the change since the frame before, 0 across a birth or a death (a slot re-armed on a new object is not
+an object moving). The output is an offset from b, the slot's last visible state carried on at its last
+visible velocity (b[t, s] = x_l + max(t - l, 0) dx_l with l = T_h - 1, or V - 1 for a hidden slot). W_out
+starts at zero, so an untrained predictor *is* constant velocity and the network spends itself on what
+constant motion misses: collisions, walls, springs, the other objects. A dead slot's tokens (dead on that
+history frame, or on the last history frame for a future one) are read by no other token.
 
 Attention has one learned bias per head on the tokens of the query's own slot (the same for every slot,
 so slots stay exchangeable): the predictor can follow an object through its frames without having to
 recognise it by content first. The query of a hidden slot holds the mask token, the time and that
-slot's **first-frame** state (frame 0 is never hidden), so it names which object to predict but carries
-nothing of its hidden states. M is
+slot's **first-frame** state (the first V frames are never hidden), so it names which object to predict
+but carries nothing of its hidden states. With V = 1 (the C-JEPA paper's setting) a hidden object's
+motion cannot be known at all; V = 2 shows its velocity too, so its hidden frames follow from how it moves
+and what it meets, which is the interaction the masking is meant to teach. M is
 drawn afresh for every sample at every call (|M| = ``masked`` among the slots alive on frame 0), unlike
 the public C-JEPA whose re-seeded generator hides the same slot indices at every step.
 
 Losses (``prediction_losses``, in the normalised slot space, stop-gradient targets, dead target slots
 excluded; with ``position_dims`` the position weighs as much as the rest of the state): ``masked`` = MSE
-on hidden slots over history frames 1..T_h-1 (frame 0 is visible, so it is not scored), ``future`` = MSE
+on hidden slots over history frames V..T_h-1 (the visible ones are not scored), ``future`` = MSE
 on every slot of the future frames (+ ``proprio`` on PushT's node).
 
 Extra nodes (PushT): with ``action_dim`` an action token per frame (given on every frame, as a planner
@@ -67,7 +73,7 @@ class CJEPAOutput:
     """One pass over a window (T = history + future frames, S object slots, D slot width)."""
 
     pred: torch.Tensor  # (B, T, S, D) predicted slots, normalised space (history frames too)
-    mask: torch.Tensor  # (B, S) bool: the slots hidden on history frames 1..T_h-1
+    mask: torch.Tensor  # (B, S) bool: the slots hidden on history frames visible..T_h-1
     attention: torch.Tensor  # (B, T, S, T, S) slot-to-slot attention, mean over layers and heads (detached)
     proprio: torch.Tensor | None  # (B, T, P) predicted proprioception (normalised as given), when a node
     graph: GraphOutput | None  # the learned graph over the history, (B, T_h, S, S), when graph_gate
@@ -88,13 +94,16 @@ class Block(nn.Module):
                                 nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, same: torch.Tensor, gate: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, N, d), same (N, N) float 1 where two tokens belong to one node (slot), gate (B, N, N) or None
+    def forward(self, x: torch.Tensor, same: torch.Tensor, gate: torch.Tensor | None,
+                readable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, d), same (N, N) float 1 where two tokens belong to one node (slot), gate (B, N, N) or None,
+        readable (B, N, N) bool keys each query may read (None: all; must include the query itself)
         -> x, the head-averaged attention (B, N, N)."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         logits = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads) + self.same_bias[:, None, None] * same
+        if readable is not None:
+            logits = logits.masked_fill(~readable[:, None], float("-inf"))
         w = logits.softmax(-1)  # (B, H, N, N)
         if gate is not None:  # a token always attends to its own slot, so a row never sums to 0
             w = w * gate[:, None]
@@ -120,6 +129,8 @@ class MaskedSlotPredictor(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, slot_dim)
+        nn.init.zeros_(self.out.weight)  # an untrained predictor is exactly the constant-velocity base
+        nn.init.zeros_(self.out.bias)
         self.extra = int(cfg.proprio_dim > 0) + int(cfg.action_dim > 0)  # extra nodes per frame
         if self.extra:
             self.node_type = nn.Parameter(torch.zeros(self.extra, d))  # proprio first, then action
@@ -175,7 +186,7 @@ class MaskedSlotPredictor(nn.Module):
     def forward(self, x: torch.Tensor, alive: torch.Tensor, mask: torch.Tensor | None = None,
                 action: torch.Tensor | None = None, proprio: torch.Tensor | None = None) -> CJEPAOutput:
         """x (B, T_h, S, D) raw history slots (frames past T_h are ignored), alive (B, T_h, S) bool, mask
-        (B, S) bool slots to hide on history frames 1..T_h-1 (None: none); action (B, T, A) for every frame
+        (B, S) bool slots to hide on history frames ``visible``..T_h-1 (None: none); action (B, T, A) for every frame
         of the window, proprio (B, >= T_h, P) read on history frames. The output covers all T frames."""
         cfg = self.cfg
         th, t = cfg.history, cfg.window
@@ -184,11 +195,16 @@ class MaskedSlotPredictor(nn.Module):
         if mask is None:
             mask = torch.zeros(b, s, dtype=torch.bool, device=x.device)
         z = self.normalise(x)
+        v = cfg.visible  # history frames never hidden
         hidden = torch.zeros(b, th, s, dtype=torch.bool, device=x.device)
-        hidden[:, 1:] = mask[:, None]
-        z_vis = torch.where(hidden[..., None], z[:, :1], z)  # what may be read: hidden states -> frame 0's
-        alive_vis = torch.where(hidden, alive[:, :1], alive)
-        dz = torch.cat([torch.zeros_like(z_vis[:, :1]), z_vis[:, 1:] - z_vis[:, :-1]], 1)  # 0 on hidden frames
+        hidden[:, v:] = mask[:, None]
+        # what may be read: a hidden slot's states stay at its last visible one
+        z_vis = torch.where(hidden[..., None], z[:, v - 1:v], z)
+        alive_vis = torch.where(hidden, alive[:, v - 1:v], alive)
+        # the change since the frame before: 0 on frame 0, on hidden frames, and across a birth or a death (a
+        # slot re-armed on a new object is not an object moving)
+        steady = alive_vis[:, 1:] & alive_vis[:, :-1]
+        dz = torch.cat([torch.zeros_like(z_vis[:, :1]), (z_vis[:, 1:] - z_vis[:, :-1]) * steady[..., None]], 1)
         query = self.mask_token + self.anchor(z[:, 0])[:, None]  # (B, 1, S, d)
         tokens = torch.cat([torch.where(hidden[..., None], query, self.inp(torch.cat([z_vis, dz], -1))),
                             query.expand(b, t - th, s, -1)], dim=1) + self.time_pos[:, None]  # (B, T, S, d)
@@ -215,17 +231,24 @@ class MaskedSlotPredictor(nn.Module):
         h = tokens.reshape(b, t * n_nodes, -1)
         node = torch.arange(n_nodes, device=x.device).repeat(t)  # (N,) the node (slot) of every token
         same = (node[:, None] == node[None, :]).float()
+        # a dead slot's token (dead on that history frame, or on the last one for a future frame) holds no object:
+        # no other token reads it
+        key_alive = torch.cat([alive_vis, alive_vis[:, -1:].expand(b, t - th, s)], 1)  # (B, T, S)
+        key_alive = F.pad(key_alive, (0, n_nodes - s), value=True).reshape(b, 1, t * n_nodes)
+        readable = key_alive | torch.eye(t * n_nodes, dtype=torch.bool, device=x.device)  # (B, N, N)
         attn = 0.0
         for block in self.blocks:
-            h, w = block(h, same, gate)
+            h, w = block(h, same, gate, readable)
             attn = attn + w.detach()
         h = self.norm(h).view(b, t, n_nodes, -1)
         attention = (attn / len(self.blocks)).view(b, t, n_nodes, t, n_nodes)[:, :, :s, :, :s]
         pred_p = self.proprio_out(h[:, :, s]) if cfg.proprio_dim else None
         # every slot is predicted as an offset from its visible states carried on at constant velocity (a hidden
         # slot: its frame-0 state, standing still)
-        ahead = (torch.arange(t, device=x.device) - (th - 1)).clamp_min(0).float()[:, None, None]  # (T, 1, 1)
-        base = z_vis[:, -1:] + ahead * dz[:, -1:]  # (B, T, S, D)
+        last = torch.where(mask, v - 1, th - 1)  # (B, S) each slot's last visible frame
+        ahead = (torch.arange(t, device=x.device)[None, :, None] - last[:, None]).clamp_min(0).float()  # (B, T, S)
+        pick = last[:, None, :, None].expand(b, 1, s, z.shape[-1])
+        base = z_vis.gather(1, pick) + ahead[..., None] * dz.gather(1, pick)  # (B, T, S, D)
         return CJEPAOutput(base + self.out(h[:, :, :s]), mask, attention, pred_p, graph)
 
     @torch.no_grad()
@@ -265,13 +288,14 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
 
 def prediction_losses(model: MaskedSlotPredictor, out: CJEPAOutput, x: torch.Tensor, alive: torch.Tensor,
                       proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """``masked`` (hidden slots, history frames 1..T_h-1) and ``future`` (all slots, future frames) MSE
+    """``masked`` (hidden slots, history frames visible..T_h-1) and ``future`` (all slots, future frames) MSE
     against the window's true slots x (B, T, S, D) raw, alive (B, T, S); plus ``proprio`` (future frames)."""
     th = model.cfg.history
     target = model.normalise(x).detach()
     alive = alive.bool()
     w = model.dim_weight
-    losses = {"masked": masked_mse(out.pred[:, 1:th], target[:, 1:th], out.mask[:, None] & alive[:, 1:th], w),
+    v = model.cfg.visible
+    losses = {"masked": masked_mse(out.pred[:, v:th], target[:, v:th], out.mask[:, None] & alive[:, v:th], w),
               "future": masked_mse(out.pred[:, th:], target[:, th:], alive[:, th:], w)}
     if out.proprio is not None:
         losses["proprio"] = F.mse_loss(out.proprio[:, th:], proprio[:, th:model.cfg.window].detach())
@@ -311,7 +335,7 @@ def ctt_losses(model: MaskedSlotPredictor, out: CJEPAOutput, graph: torch.Tensor
 
     invariance: per sample, a visible alive slot i is hidden too; every visible alive j != i whose parents
     exclude i must keep its clean future prediction (detached). sufficiency: per sample, an alive slot k;
-    every slot that is not a parent of k is hidden on history frames 1..; k's future is scored against the
+    every slot that is not a parent of k is hidden on history frames visible..; k's future is scored against the
     truth. Each extra pass runs through the model, so the gradients reach it there."""
     th = model.cfg.history
     alive = alive.bool()
