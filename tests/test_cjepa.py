@@ -61,8 +61,8 @@ def test_masks_differ_across_steps_and_samples_and_hide_alive_slots():
 @pytest.mark.parametrize("cfg", [SMALL, FULL, replace(SMALL, visible=2)],
                          ids=["plain", "learned-graph+nodes", "visible2"])
 def test_hidden_slot_values_do_not_reach_the_predictor(cfg):
-    """Changing a hidden slot's states on history frames 1.. leaves every output unchanged (queries carry only
-    its first-frame state; the learned graph reads the visible history)."""
+    """Changing a hidden slot's states on its hidden frames (``visible``..) leaves every output unchanged (queries
+    carry only its first-frame state; the learned graph reads the visible history)."""
     torch.manual_seed(0)
     model = predictor(cfg).eval()
     x, alive = window(2, cfg)
