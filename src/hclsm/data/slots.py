@@ -6,8 +6,8 @@ A slot file is an ``.npz`` with
 * ``alive`` bool (N, T, S): whether each slot shows an object (default: all alive);
 * ``action`` float (N, T, A) and ``proprio`` float (N, T, P): optional per-frame nodes (PushT).
 
-``hclsm.eval.slots.encode_episodes`` writes such arrays from our own object model; a user can supply
-slots from any encoder in the same layout.
+``hclsm.eval.cjepa.encode_episodes`` (``hclsm cjepa slots``) writes such arrays from our own object model;
+a user can supply slots from any encoder in the same layout.
 """
 from __future__ import annotations
 
