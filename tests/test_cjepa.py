@@ -341,6 +341,29 @@ def test_answers_from_the_true_positions_are_right(twins):
     assert answer([q for q in qs.questions if q.kind == "where"], far)["where_accuracy"] == 0.0
 
 
+def test_graph_scores_against_the_simulators_graph(twins):
+    """The question set carries the simulator's graph in slot terms; the truth scores F1 1, the complete
+    graph scores precision = the true density, and no graph has recall 0."""
+    from hclsm.eval.cjepa import build_questions, graph_scores
+
+    source, seqs, centres = twins
+    qs = build_questions(seqs, centres, source, list(range(24)), history=4, horizon=6)
+    for q in (q for q in qs.questions if q.kind == "collide"):  # (k, j) shown by slots (sk, sj)
+        (k, j), (sk, sj) = q.objects, q.slots
+        graph = source.load_episode(qs.episodes[q.twin], counterfactual=True)["graph"]  # [k, j]: k acts on j
+        assert qs.known[q.twin, sj, sk] and qs.known[q.twin, sk, sj]
+        assert qs.parents[q.twin, sj, sk] == bool(graph[k, j]) and qs.parents[q.twin, sk, sj] == bool(graph[j, k])
+        assert qs.contacts[q.twin, sj, sk] == qs.contacts[q.twin, sk, sj] == q.truth  # touch in the horizon
+    truth = graph_scores(qs.parents, qs)
+    assert truth["graph_f1"] == truth["graph_precision"] == truth["graph_recall"] == 1.0
+    assert 0.0 < truth["graph_true_density"] < 1.0
+    full = graph_scores(torch.ones_like(qs.parents), qs)
+    assert full["graph_recall"] == full["graph_density_matched"] == full["graph_contact_recall"] == 1.0
+    assert full["graph_precision"] == pytest.approx(truth["graph_true_density"])
+    empty = graph_scores(torch.zeros_like(qs.parents), qs)
+    assert empty["graph_recall"] == empty["graph_contact_recall"] == 0.0 and np.isnan(empty["graph_precision"])
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 def test_cli_slots_then_train(capsys, tmp_path):
     from helpers import assert_user_error, run

@@ -154,7 +154,16 @@ class QuestionSet:
     future: SlotSequences  # (N, H, S, D): the encoder's slots of the twins' true frames L+1 .. L+H
     questions: list[Question]
     kinds: list[str]  # intervention kind per twin
+    episodes: list[int]  # the episode of each twin
     unmatched: int  # objects with no slot on frame L (no questions about them)
+    # the simulator's interaction graph in slot terms, (N, S, S) bool [receiver slot, sender slot]: the object
+    # shown by the sender acts on the receiver's (spring or follow force); ``known`` marks the ordered pairs of
+    # distinct slots that both show an object on frame L, the only pairs where a graph can be scored
+    parents: torch.Tensor
+    known: torch.Tensor
+    # (N, S, S) bool, symmetric: the two slots' objects touch on frames L+1 .. L+H of the twin (collisions are
+    # interactions too, but between any two balls, so they are not in the simulator's graph)
+    contacts: torch.Tensor
 
 
 def build_questions(twin_seqs: SlotSequences, twin_centres: np.ndarray, source: PhysicsSource, episodes: list[int],
@@ -163,6 +172,8 @@ def build_questions(twin_seqs: SlotSequences, twin_centres: np.ndarray, source: 
     ``twin_centres`` are ``encode_episodes`` of the same episodes' twins. The factual answers come from the
     simulator."""
     hist, lasts, kinds, pool, unmatched = [], [], [], {"where": [], "collide": []}, 0
+    s_max = twin_seqs.slots.shape[2]
+    parents, known, touch = [], [], []
     for n, e in enumerate(episodes):
         fact, twin = source.load_episode(e), source.load_episode(e, counterfactual=True)
         last = int(twin["intervention_step"]) + 1
@@ -176,6 +187,15 @@ def build_questions(twin_seqs: SlotSequences, twin_centres: np.ndarray, source: 
         lasts.append(last)
         kinds.append(str(twin["intervention_kind"]))
         window = slice(last + 1, last + horizon + 1)
+        par, kn, hit = (np.zeros((s_max, s_max), dtype=bool) for _ in range(3))
+        for k, sk in objects.items():  # k acts on j: sk is a parent of sj
+            for j, sj in objects.items():
+                if j != k:
+                    par[sj, sk], kn[sj, sk] = bool(twin["graph"][k, j]), True
+                    hit[sj, sk] = bool(twin["contacts"][window, k, j].any())
+        parents.append(par)
+        known.append(kn)
+        touch.append(hit)
         for k, s in objects.items():
             for h in HORIZONS:
                 if h > horizon:
@@ -211,7 +231,28 @@ def build_questions(twin_seqs: SlotSequences, twin_centres: np.ndarray, source: 
 
     history_seqs = SlotSequences(take(twin_seqs.slots, 1 - history, 1), take(twin_seqs.alive, 1 - history, 1))
     future_seqs = SlotSequences(take(twin_seqs.slots, 1, horizon + 1), take(twin_seqs.alive, 1, horizon + 1))
-    return QuestionSet(history_seqs, future_seqs, questions, kinds, unmatched)
+    return QuestionSet(history_seqs, future_seqs, questions, kinds, [episodes[n] for n in hist], unmatched,
+                       *(torch.from_numpy(np.stack(a)) for a in (parents, known, touch)))
+
+
+def graph_scores(graph: torch.Tensor, qs: QuestionSet) -> dict[str, float]:
+    """A predicted graph (N, S, S) bool ``[receiver, sender]`` on the question set's histories against the
+    simulator's (``qs.parents``), over the pairs of slots that show objects (``qs.known``): ``graph_precision``,
+    ``graph_recall``, ``graph_f1`` of its edges, its density there (``graph_density_matched``) and the
+    truth's (``graph_true_density``); ``graph_contact_recall``: the share of the slots that touch in the
+    predicted frames (``qs.contacts``, either direction) joined by an edge. A rate with nothing to count is NaN."""
+    pred, truth, known = graph.bool().cpu() & qs.known, qs.parents & qs.known, qs.known
+    hit, n_pred, n_true = float((pred & truth).sum()), float(pred.sum()), float(truth.sum())
+    precision = hit / n_pred if n_pred else float("nan")
+    recall = hit / n_true if n_true else float("nan")
+    f1 = 2 * hit / (n_pred + n_true) if n_pred + n_true else float("nan")
+    pairs = max(float(known.sum()), 1.0)
+    touch = qs.contacts & known
+    either = pred | pred.transpose(-1, -2)
+    contact_recall = float((either & touch).sum()) / float(touch.sum()) if touch.any() else float("nan")
+    return {"graph_precision": precision, "graph_recall": recall, "graph_f1": f1,
+            "graph_contact_recall": contact_recall, "graph_density_matched": n_pred / pairs,
+            "graph_true_density": n_true / pairs}
 
 
 def answer(questions: list[Question], read: np.ndarray) -> dict[str, float]:
