@@ -271,6 +271,15 @@ def test_config_errors_name_the_key():
         CTTConfig(graph="batch-mean")
 
 
+def test_learned_graph_sparsity_default_survives_other_overrides():
+    """C-JEPA's learned graph has its own l1 weight (0.001), kept when other causal keys are set."""
+    from hclsm.config.loader import config_from_dict
+
+    cfg = config_from_dict(CJEPAConfig, {"graph_gate": True, "causal": {"rho_max": 5.0}}, "cjepa")
+    assert cfg.causal.sparsity_lambda == 1e-3 and cfg.causal.rho_max == 5.0
+    assert config_from_dict(CJEPAConfig, {"causal": {"sparsity_lambda": 0.01}}).causal.sparsity_lambda == 0.01
+
+
 # ---- slot files -------------------------------------------------------------------------------------------
 def test_slot_file_roundtrip_and_errors(tmp_path):
     seqs = SlotSequences(torch.randn(3, 5, S, D), torch.rand(3, 5, S) > 0.5, action=torch.randn(3, 5, 2))
