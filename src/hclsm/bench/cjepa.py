@@ -145,7 +145,7 @@ def bench_cjepa(quick: bool, seed: int) -> BenchResult:
                                  "questions_collide": sum(q.kind == "collide" for q in qs.questions),
                                  "twins": len(qs.kinds), "unmatched_objects": qs.unmatched,
                                  "probe_error_px": prep.probe_error_px,
-                                 "true_graph_density": float((qs.parents & qs.known).sum() / qs.known.sum())}
+                                 "true_graph_density": graph_scores(qs.parents, qs)["graph_true_density"]}
     table = []
     shortcut = factual_answers(qs.questions)
     brackets = {"factual": shortcut} | {k: answer(qs.questions, r)

@@ -243,8 +243,8 @@ class MaskedSlotPredictor(nn.Module):
         h = self.norm(h).view(b, t, n_nodes, -1)
         attention = (attn / len(self.blocks)).view(b, t, n_nodes, t, n_nodes)[:, :, :s, :, :s]
         pred_p = self.proprio_out(h[:, :, s]) if cfg.proprio_dim else None
-        # every slot is predicted as an offset from its visible states carried on at constant velocity (a hidden
-        # slot: its frame-0 state, standing still)
+        # every slot is predicted as an offset from its last visible state carried on at its last visible velocity
+        # (a hidden slot: its state and change on frame visible-1)
         last = torch.where(mask, v - 1, th - 1)  # (B, S) each slot's last visible frame
         ahead = (torch.arange(t, device=x.device)[None, :, None] - last[:, None]).clamp_min(0).float()  # (B, T, S)
         pick = last[:, None, :, None].expand(b, 1, s, z.shape[-1])
