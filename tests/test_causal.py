@@ -11,7 +11,7 @@ from hclsm.config import load_config
 from hclsm.config.model import CausalConfig
 from hclsm.models import build_model
 from hclsm.models.dynamics import HierarchicalDynamics
-from hclsm.nn.causal import CausalGraph, GraphOutput, acyclicity
+from hclsm.nn.causal import CausalGraph, GraphOutput, acyclicity, pair_geometry
 from hclsm.train import build_optimizer, train_step
 
 from helpers import SMALL
@@ -109,6 +109,38 @@ def test_training_samples_edges_and_evaluation_thresholds_them():
         temps.append(graph.temperature())
         graph.after_step(0.0)
     assert temps == [2.0, pytest.approx(2.0 * 0.25 ** 0.25), pytest.approx(1.0), pytest.approx(2.0 * 0.25 ** 0.75), 0.5, 0.5]
+
+
+def test_pair_geometry_reads_relative_position_velocity_distance_and_approach():
+    """Two objects 5 apart on x; one still, the other moving towards it at 2 per step, then a third far
+    away and receding: the geometry [i, j] is j seen from i, and the distance falls while they approach."""
+    p = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 10.0]])
+    v = torch.tensor([[0.0, 0.0], [-2.0, 0.0], [0.0, 1.0]])
+    pad = torch.zeros(1, 1, 3, 4)  # states of width 6 whose last 2 dims are the position, B = T = 1
+    geo = pair_geometry(torch.cat([pad, p[None, None]], -1), torch.cat([pad, v[None, None]], -1), 2)
+    assert geo.shape == (1, 1, 3, 3, 6)
+    assert torch.allclose(geo[0, 0, 0, 1], torch.tensor([5.0, 0.0, -2.0, 0.0, 5.0, -2.0]), atol=1e-4)
+    assert torch.allclose(geo[0, 0, 1, 0], torch.tensor([-5.0, 0.0, 2.0, 0.0, 5.0, -2.0]), atol=1e-4)  # mutual
+    assert geo[0, 0, 0, 2, 5] == pytest.approx(1.0, abs=1e-4)  # receding
+    assert torch.allclose(geo[0, 0].diagonal(dim1=0, dim2=1), torch.zeros(6, 3), atol=1e-3)
+
+
+def test_a_graph_with_position_dims_adds_the_geometry_to_the_pair_features_and_trains_it():
+    torch.manual_seed(0)
+    graph = CausalGraph(6, 8, CausalConfig(), position_dims=2).train()
+    x, alive = torch.randn(2, 4, 3, 6), torch.ones(2, 4, 3)
+    graph(x, alive).prob.sum().backward()
+    assert graph.geo.weight.grad.abs().sum() > 0
+    plain = CausalGraph(6, 8, CausalConfig()).eval()  # the same weights without G
+    plain.load_state_dict({k: v for k, v in graph.state_dict().items() if not k.startswith("geo.")})
+    graph.eval()
+    with torch.no_grad():
+        assert not torch.allclose(graph(x, alive).logits, plain(x, alive).logits)
+        graph.geo.weight.zero_()
+        graph.geo.bias.zero_()
+        assert torch.allclose(graph(x, alive).logits, plain(x, alive).logits)
+    with pytest.raises(ValueError, match="position_dims"):
+        CausalGraph(6, 8, CausalConfig(), position_dims=6)
 
 
 def fixed_graph(adjacency: torch.Tensor):

@@ -19,7 +19,7 @@ from hclsm.train.cjepa import gather, slot_windows, train_cjepa
 S, D = 5, 6
 SMALL = CJEPAConfig(d_model=16, depth=2, heads=2, mlp=32, history=3, future=2, masked=2, d_edge=8, epochs=1,
                     batch_size=8, warmup_steps=2)
-FULL = replace(SMALL, action_dim=2, proprio_dim=3, graph_gate=True,
+FULL = replace(SMALL, action_dim=2, proprio_dim=3, graph_gate=True, position_dims=2,
                ctt=CTTConfig(inv_weight=0.2, suf_weight=0.1, graph="learned"))
 
 

@@ -53,7 +53,8 @@ class CJEPAConfig:
     masked: int = 2  # |M|: object slots hidden on history frames visible..T_h-1, drawn per sample and step; 0 = none
     # the last position_dims of a slot state are its position (our object model's (x, y)); in every loss they weigh
     # as much as all the other dims together, so the few numbers that say where an object is are not drowned
-    # out by its appearance vector. 0: every dim weighs the same
+    # out by its appearance vector; the learned graph (graph_gate) reads each pair's geometry from them. 0: every dim
+    # weighs the same, and the graph reads the slot vectors alone
     position_dims: int = 0
     action_dim: int = 0  # > 0: an action node per frame (PushT); read, never predicted, never masked
     proprio_dim: int = 0  # > 0: a proprioception node per frame; read on history frames, predicted on future ones

@@ -45,7 +45,9 @@ frames, predicted on future ones). Node types get their own embedding; they are 
   ``attention_threshold`` times an even split. Per sample, never averaged over a batch (slot indices are
   not objects across videos); free of dropout noise at the default ``dropout`` 0 (the fork's has it).
 * ``learned`` (``graph_gate``): a ``CausalGraph`` (``hclsm.nn.causal``: Gumbel-sigmoid edges, l1
-  sparsity, NOTEARS) reads the *visible* history (hidden slots replaced by their frame-0 state) and gates
+  sparsity, NOTEARS; with ``position_dims`` its pair features also read each pair's relative position and
+  velocity, distance and approach rate) reads the *visible* history (hidden slots replaced by their
+  frame-0 state, as the history tokens show them) and gates
   the attention: a token of slot i attends to slot j's tokens only when the edge j -> i is on (its own
   slot and the extra nodes always). The prediction loss trains the edges through the straight-through
   gate; ``causal`` adds the sparsity and acyclicity terms.
@@ -141,7 +143,6 @@ class MaskedSlotPredictor(nn.Module):
             self.proprio_out = nn.Linear(d, cfg.proprio_dim)
         if cfg.action_dim:
             self.action_in = nn.Linear(cfg.action_dim, d)
-        self.graph = CausalGraph(slot_dim, cfg.d_edge, cfg.causal) if cfg.graph_gate else None
         # per-dimension statistics of the training slots (set_normaliser): the predictor works in z-scores
         self.register_buffer("slot_mean", torch.zeros(slot_dim))
         self.register_buffer("slot_std", torch.ones(slot_dim))
@@ -152,6 +153,8 @@ class MaskedSlotPredictor(nn.Module):
         if n:
             weight[-n:] = (slot_dim - n) / n  # the position weighs as much as the rest of the state
         self.register_buffer("dim_weight", weight / weight.mean())
+        # the learned graph also reads each pair's geometry from the position dims (hclsm.nn.causal)
+        self.graph = CausalGraph(slot_dim, cfg.d_edge, cfg.causal, n) if cfg.graph_gate else None
 
     # ---- normalisation -------------------------------------------------------------------------------
     @torch.no_grad()

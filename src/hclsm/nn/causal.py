@@ -6,8 +6,14 @@ from scene to scene (a random DAG of forces in the physics scenes), so it is rea
 trajectories, not tied to slot indices::
 
     a_i(s)     = GELU(Linear([x_i(s); x_i(s) - x_i(s-1)]))                  # object token and its change
-    e_ij(s)    = GELU(R a_i(s) + S a_j(s) + P (a_i(s) * a_j(s)))             # pair features at step s
+    e_ij(s)    = GELU(R a_i(s) + S a_j(s) + P (a_i(s) * a_j(s)) [+ G g_ij(s)])  # pair features at step s
     logit_ij(t) = mean over s <= t (both alive) of score(e_ij(s))           # evidence so far: causal in time
+
+With ``position_dims`` n > 0 (a state whose last n dims are the object's position, as C-JEPA's slots from
+our object model) the pair features also read the pair's geometry g_ij: the relative position p_j - p_i,
+the relative velocity, the distance and its rate of change (negative while the two approach), which an
+MLP over the two tokens could only learn to compute from differences of its own features. The video
+model's latent states have no position dims, so its graph reads the tokens alone.
 
 Sampling is a binary Gumbel-softmax: in training ``soft = sigmoid((logit + logistic noise) / tau)``,
 one noise draw per clip and pair, with the temperature annealed from ``temperature_init`` to
@@ -53,6 +59,16 @@ class GraphOutput:
     logits: torch.Tensor
 
 
+def pair_geometry(x: torch.Tensor, dx: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T, K, K, 2n + 2) ``[i, j]``: p_j - p_i, v_j - v_i, |p_j - p_i| and d|p_j - p_i|/dt from the last n
+    dims of states x and their changes dx (B, T, K, d). Smooth at zero distance (the diagonal)."""
+    p, v = x[..., -n:], dx[..., -n:]
+    rel = p[:, :, None] - p[:, :, :, None]
+    drel = v[:, :, None] - v[:, :, :, None]
+    dist = (rel.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    return torch.cat([rel, drel, dist, (rel * drel).sum(-1, keepdim=True) / dist], -1)
+
+
 def acyclicity(adjacency: torch.Tensor) -> torch.Tensor:
     """NOTEARS ``h(A) = tr(exp(A * A)) - K`` of (..., K, K) non-negative matrices, in fp32: 0 exactly when the
     graph has no directed cycle, and positive otherwise."""
@@ -62,14 +78,17 @@ def acyclicity(adjacency: torch.Tensor) -> torch.Tensor:
 
 
 class CausalGraph(nn.Module):
-    def __init__(self, d: int, d_edge: int, cfg: CausalConfig):
+    def __init__(self, d: int, d_edge: int, cfg: CausalConfig, position_dims: int = 0):
         super().__init__()
-        self.cfg = cfg
+        if not 0 <= position_dims < d:
+            raise ValueError(f"position_dims ({position_dims}) must be in [0, {d}) for states of width {d}")
+        self.cfg, self.position_dims = cfg, position_dims
         self.inp = nn.Linear(2 * d, d_edge)
         self.recv = nn.Linear(d_edge, d_edge)
         self.send = nn.Linear(d_edge, d_edge, bias=False)
         self.prod = nn.Linear(d_edge, d_edge, bias=False)
         self.score = nn.Linear(d_edge, 1)
+        self.geo = nn.Linear(2 * position_dims + 2, d_edge) if position_dims else None  # G: the pair's geometry
         # the augmented Lagrangian's state (checkpointed with the weights)
         self.register_buffer("alpha", torch.zeros(()))
         self.register_buffer("rho", torch.tensor(float(cfg.rho_init)))
@@ -95,7 +114,10 @@ class CausalGraph(nn.Module):
         b, t, k, _ = x.shape
         dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         a = F.gelu(self.inp(torch.cat([x, dx], dim=-1)))  # (B, T, K, e)
-        e = F.gelu(self.recv(a)[:, :, :, None] + self.send(a)[:, :, None] + self.prod(a[:, :, :, None] * a[:, :, None]))
+        e = self.recv(a)[:, :, :, None] + self.send(a)[:, :, None] + self.prod(a[:, :, :, None] * a[:, :, None])
+        if self.geo is not None:
+            e = e + self.geo(pair_geometry(x, dx, self.position_dims))
+        e = F.gelu(e)
         score = self.score(e).squeeze(-1).float()  # (B, T, K, K)
         alive = alive.float()
         pair = alive[..., :, None] * alive[..., None, :] * (1.0 - torch.eye(k, device=x.device))  # (B, T, K, K)
