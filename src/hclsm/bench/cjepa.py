@@ -17,7 +17,7 @@ on the attention graph and on the learned graph (the predictor's attention gated
 learned graph's l1 weight is ``CJEPAConfig``'s 0.001: the video model's 0.01 left no edge on the development
 histories. With ``position_dims`` = 2 the learned graph also reads each pair's geometry (relative position and
 velocity, distance, approach rate; ``hclsm.nn.causal``): on the development questions, CTT on the learned graph
-scored 0.648 ± 0.005 with it and 0.642 ± 0.008 without (|M| = 2 alone: 0.635 ± 0.007; predictor seeds 0-2).
+scored 0.649 ± 0.004 with it and 0.642 ± 0.008 without (|M| = 2 alone: 0.635 ± 0.007; predictor seeds 0-2).
 Each row's graph (the learned one, else the attention graph) is also scored on the question histories against
 the simulator's springs and follow forces (``hclsm.eval.cjepa.graph_scores``) and against the pairs that touch
 in the predicted frames.
