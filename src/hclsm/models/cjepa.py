@@ -46,8 +46,8 @@ frames, predicted on future ones). Node types get their own embedding; they are 
   not objects across videos); free of dropout noise at the default ``dropout`` 0 (the fork's has it).
 * ``learned`` (``graph_gate``): a ``CausalGraph`` (``hclsm.nn.causal``: Gumbel-sigmoid edges, l1
   sparsity, NOTEARS; with ``position_dims`` its pair features also read each pair's relative position and
-  velocity, distance and approach rate) reads the *visible* history (hidden slots replaced by their
-  frame-0 state, as the history tokens show them) and gates
+  velocity, distance and approach rate) reads the *visible* history (hidden slots held at their state on
+  frame ``visible`` - 1, as the history tokens show them) and gates
   the attention: a token of slot i attends to slot j's tokens only when the edge j -> i is on (its own
   slot and the extra nodes always). The prediction loss trains the edges through the straight-through
   gate; ``causal`` adds the sparsity and acyclicity terms.
