@@ -145,7 +145,7 @@ def test_the_fisher_is_real_and_the_penalty_is_zero_only_at_the_anchor(data):
     nonzero = {n for n, f in fisher.items() if f.sum() > 0 and torch.isfinite(f).all()}
     # most parameters matter to 3-frame clips (not all: no actions in these scenes, no events yet for L1 / L2)
     assert len(nonzero) > 0.6 * len(fisher)
-    assert {"objects.decoder.net.8.weight", "dynamics.head.3.weight", "dynamics.memory.value.weight",
+    assert {"objects.decoder.net.6.weight", "dynamics.head.3.weight", "dynamics.memory.value.weight",
             "dynamics.memory.out.weight"} <= nonzero
     ewc = consolidate(None, model, fisher)
     assert ewc.penalty(model).item() == 0.0

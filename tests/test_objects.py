@@ -31,7 +31,9 @@ def small_cfg(*extra: str):
                                         "model.decoder.target=features", "model.decoder.relative_positions=false",
                                         "model.decoder.kernel=3"),
                                    ("model.slots.dynamic=false", "model.slots.spatial_prior=false",
-                                    "model.slots.background=false")])
+                                    "model.slots.background=false"),
+                                   ("model.decoder.fourier_octaves=3", "model.decoder.static_background=true",
+                                    "model.decoder.foreground_weight=30", "model.decoder.upsample=transposed")])
 def test_every_trainable_parameter_gets_a_gradient_in_a_stage1_step(extra):
     torch.manual_seed(0)
     cfg = small_cfg(*extra)
@@ -62,6 +64,45 @@ def test_alpha_sums_to_one_over_alive_slots_and_dead_slots_draw_nothing():
     torch.testing.assert_close(alphas.sum(1), torch.ones(2, 16, 16))
     assert (alphas[alive == 0] == 0).all() and (alphas[alive == 1] > 0).all()
     torch.testing.assert_close(recon, (alphas[:, :, None] * content).sum(1))
+
+
+class _Clips:
+    """A stand-in for ``MemoryClips``: its median frame."""
+
+    def __init__(self, frame: torch.Tensor):
+        self.frame = frame
+
+    def median_frame(self) -> torch.Tensor:
+        return self.frame
+
+
+def test_the_background_layer_paints_the_static_scene_and_the_loss_weighs_what_moves():
+    """With ``static_background`` the background slot paints the training frames' median (plus its constant):
+    an empty scene is reconstructed exactly by the background alone; ``foreground_weight`` scales the error of
+    pixels away from that scene up, relative to the rest, keeping the mean weight 1."""
+    torch.manual_seed(0)
+    cfg = small_cfg("model.decoder.static_background=true", "model.decoder.foreground_weight=30")
+    net = ObjectDecomposer(cfg.model)
+    scene = torch.rand(3, 32, 32)  # e.g. a textured floor with a goal marking
+    net.prepare(_Clips(scene))
+    static = torch.nn.functional.interpolate(scene[None], size=(16, 16), mode="area")[0]
+    torch.testing.assert_close(net.decoder.static, static)
+    assert "decoder.static" in net.state_dict()  # saved with the weights
+    with torch.no_grad():
+        net.decoder.background.weight.zero_()
+        net.decoder.background.bias.zero_()
+        content, _ = net.decoder.decode(torch.randn(2, 5, 16), torch.zeros(2, 5, 2))
+    torch.testing.assert_close(content[:, 0], static.expand(2, -1, -1, -1))
+    # the loss: an error on a pixel that differs from the scene weighs more than the same error elsewhere
+    target = static.expand(2, 3, -1, -1, -1).clone()  # (B, T, C, R, R)
+    target[:, :, :, 4, 4] += 0.5  # an object pixel
+    on, off = target.clone(), target.clone()
+    on[:, :, :, 4, 4] += 0.1
+    off[:, :, :, 10, 10] += 0.1
+    assert net.reconstruction_loss(on, target) > 5 * net.reconstruction_loss(off, target)
+    plain = ObjectDecomposer(small_cfg().model)  # no static scene: the plain MSE, and nothing extra saved
+    torch.testing.assert_close(plain.reconstruction_loss(on, target), (on - target).pow(2).mean())
+    assert "decoder.static" not in plain.state_dict()
 
 
 def test_model_output_shapes_counts_and_background_is_always_alive():
@@ -353,8 +394,7 @@ def test_a_stage1_training_step_of_the_real_model_is_finite_and_updates_weights(
     from hclsm.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    cfg = small_cfg(f"train.precision={precision}", "model.decoder.target=features", "model.decoder.resolution=16",
-                    "model.decoder.grid_size=16")
+    cfg = small_cfg(f"train.precision={precision}", "model.decoder.target=features", "model.decoder.resolution=8")
     model = build_model(cfg.model).train()
     opt = build_optimizer(model, cfg.train)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

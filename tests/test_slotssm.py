@@ -28,7 +28,7 @@ def small_oc() -> OCSlotSSMConfig:
 
     return OCSlotSSMConfig(image_size=16, patch_size=2, d_model=D, num_slots=3, layers=2, cnn_layers=2,
                            decoder=DecoderConfig(hidden=8, layers=2, kernel=1, grid_size=8, resolution=16,
-                                                 relative_positions=False))
+                                                 relative_positions=False, upsample="transposed"))
 
 
 def test_slot_permutation_equivariance():

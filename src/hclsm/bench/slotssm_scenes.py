@@ -132,7 +132,7 @@ def bench_video_prediction(quick: bool, seed: int) -> BenchResult:
 def _oc_config(d: int, quick: bool) -> OCSlotSSMConfig:
     return OCSlotSSMConfig(image_size=32, patch_size=2, d_model=d, num_slots=7, layers=2, heads=4, cnn_layers=3,
                            decoder=DecoderConfig(hidden=32 if not quick else 16, layers=3, kernel=1, grid_size=8,
-                                                 resolution=32, relative_positions=False))
+                                                 resolution=32, relative_positions=False, upsample="transposed"))
 
 
 @torch.no_grad()

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from hclsm.errors import ConfigError
 
 ENCODERS = ("cnn", "vit")  # cnn: small conv stack (CPU presets); vit: patch ViT (the seed's encoder)
+STEMS = ("patch", "conv")  # how the cnn encoder reaches its token grid (see hclsm.nn.encoders.CNNEncoder)
 DECODER_TARGETS = ("pixels", "features")  # features = EMA-encoder patch features (DINOSAUR-style)
+UPSAMPLERS = ("subpixel", "transposed")  # how the decoder reaches its resolution (see hclsm.nn.decoders)
 MODEL_NAMES = ("hclsm", "flat_ssm", "slotssm", "oc_slotssm", "cjepa")  # flat_ssm: the no-slot baseline
 
 
@@ -56,7 +58,8 @@ class PerceptionConfig:
     encoder: str = "cnn"  # one of ENCODERS
     image_size: int = 64  # frames are resized to image_size x image_size
     channels: int = 3
-    patch_size: int = 2  # ViT patch side; for the cnn, its total downsampling factor (a power of two)
+    patch_size: int = 4  # ViT patch side; for the cnn, its total downsampling factor (a power of two)
+    stem: str = "patch"  # cnn only, one of STEMS: one patch_size-stride conv, or stride-2 5x5 convs
     d_model: int = 32  # encoder width
     layers: int = 4  # ViT blocks, or conv layers of the cnn
     heads: int = 4  # ViT attention heads (must divide d_model)
@@ -67,6 +70,7 @@ class PerceptionConfig:
     def __post_init__(self) -> None:
         p = "model.perception"
         check_one_of(self.encoder, f"{p}.encoder", ENCODERS)
+        check_one_of(self.stem, f"{p}.stem", STEMS)
         check_min(self, p, 1, "image_size", "channels", "patch_size", "d_model", "layers", "heads", "d_world",
                   "max_frames")
         check(self.channels == 3, f"{p}.channels",
@@ -129,10 +133,12 @@ class DecoderConfig:
     """Spatial broadcast decoder: each slot -> a (resolution x resolution) target map + an alpha logit.
 
     A slot is broadcast to a ``grid_size`` grid with its (x, y) coordinates (relative to the slot's
-    attention centroid when ``relative_positions``), run through ``layers`` convolutions of width
-    ``hidden`` and ``kernel`` (1 = a per-pixel MLP), then upsampled by stride-2 transposed convolutions
-    to ``resolution``. Pixel targets are the frames resized to ``resolution``; feature targets are the
-    EMA target encoder's tokens (then ``resolution`` must equal the perception grid).
+    attention centroid when ``relative_positions``, with ``fourier_octaves`` octaves of sin/cos features),
+    run through ``layers`` layers of width ``hidden`` and ``kernel`` (1 = a per-cell MLP), then brought to
+    ``resolution`` by ``upsample``: ``subpixel`` (each cell emits its own block of output pixels; cheap) or
+    ``transposed`` (stride-2 transposed convolutions; the original layout). Pixel targets are the frames
+    resized to ``resolution``; feature targets are the EMA target encoder's tokens (then ``resolution`` must
+    equal the perception grid).
     """
 
     target: str = "pixels"  # one of DECODER_TARGETS
@@ -142,11 +148,29 @@ class DecoderConfig:
     grid_size: int = 16  # side of the grid each slot is broadcast to
     resolution: int = 32  # side of the decoded maps (a power-of-two multiple of grid_size)
     relative_positions: bool = True  # broadcast slot-relative coordinates (translation-equivariant decoding)
+    upsample: str = "subpixel"  # one of UPSAMPLERS
+    fourier_octaves: int = 0  # sin/cos octaves of the relative coordinates (0 = the coordinates alone)
+    # the background slot paints the training frames' per-pixel median (the static scene) plus its own constant,
+    # instead of a constant alone; set from the data when training starts
+    static_background: bool = False
+    # reconstruction weight of the pixels that differ from the static scene (the moving objects), relative to the
+    # rest: w = 1 + foreground_weight * min(1, |target - static| / 0.1), normalised to mean 1; 0 = plain MSE
+    foreground_weight: float = 0.0
 
     def __post_init__(self) -> None:
         p = "model.decoder"
         check_one_of(self.target, f"{p}.target", DECODER_TARGETS)
+        check_one_of(self.upsample, f"{p}.upsample", UPSAMPLERS)
         check_min(self, p, 1, "hidden", "layers", "kernel", "grid_size", "resolution")
+        check_min(self, p, 0, "fourier_octaves")
+        check_min(self, p, 0.0, "foreground_weight")
+        check(self.foreground_weight == 0 or self.static_background, f"{p}.foreground_weight",
+              f"weighs pixels by how far they are from the static scene: it needs {p}.static_background=true")
+        check(not self.static_background or self.target == "pixels", f"{p}.static_background",
+              f"is a picture of the scene: it needs {p}.target=pixels, got {self.target!r}")
+        check(self.fourier_octaves == 0 or self.relative_positions, f"{p}.fourier_octaves",
+              f"needs {p}.relative_positions=true (the features are of slot-relative coordinates), "
+              f"got {self.fourier_octaves}")
         check(self.kernel % 2 == 1, f"{p}.kernel", f"must be odd, got {self.kernel}")
         ratio = self.resolution // self.grid_size
         check(self.resolution % self.grid_size == 0 and ratio & (ratio - 1) == 0, f"{p}.resolution",
@@ -178,10 +202,11 @@ class L1Config:
     event_rate_max: float = 0.5
     event_temperature: float = 1.0  # tau of the straight-through gate sigmoid((logit - threshold_logit) / tau)
     event_target_quantile: float = 0.9  # the self-supervised event target is divided by this per-sequence quantile
+    max_events: int = 32  # each step reads the most recent this many event steps (a rollout step's cost is bounded)
 
     def __post_init__(self) -> None:
         p = "model.dynamics.l1"
-        check_min(self, p, 1, "d_model", "layers", "heads")
+        check_min(self, p, 1, "d_model", "layers", "heads", "max_events")
         check_heads(self.d_model, self.heads, p)
         check_min(self, p, 0.0, "event_temperature")
         check(self.event_temperature > 0, f"{p}.event_temperature", f"must be > 0, got {self.event_temperature}")
@@ -204,10 +229,11 @@ class L2Config:
     layers: int = 1
     heads: int = 4
     n_summary: int = 4  # number of abstract state tokens
+    max_events: int = 32  # the summary at step t compresses the most recent this many event steps s <= t
 
     def __post_init__(self) -> None:
         p = "model.dynamics.l2"
-        check_min(self, p, 1, "d_model", "layers", "heads", "n_summary")
+        check_min(self, p, 1, "d_model", "layers", "heads", "n_summary", "max_events")
         check_heads(self.d_model, self.heads, p)
 
 
@@ -221,9 +247,12 @@ class DynamicsConfig:
     # a fixed window, so its cost does not grow with the clip); rollout_context = 0 turns it off
     rollout_context: int = 3
     rollout_horizon: int = 5
+    # frames per clip that the decoded terms (``frame`` and ``rollout``) decode and score: a random subset of
+    # their steps, drawn anew every training step (an unbiased estimate at a fraction of the cost); 0 = all
+    decoded_frames: int = 2
 
     def __post_init__(self) -> None:
-        check_min(self, "model.dynamics", 0, "rollout_context")
+        check_min(self, "model.dynamics", 0, "rollout_context", "decoded_frames")
         check_min(self, "model.dynamics", 2, "rollout_horizon")
 
 

@@ -216,6 +216,14 @@ class MemoryClips:
         out[keys.FRAMES] = frames
         return out
 
+    def median_frame(self, max_frames: int = 2000, seed: int = 0) -> torch.Tensor:
+        """(C, H, W) float in [0, 1]: the per-pixel median of up to ``max_frames`` of the loaded frames (an even
+        draw over all of them), the static scene wherever the objects move on."""
+        video = self._frames[keys.VIDEO]  # (N, C, H, W) uint8
+        if len(video) > max_frames:
+            video = video[torch.randperm(len(video), generator=torch.Generator().manual_seed(seed))[:max_frames]]
+        return video.float().div_(255.0).median(dim=0).values
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """Window ``i`` as one clip (no batch dimension)."""
         if not -len(self) <= i < len(self):

@@ -43,8 +43,10 @@ from hclsm.nn.chunks import map_chunks
 from hclsm.nn.decoders import SpatialBroadcastDecoder
 from hclsm.nn.encoders import build_encoder, coord_grid
 from hclsm.nn.slots import BirthSeeder, ExistenceHead, SlotAttention, hard_concrete
+from hclsm.utils.profiling import scope
 
 DIVERSITY_MARGIN = 0.5  # cosine similarity two object slots may share before the diversity loss acts
+FOREGROUND_SCALE = 0.1  # mean absolute difference from the static scene at which a pixel counts fully as foreground
 ENCODE_FRAMES = 64  # frames per encoder pass on long clips (hclsm.nn.chunks: bounded activation memory)
 
 
@@ -128,7 +130,12 @@ class ObjectDecomposer(nn.Module):
             feats = self.target_encoder(video)  # (B, T, M, d_world)
         return feats.transpose(2, 3).reshape(*feats.shape[:2], feats.shape[-1], r, r)
 
-    def forward(self, video: torch.Tensor, progress: float = 1.0) -> ObjectOutput:
+    def forward(self, video: torch.Tensor, progress: float = 1.0, rules: bool | None = None) -> ObjectOutput:
+        """The object decomposition of ``video`` (B, T, C, H, W) at training ``progress``.
+
+        ``rules``: apply the evaluation-time rules (settle rounds on the first frame, the area and birth rules on
+        the gate); default: in eval mode. HCLSM's EMA target runs in eval mode without them: its slots only
+        need to be deterministic, and the rules would cost as much again as the target itself."""
         s, size = self.cfg.slots, self.cfg.perception.image_size
         if video.shape[-1] != size or video.shape[-2] != size:
             video = F.interpolate(video.flatten(0, 1), size=(size, size), mode="area").reshape(
@@ -136,8 +143,10 @@ class ObjectDecomposer(nn.Module):
         b, t = video.shape[:2]
         # ENCODE_FRAMES frames (of the B * T) per encoder pass, checkpointed on long clips (hclsm.nn.chunks)
         step = max(1, ENCODE_FRAMES // b)
-        tokens = torch.cat(map_chunks(lambda t0, t1: self.encoder(video[:, t0:t1], t0=t0), t, step), dim=1)
-        k_all, v_all = self.slot_attention.project(tokens)
+        with scope("encoder"):
+            tokens = torch.cat(map_chunks(lambda t0, t1: self.encoder(video[:, t0:t1], t0=t0), t, step), dim=1)
+        with scope("slot_attention"):
+            k_all, v_all = self.slot_attention.project(tokens)
         # per-frame views by unbind: its backward stacks the frames' gradients once (indexing frame by frame
         # would allocate a full-size zero gradient per frame, quadratic in the clip length)
         ks, vs = k_all.unbind(1), v_all.unbind(1)
@@ -150,21 +159,25 @@ class ObjectDecomposer(nn.Module):
         alive_prev = seed = centre = has_seed = None
         outs: dict[str, list[torch.Tensor]] = {n: [] for n in
                                                ("slots", "pos", "logits", "gate", "alphas", "recon", "attn")}
-        settle = s.settle_rounds if gating and not self.training else 0
+        rules = (not self.training) if rules is None else rules
+        settle = s.settle_rounds if gating and rules else 0
         for i in range(t):
             rounds = 1 + (settle if i == 0 else 0)
             for r in range(rounds):
-                if i == 0 and r == 0:
-                    slots, pos, attn = self.slot_attention(slots, pos, ks[0], vs[0], self.coords,
-                                                           s.iterations, straight_through=True)
-                else:  # alive slots carry on; dead ones are re-armed as birth proposals
-                    if s.dynamic:
-                        slots, pos = self._rearm(slots, pos, alive_prev, seed, centre, has_seed, noise)
-                    slots, pos, attn = self.slot_attention(slots, pos, ks[i], vs[i], self.coords,
-                                                           s.video_iterations)
-                logits, gate, alphas, recon = self._gate_and_draw(slots, pos, alive_prev, gating)
+                with scope("slot_attention"):
+                    if i == 0 and r == 0:
+                        slots, pos, attn = self.slot_attention(slots, pos, ks[0], vs[0], self.coords,
+                                                               s.iterations, straight_through=True)
+                    else:  # alive slots carry on; dead ones are re-armed as birth proposals
+                        if s.dynamic:
+                            slots, pos = self._rearm(slots, pos, alive_prev, seed, centre, has_seed, noise)
+                        slots, pos, attn = self.slot_attention(slots, pos, ks[i], vs[i], self.coords,
+                                                               s.video_iterations)
+                with scope("decoder"):
+                    logits, gate, alphas, recon = self._gate_and_draw(slots, pos, alive_prev, gating, rules)
                 if s.dynamic and (i + 1 < t or r + 1 < rounds):  # birth seed: what the alive slots leave unexplained
-                    seed, centre, has_seed = self._birth_seed(recon, alphas, target[:, i], vs[i])
+                    with scope("birth"):
+                        seed, centre, has_seed = self._birth_seed(recon, alphas, target[:, i], vs[i])
                 alive_prev = gate.detach()
             for name, val in zip(outs, (slots, pos, logits, gate, alphas, recon, attn)):
                 outs[name].append(val)
@@ -189,8 +202,8 @@ class ObjectDecomposer(nn.Module):
         keep = alive_prev[..., None]
         return keep * slots + (1 - keep) * proposal, keep * pos + (1 - keep) * proposal_pos
 
-    def _gate_and_draw(self, slots: torch.Tensor, pos: torch.Tensor, alive_prev: torch.Tensor | None, gating: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gate_and_draw(self, slots: torch.Tensor, pos: torch.Tensor, alive_prev: torch.Tensor | None, gating: bool,
+                       rules: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Existence logits, alive gate, alphas and reconstruction of one frame's slots."""
         s = self.cfg.slots
         logits = self.existence(slots) if s.dynamic else slots.new_full(slots.shape[:2], 20.0)  # (B, K)
@@ -203,7 +216,7 @@ class ObjectDecomposer(nn.Module):
             gate = (torch.sigmoid(logits) > s.alive_threshold).float()
         if s.background:
             gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
-        if gating and not self.training:
+        if gating and rules and not self.training:
             gate = self._area_rules(gate, content, alpha_logits, alive_prev)
         recon, alphas = self.decoder.composite(content, alpha_logits, gate)
         return logits, gate, alphas, recon
@@ -225,6 +238,8 @@ class ObjectDecomposer(nn.Module):
 
         if s.min_area > 0:
             share = F.one_hot(owners(gate), gate.shape[1]).float().mean(1)  # (B, K)
+            if s.background:  # the background layer is always alive, whatever it draws
+                share[:, 0] = 1.0
             gate = gate * (share >= s.min_area).float()
         if s.background and s.birth_min_new > 0 and alive_prev is not None:
             born = gate * (1 - alive_prev)
@@ -244,10 +259,29 @@ class ObjectDecomposer(nn.Module):
         err = F.adaptive_avg_pool2d(err, self.cfg.perception.grid_size).flatten(1)  # (B, M)
         return self.birth(values, self.birth.unexplained(err, self.cfg.slots.birth_threshold), self.coords)
 
+    @torch.no_grad()
+    def prepare(self, clips) -> None:
+        """Before training, from the training clips (``MemoryClips``): the static scene the background layer paints
+        (their per-pixel median frame), when ``model.decoder.static_background``."""
+        if self.cfg.decoder.static_background and self.decoder.background is not None:
+            self.decoder.set_static(clips.median_frame())
+
+    def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``sbd``: the MSE of the reconstruction (..., C, R, R), with the pixels that differ from the static scene
+        weighted up by ``model.decoder.foreground_weight`` (small moving objects on a large static scene are
+        otherwise a rounding error of the loss)."""
+        w_fg = self.cfg.decoder.foreground_weight
+        err = (recon.float() - target.float()).pow(2)
+        if w_fg == 0:
+            return err.mean()
+        away = (target.float() - self.decoder.static).abs().mean(dim=-3, keepdim=True)  # (..., 1, R, R)
+        w = 1 + w_fg * (away / FOREGROUND_SCALE).clamp(max=1.0)
+        return (err * (w / w.mean())).mean()
+
     def losses(self, out: ObjectOutput, progress: float) -> dict[str, torch.Tensor]:
         s = self.cfg.slots
         bg = int(s.background)
-        sbd = F.mse_loss(out.recon.float(), out.target.float())
+        sbd = self.reconstruction_loss(out.recon, out.target)
         # diversity: pairs of alive object slots more similar than DIVERSITY_MARGIN (cosine) are pushed
         # apart (squared hinge). Duplicates of one object are what this is for; demanding orthogonal
         # slots instead squeezes their content into a tiny subspace (the reconstructions turn grey)

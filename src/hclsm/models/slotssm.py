@@ -155,8 +155,10 @@ class OCSlotSSMConfig:
     cnn_layers: int = 4
     d_state: int = 16
     expand: int = 2
+    # the SlotSSM family keeps the layouts its benchmarks were measured with (transposed-conv decoder, conv stem)
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(hidden=32, layers=3, kernel=1, grid_size=8,
-                                                                         resolution=32, relative_positions=False))
+                                                                         resolution=32, relative_positions=False,
+                                                                         upsample="transposed"))
 
 
 @dataclass
@@ -175,7 +177,7 @@ class OCOutput:
 def object_encoder(cfg: OCSlotSSMConfig) -> CNNEncoder:
     """The CNN frame encoder shared by OC-SlotSSM and the SAVi-style baseline (tokens of width d_model)."""
     return CNNEncoder(PerceptionConfig(encoder="cnn", image_size=cfg.image_size, patch_size=cfg.patch_size,
-                                       d_model=cfg.d_model, layers=cfg.cnn_layers, d_world=cfg.d_model))
+                                       stem="conv", d_model=cfg.d_model, layers=cfg.cnn_layers, d_world=cfg.d_model))
 
 
 def reconstruct(decoder: SpatialBroadcastDecoder, slots: torch.Tensor, video: torch.Tensor

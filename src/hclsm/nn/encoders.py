@@ -24,18 +24,26 @@ def _projection(d_in: int, d_out: int) -> nn.Sequential:
 
 
 class CNNEncoder(nn.Module):
-    """log2(patch_size) stride-2 5x5 convs, then stride-1 3x3 convs (``layers`` in total, at least the
-    stride-2 ones), ReLU; a linear embedding of the (x, y, 1-x, 1-y) grid added; LayerNorm + MLP."""
+    """A stem down to the token grid, then stride-1 3x3 convs (``layers`` in total), ReLU; a linear embedding of
+    the (x, y, 1-x, 1-y) grid added; LayerNorm + MLP.
+
+    The stem (``PerceptionConfig.stem``) is either ``patch``: one ``patch_size`` x ``patch_size`` convolution of
+    stride ``patch_size`` (each token reads its own patch of pixels, as a ViT's patch embedding; every later
+    layer runs on the token grid), or ``conv``: log2(patch_size) stride-2 5x5 convolutions (SAVi's stack; the
+    early layers run at 2x and 4x the grid's resolution, several times the cost)."""
 
     def __init__(self, cfg: PerceptionConfig):
         super().__init__()
-        n_down = cfg.patch_size.bit_length() - 1
+        patchify = cfg.stem == "patch"
+        n_down = 1 if patchify else cfg.patch_size.bit_length() - 1  # layers that downsample
         convs: list[nn.Module] = []
         c_in = cfg.channels
         for i in range(max(cfg.layers, n_down)):
-            stride = 2 if i < n_down else 1
-            k = 5 if stride == 2 else 3
-            convs += [nn.Conv2d(c_in, cfg.d_model, k, stride=stride, padding=k // 2), nn.ReLU()]
+            if i >= n_down:
+                k, stride, pad = 3, 1, 1
+            else:
+                k, stride, pad = (cfg.patch_size, cfg.patch_size, 0) if patchify else (5, 2, 2)
+            convs += [nn.Conv2d(c_in, cfg.d_model, k, stride=stride, padding=pad), nn.ReLU()]
             c_in = cfg.d_model
         self.convs = nn.Sequential(*convs)
         self.grid = cfg.grid_size

@@ -23,6 +23,7 @@ from torch import nn
 from hclsm.config.train import LossWeights, TrainConfig
 from hclsm.errors import ConfigError
 from hclsm.train import distributed
+from hclsm.utils.profiling import OPTIMIZER, scope
 
 if TYPE_CHECKING:
     from hclsm.train.ewc import EWC
@@ -114,13 +115,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
     if not math.isfinite(values[0]):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(values[0], floats, skipped="loss")
+    with scope(OPTIMIZER):
+        return _update(model, optimizer, cfg, values[0], floats)
+
+
+def _update(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, loss: float,
+            floats: dict[str, float]) -> StepResult:
+    """Clip, step, EMA-update and ``after_step`` once the gradients are in (skipped when the norm is not finite)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure only
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(values[0], floats, grad_norm, skipped="grad")
+        return StepResult(loss, floats, grad_norm, skipped="grad")
     optimizer.step()
     update_target = getattr(distributed.unwrap(model), "update_target", None)
     if callable(update_target):
@@ -129,7 +137,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
     after_step = getattr(distributed.unwrap(model), "after_step", None)
     if callable(after_step):  # e.g. the causal graph's Lagrangian update, from the rank-averaged losses
         after_step(floats)
-    return StepResult(values[0], floats, grad_norm)
+    return StepResult(loss, floats, grad_norm)
 
 
 def out_of_memory(e: BaseException) -> bool:
