@@ -143,13 +143,20 @@ def test_a_graph_with_position_dims_adds_the_geometry_to_the_pair_features_and_t
         CausalGraph(6, 8, CausalConfig(), position_dims=6)
 
 
-def fixed_graph(adjacency: torch.Tensor):
-    """A stand-in for CausalGraph.forward that returns ``adjacency`` (K, K) at every step."""
-    def forward(x, alive, noise=None):
+def fix_graph(graph: torch.nn.Module, adjacency: torch.Tensor) -> None:
+    """Make ``graph`` (a CausalGraph) return ``adjacency`` (K, K) at every step, in ``forward`` and ``step``."""
+    real_forward = graph.forward
+
+    def forward(x, alive, noise=None, return_state=False):
         b, t, k, _ = x.shape
         a = adjacency.expand(b, t, k, k) * alive[..., :, None] * alive[..., None, :]
-        return GraphOutput(a, a, a)
-    return forward
+        return (GraphOutput(a, a, a), real_forward(x, alive, return_state=True)[1]) if return_state else \
+            GraphOutput(a, a, a)
+
+    def step(x, alive, state):
+        return adjacency * alive[..., :, None] * alive[..., None, :], state
+
+    graph.forward, graph.step = forward, step
 
 
 def test_objects_read_only_their_parents():
@@ -159,7 +166,7 @@ def test_objects_read_only_their_parents():
     dyn = HierarchicalDynamics(causal_cfg().model).eval()
     adjacency = torch.zeros(5, 5)
     adjacency[1, 0] = adjacency[2, 1] = 1.0  # [receiver, sender]
-    dyn.graph.forward = fixed_graph(adjacency)
+    fix_graph(dyn.graph, adjacency)
     slots, positions, alive, action = dynamics_inputs()
     alive = torch.ones_like(alive)
     with torch.no_grad():  # some steps fire, so the event levels take part

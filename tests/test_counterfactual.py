@@ -17,7 +17,7 @@ from hclsm.models.interventions import Intervention, to_model_velocity, to_model
 from hclsm.train import train
 
 from helpers import SMALL, assert_user_error, run
-from test_causal import CAUSAL, fixed_graph
+from test_causal import CAUSAL, fix_graph
 from test_eval_dynamics import small_cfg
 
 
@@ -53,7 +53,7 @@ def test_an_intervention_on_an_object_without_children_leaves_the_other_rollouts
     model = build_model(load_config("tiny", overrides=[*SMALL, *CAUSAL]).model).eval()
     adjacency = torch.zeros(5, 5)
     adjacency[1, 0] = adjacency[2, 1] = 1.0  # 0 -> 1 -> 2 [receiver, sender]; 2 has no children
-    model.dynamics.graph.forward = fixed_graph(adjacency)
+    fix_graph(model.dynamics.graph, adjacency)
     g = torch.Generator().manual_seed(1)
     slots, pos, gate = torch.randn(2, 4, 5, 16, generator=g), torch.rand(2, 4, 5, 2, generator=g) * 2 - 1, torch.ones(2, 4, 5)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hclsm.config.model import GNNConfig, L1Config, L2Config
-from hclsm.nn.events import EventDetector, EventOutput, EventTransformer, gather_events
+from hclsm.nn.events import EventDetector, EventMemory, EventOutput, EventTransformer, gather_events
 from hclsm.nn.gnn import RelationGNN
 from hclsm.nn.goals import GoalCompressor
 
@@ -52,6 +52,19 @@ def test_detector_is_causal_and_prefix_equals_full():
         assert torch.allclose(out.prob[:, :t + 1], full.prob[:, :t + 1], atol=ATOL)
         assert torch.equal(out.gate[:, :t + 1], full.gate[:, :t + 1])
         assert torch.allclose(det(x[:, :t + 1]).prob, full.prob[:, :t + 1], atol=ATOL)
+
+
+@pytest.mark.parametrize("context", [0, 1, 3, 7])
+def test_detector_step_by_step_equals_full(context):
+    """A rollout's detector, carrying only its last inputs and its convolutions' reach (``step``), after a context
+    run as one sequence (``return_state``) or from nothing, gives ``forward``'s logit and gate at every step."""
+    det = EventDetector(D, L1Config())
+    x = torch.randn(B, 20, D)
+    full = det(x)
+    state = det(x[:, :context], return_state=True)[1] if context else det.init_state(B)
+    for t in range(context, 20):
+        out, state = det.step(x[:, t], state)
+        assert torch.allclose(out.logit, full.logit[:, t], atol=ATOL) and torch.equal(out.gate, full.gate[:, t])
 
 
 def test_detector_gate_is_hard_and_threshold_learns():
@@ -138,17 +151,49 @@ def test_event_transformer_reads_only_event_steps():
     assert changed[0, 5:].all() and not changed[0, :5].any() and not changed[1].any()
 
 
-def test_event_transformer_forward_last_and_no_events():
-    l1 = EventTransformer(D, L1Config(layers=2))
+def _step_through(l1: EventTransformer, l2: GoalCompressor, x: torch.Tensor, g: torch.Tensor,
+                  alive: torch.Tensor | None, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1's and L2's outputs (B, T, ...) step by step, from an event memory of ``capacity`` entries."""
+    mem = EventMemory.empty(B, capacity, N, l1.proj_in.out_features, len(l1.blocks), l2.proj_in.out_features,
+                            alive is not None)
+    out1, out2 = [], []
+    for t in range(x.shape[1]):
+        time = torch.full((B,), t)
+        a = None if alive is None else alive[:, t]
+        y1, keys = l1.step(x[:, t], g[:, t], a, None, time, mem)
+        y2, token = l2.step(x[:, t].mean(1), g[:, t], time, mem)
+        mem = mem.push(keys, token, a, g[:, t], time)
+        out1.append(y1)
+        out2.append(y2)
+    return torch.stack(out1, 1), torch.stack(out2, 1)
+
+
+@pytest.mark.parametrize("cap", [0, 2])
+def test_event_transformer_and_goal_compressor_step_by_step_equal_forward(cap):
+    """A rollout's steps, reading only the most recent events kept in an ``EventMemory``, give what ``forward`` gives
+    over the whole sequence; with a cap on the events read (2 < sample 0's four events) too."""
+    l1 = EventTransformer(D, L1Config(layers=2, **({"max_events": cap} if cap else {})))
+    l2 = GoalCompressor(D, L2Config(layers=2, **({"max_events": cap} if cap else {})))
     x, g = torch.randn(B, T, N, D), _gate()
     alive = (torch.rand(B, T, N) > 0.2).float()
-    full = l1(x, g, alive)
-    for t in (0, 1, 6, T - 1):  # t = 1: sample 0 has no event yet
-        last = l1.forward_last(x[:, :t + 1], g[:, :t + 1], alive[:, :t + 1])
-        assert torch.allclose(last, full[:, t], atol=ATOL)
+    capacity = cap or T
+    step1, step2 = _step_through(l1, l2, x, g, alive, capacity)
+    assert torch.allclose(step1, l1(x, g, alive), atol=ATOL)
+    assert torch.allclose(step2, l2(x.mean(2), g), atol=ATOL)
+    if cap:  # the cap binds: reading every event gives something else
+        free = EventTransformer(D, L1Config(layers=2))
+        free.load_state_dict(l1.state_dict())
+        assert not torch.allclose(free(x, g, alive)[0, 11:], step1[0, 11:], atol=ATOL)
+
+
+def test_event_transformer_with_no_events():
+    l1 = EventTransformer(D, L1Config(layers=2))
+    x = torch.randn(B, T, N, D)
     none = l1(x, torch.zeros(B, T))
     assert torch.isfinite(none).all()
-    assert torch.isfinite(l1.forward_last(x[:, :1], torch.zeros(B, 1))).all()
+    l2 = GoalCompressor(D, L2Config())
+    one, _ = _step_through(l1, l2, x[:, :1], torch.zeros(B, 1), None, 4)
+    assert torch.isfinite(one).all() and torch.allclose(one, none[:, :1], atol=ATOL)
 
 
 def test_dead_objects_are_not_keys():
@@ -186,7 +231,6 @@ def test_goal_compressor_causal_forward_last_and_no_events():
         y[:, t + 1:] = torch.randn_like(y[:, t + 1:])
         h[:, t + 1:] = 1.0 - h[:, t + 1:]
         assert torch.allclose(l2(y, h)[:, :t + 1], full[:, :t + 1], atol=ATOL)
-        assert torch.allclose(l2.forward_last(x[:, :t + 1], g[:, :t + 1]), full[:, t], atol=ATOL)
     # sample 0 has no event before step 2: its summaries there are the same learned context
     assert torch.allclose(full[0, 0], full[0, 1], atol=ATOL)
     none = l2(x, torch.zeros(B, T))
@@ -277,4 +321,3 @@ def test_goal_compressor_pools_alive_objects():
     alive[:, :, 3] = 0.0
     pooled = x[:, :, [i for i in range(N) if i != 3]].mean(2)  # (B, T, D)
     assert torch.allclose(l2(x, g, alive=alive), l2(pooled, g), atol=ATOL)
-    assert torch.allclose(l2.forward_last(pooled, g), l2(x, g, alive=alive)[:, -1], atol=ATOL)

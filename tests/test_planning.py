@@ -193,6 +193,32 @@ def test_a_shared_context_runs_once_and_predicts_the_same(overrides):
     assert (full[1][0] - full[1][1]).abs().max() > 0  # the candidates' futures differ
 
 
+@pytest.mark.parametrize("overrides", [(), ("model.causal.enabled=true", "model.memory.enabled=true")])
+def test_the_cost_rolls_out_only_the_live_slots_and_scores_the_same(overrides):
+    """Slots dead on every context frame reach no other slot, so the cost leaves them out of its rollout: the
+    costs equal those of rolling out every slot."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny", overrides=["model.perception.image_size=32", "model.slots.num_slots=5", *overrides])
+    model = build_model(cfg.model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ctx = model.objects(torch.rand(1, 3, 3, 32, 32, generator=g))
+        goal_out = model.objects(torch.rand(1, 1, 3, 32, 32, generator=g))
+    ctx.alive[:, :, 2] = ctx.alive[:, :, 4] = False  # two slots dead throughout, one alive on one frame only
+    ctx.alive[:, :, 1:2] = torch.tensor([True, False, False])[None, :, None]
+    ctx.alive[:, :, [0, 3, 5]] = True
+    goal = SlotSet(goal_out.slots[0, 0], goal_out.positions[0, 0], torch.ones(6, dtype=torch.bool))
+    cost = WorldModelCost(model, ctx, torch.rand(2, 2, generator=g), goal, proprio_weight=0.0)
+    assert cost.slots.shape[1] == 4  # background, slots 1, 3 and 5
+    actions = torch.rand(6, 4, 2, generator=g)
+    with torch.no_grad():
+        steps = torch.cat([cost.past[None].expand(6, -1, -1), actions], 1)
+        every = model.predict_ahead(ctx.slots.expand(6, -1, -1, -1), ctx.positions.expand(6, -1, -1, -1),
+                                    ctx.alive.float().expand(6, -1, -1), 4, steps)
+        want = matched_slot_cost(every[0][:, -1], every[1][:, -1], ctx.alive[0, -1], goal)
+    torch.testing.assert_close(cost(actions), want, rtol=1e-4, atol=1e-5)
+
+
 # ---- the PushT loop --------------------------------------------------------------------------------
 
 def test_success_criterion_on_hand_made_states():

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from hclsm.config.model import ModelConfig
-from hclsm.nn.causal import CausalGraph, GraphOutput
-from hclsm.nn.events import EventDetector, EventOutput, EventTransformer
+from hclsm.nn.causal import CausalGraph, GraphOutput, GraphState
+from hclsm.nn.events import DetectorState, EventDetector, EventMemory, EventOutput, EventTransformer
 from hclsm.nn.gnn import RelationGNN
 from hclsm.nn.goals import GoalCompressor
 from hclsm.nn.memory import HopfieldMemory, MemoryState
@@ -73,18 +73,16 @@ class DynamicsOutput:
 
 @dataclass
 class DynamicsState:
-    """What ``step`` carries between steps: the SSM states and the history L1/L2 read."""
+    """What ``step`` carries between steps, O(1) in the history's length: the SSM states, the event detector's
+    recent inputs, the most recent event steps (``EventMemory``), the causal graph's evidence and the memory."""
 
     global_ssm: list[SSMState]
     object_ssm: list[SSMState]
     positions: torch.Tensor | None  # (B, K, 2) the previous step's positions (None before the first step)
-    h0: torch.Tensor  # (B, t, K, d) L0 object states so far
-    alive: torch.Tensor  # (B, t, K) their alive gates
-    pooled: torch.Tensor  # (B, t, d)
-    tokens: torch.Tensor  # (B, t, K, d) the input tokens so far (the causal graph's input)
-    adjacency: torch.Tensor | None  # (B, t, K, K) the causal graph so far
-    views: torch.Tensor | None  # (B, t, K, d) each object's view of its own and its parents' L0 states
-    noise: torch.Tensor | None  # (B, 1, K, K) the causal graph's sampling noise for this rollout (training)
+    detector: DetectorState  # the event detector's recent inputs (R rows: the batch, or batch x objects)
+    events: EventMemory  # the most recent event steps, what L1 and L2 read
+    t: int = 0  # steps run so far (the index of the next one)
+    graph: GraphState | None = None  # the causal graph's evidence so far (model.causal.enabled)
     memory: MemoryState | None = None  # the episodic memory of this rollout (model.memory.enabled)
 
 
@@ -166,37 +164,30 @@ class HierarchicalDynamics(nn.Module):
             x = x + self.action(action.to(x.dtype))[..., None, :]
         return x
 
+    def _levels(self, h0: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+        """The hierarchy: ``h = h0 + g1 * l1``, then ``h + g2 * l2``, with learned per-channel gates."""
+        h = h0 + torch.sigmoid(self.gate1(torch.cat([h0, l1], dim=-1))) * l1
+        l2 = l2.expand_as(h)
+        return h + torch.sigmoid(self.gate2(torch.cat([h, l2], dim=-1))) * l2
+
     def _upper(self, h0: torch.Tensor, alive: torch.Tensor, views: torch.Tensor, gate: torch.Tensor,
-               adjacency: torch.Tensor | None, last: bool) -> torch.Tensor:
-        """L1 and L2 on top of the L0 states (B, T, K, d): all steps, or only the newest (``last``).
+               adjacency: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """L1 and L2 on top of the L0 states (B, T, K, d) of every step, and L1's block inputs (per event stream).
 
         Without a graph ``views`` is the scene mean (B, T, d) and ``gate`` the scene's events (B, T). With one,
         ``views`` are the objects' views (B, T, K, d) and ``gate`` their own events (B, T, K): L1 runs once per
         object (its events, its row of the graph) and L2 on each object's view."""
         k = h0.shape[2]
         if adjacency is None:
-            if last:
-                l1 = self.l1.forward_last(h0, gate, alive)[:, None]  # (B, 1, K, d)
-                l2 = self.l2.to_slot(self.l2.forward_last(views, gate)[:, None])[:, :, None]  # (B, 1, 1, d)
-            else:
-                l1 = self.l1(h0, gate, alive)
-                l2 = self.l2.to_slot(self.l2(views, gate))[:, :, None]  # (B, T, 1, d)
+            l1, layers = self.l1(h0, gate, alive, return_layers=True)
+            l2 = self.l2.to_slot(self.l2(views, gate))[:, :, None]  # (B, T, 1, d)
         else:  # object i's pass reads every object's states, keeps its own output row
             own = fold(gate)  # (B * K, T)
             states, alive_r, adj_r = (x.repeat_interleave(k, 0) for x in (h0, alive, adjacency))
-            if last:
-                l1 = self.l1.forward_last(states, own, alive_r, adj_r)  # (B * K, K, d)
-                l1 = l1.unflatten(0, (-1, k)).diagonal(dim1=1, dim2=2).transpose(1, 2)[:, None]  # (B, 1, K, d)
-                l2 = unfold(self.l2.to_slot(self.l2.forward_last(fold(views), own))[:, None], k)  # (B, 1, K, d)
-            else:
-                l1 = self.l1(states, own, alive_r, adj_r)  # (B * K, T, K, d)
-                l1 = l1.unflatten(0, (-1, k)).diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)  # (B, T, K, d)
-                l2 = unfold(self.l2.to_slot(self.l2(fold(views), own)), k)  # (B, T, K, d)
-        if last:
-            h0 = h0[:, -1:]
-        h = h0 + torch.sigmoid(self.gate1(torch.cat([h0, l1], dim=-1))) * l1
-        l2 = l2.expand_as(h)
-        return h + torch.sigmoid(self.gate2(torch.cat([h, l2], dim=-1))) * l2
+            l1, layers = self.l1(states, own, alive_r, adj_r, return_layers=True)  # (B * K, T, K, d)
+            l1 = l1.unflatten(0, (-1, k)).diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)  # (B, T, K, d)
+            l2 = unfold(self.l2.to_slot(self.l2(fold(views), own)), k)  # (B, T, K, d)
+        return self._levels(h0, l1, l2), layers
 
     def _predict(self, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, velocity: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,66 +196,79 @@ class HierarchicalDynamics(nn.Module):
         return slots + delta[..., :d].to(slots.dtype), positions + velocity + delta[..., d:].to(positions.dtype)
 
     def forward(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
-                action: torch.Tensor | None = None) -> DynamicsOutput:
-        """slots (B, T, K, d), positions (B, T, K, 2), alive (B, T, K) float/bool, action (B, T, A)."""
+                action: torch.Tensor | None = None, return_state: bool = False):
+        """slots (B, T, K, d), positions (B, T, K, 2), alive (B, T, K) float/bool, action (B, T, A) -> the
+        predictions of every step. With ``return_state`` also the ``DynamicsState`` after the last step, from which
+        ``step`` continues exactly (a rollout's context run as one sequence instead of step by step)."""
         b, t, k, d = slots.shape
         alive = alive.to(slots.dtype)
         velocity = torch.cat([torch.zeros_like(positions[:, :1]), positions[:, 1:] - positions[:, :-1]], dim=1)
         x = self._tokens(slots, positions, velocity, action)  # (B, T, K, d)
-        graph = None if self.graph is None else self.graph(x, alive)
+        graph, graph_state = None, None
+        if self.graph is not None:
+            graph, graph_state = self.graph(x, alive, return_state=True)
         adjacency = None if graph is None else graph.adjacency  # (B, T, K, K)
-        if adjacency is None:
-            x = x + self.condition(self.global_ssm(masked_mean(x, alive)))[:, :, None]  # (B, T, d) track
-        else:
-            x = x + self.condition(unfold(self.global_ssm(fold(parent_views(x, alive, adjacency))), k))
-        h0 = unfold(self.object_ssm(fold(x)), k)
+        track = masked_mean(x, alive) if adjacency is None else fold(parent_views(x, alive, adjacency))
+        track, global_state = self.global_ssm(track, return_state=True)  # (B, T, d) or (B * K, T, d)
+        x = x + self.condition(track[:, :, None] if adjacency is None else unfold(track, k))
+        h0, object_state = self.object_ssm(fold(x), return_state=True)
+        h0 = unfold(h0, k)
         gate = None if adjacency is None else adjacency.flatten(0, 1)
         h0 = self.gnn(h0.flatten(0, 1), alive.flatten(0, 1), gate).reshape(b, t, k, d)
+        memory = None
         if self.memory is not None:  # each step reads what the steps before it wrote
-            h0 = self.memory(h0, alive, adjacency)
+            h0, memory = self.memory(h0, alive, adjacency, return_state=True)
         pooled = masked_mean(h0, alive)
         if adjacency is None:
-            events = self.detector(pooled)
-            h = self._upper(h0, alive, pooled, events.gate, None, last=False)
-            return DynamicsOutput(*self._predict(h, slots, positions, velocity), events, pooled)
-        views = parent_views(h0, alive, adjacency)  # (B, T, K, d)
-        own = self.detector(fold(views))  # (B * K, T)
-        h = self._upper(h0, alive, views, unfold(own.gate, k), adjacency, last=False)
-        return DynamicsOutput(*self._predict(h, slots, positions, velocity), scene_events(own, k), pooled, graph, own,
-                              fold(views))
+            summary = pooled  # the detector's (and L2's) input, one row per event stream
+            stream, detector = self.detector(pooled, return_state=True)
+            events = stream
+            h, layers = self._upper(h0, alive, pooled, events.gate, None)
+            out = DynamicsOutput(*self._predict(h, slots, positions, velocity), events, pooled)
+        else:
+            views = parent_views(h0, alive, adjacency)  # (B, T, K, d)
+            summary = fold(views)  # (B * K, T, d)
+            stream, detector = self.detector(summary, return_state=True)  # (B * K, T) each object's own events
+            h, layers = self._upper(h0, alive, views, unfold(stream.gate, k), adjacency)
+            out = DynamicsOutput(*self._predict(h, slots, positions, velocity), scene_events(stream, k), pooled, graph,
+                                 stream, summary)
+        if not return_state:
+            return out
+        rows_alive = alive if adjacency is None else alive.repeat_interleave(k, 0)
+        events = EventMemory.recent(stream.gate, self.event_capacity, layers, self.l2.proj_in(summary), rows_alive)
+        state = DynamicsState(global_state, object_state, positions[:, -1], detector, events, t, graph_state, memory)
+        return out, state
+
+    @property
+    def event_capacity(self) -> int:
+        """Event steps a rollout keeps: as many as L1 or L2 read."""
+        return max(self.l1.max_events, self.l2.max_events)
 
     def init_state(self, batch: int, num_slots: int, device: torch.device | None = None,
                    dtype: torch.dtype = torch.float32) -> DynamicsState:
-        d = self.in_proj.out_features
-        tracks = batch if self.graph is None else batch * num_slots  # the global track runs per object with a graph
-        causal = None if self.graph is None else torch.zeros(batch, 0, num_slots, num_slots, device=device, dtype=dtype)
-        views = None if self.graph is None else torch.zeros(batch, 0, num_slots, d, device=device, dtype=dtype)
-        noise = self.graph.noise(batch, num_slots, device) if self.graph is not None and self.training else None
-        memory = None if self.memory is None else self.memory.init_state(batch, device, dtype)
-        return DynamicsState(self.global_ssm.init_state(tracks, device, dtype),
-                             self.object_ssm.init_state(batch * num_slots, device, dtype), None,
-                             torch.zeros(batch, 0, num_slots, d, device=device, dtype=dtype),
-                             torch.zeros(batch, 0, num_slots, device=device, dtype=dtype),
-                             torch.zeros(batch, 0, d, device=device, dtype=dtype),
-                             torch.zeros(batch, 0, num_slots, d, device=device, dtype=dtype), causal, views, noise,
-                             memory)
+        d, k = self.in_proj.out_features, num_slots
+        rows = batch if self.graph is None else batch * k  # event streams (and global tracks): per object with a graph
+        return DynamicsState(self.global_ssm.init_state(rows, device, dtype),
+                             self.object_ssm.init_state(batch * k, device, dtype), None,
+                             self.detector.init_state(rows, device, dtype),
+                             EventMemory.empty(rows, self.event_capacity, k, self.l1.proj_in.out_features,
+                                               len(self.l1.blocks), self.l2.proj_in.out_features, True, device, dtype),
+                             0, None if self.graph is None else self.graph.init_state(batch, k, d, device, dtype),
+                             None if self.memory is None else self.memory.init_state(batch, device, dtype))
 
     def step(self, slots: torch.Tensor, positions: torch.Tensor, alive: torch.Tensor,
              action: torch.Tensor | None, state: DynamicsState
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicsState]:
-        """One step: slots (B, K, d), positions (B, K, 2), alive (B, K), action (B, A) ->
-        (next slots, next positions, the scene's event gate (B,), new state)."""
+        """One step: slots (B, K, d), positions (B, K, 2), alive (B, K), action (B, A) -> (next slots, next
+        positions, the scene's event gate (B,), new state). Its cost does not depend on how many steps came before:
+        the state holds the detector's last inputs, the last ``event_capacity`` events and running sums."""
         b, k, d = slots.shape
         alive = alive.to(slots.dtype)
         velocity = torch.zeros_like(positions) if state.positions is None else positions - state.positions
         x = self._tokens(slots, positions, velocity, action)  # (B, K, d)
-        hist_x = torch.cat([state.tokens, x[:, None]], dim=1)
-        hist_alive = torch.cat([state.alive, alive[:, None]], dim=1)
-        adjacency, hist_adj, hist_views = None, None, None
-        if self.graph is not None:  # the graph's evidence is a running mean: recomputed over the history
-            # (a rollout samples its graph, in training, with one noise draw at the current temperature)
-            adjacency = self.graph(hist_x, hist_alive, noise=state.noise).adjacency[:, -1]  # (B, K, K)
-            hist_adj = torch.cat([state.adjacency, adjacency[:, None]], dim=1)
+        adjacency, graph_state = None, None
+        if self.graph is not None:  # the graph's evidence is a running sum (one noise draw per rollout in training)
+            adjacency, graph_state = self.graph.step(x, alive, state.graph)  # (B, K, K)
             g, gs = self.global_ssm.step(parent_views(x, alive, adjacency).reshape(b * k, d), state.global_ssm)
             x = x + self.condition(g).reshape(b, k, d)
         else:
@@ -275,17 +279,24 @@ class HierarchicalDynamics(nn.Module):
         memory = state.memory
         if self.memory is not None:
             h0, memory = self.memory.step(h0, alive, memory, adjacency)
-        hist_h0 = torch.cat([state.h0, h0[:, None]], dim=1)
-        hist_pooled = torch.cat([state.pooled, masked_mean(h0, alive)[:, None]], dim=1)
         if adjacency is None:
-            events = self.detector(hist_pooled)
-            h = self._upper(hist_h0, hist_alive, hist_pooled, events.gate, None, last=True)[:, 0]
-        else:
-            hist_views = torch.cat([state.views, parent_views(h0, alive, adjacency)[:, None]], dim=1)
-            own = self.detector(fold(hist_views))  # (B * K, t)
-            events = scene_events(own, k)
-            h = self._upper(hist_h0, hist_alive, hist_views, unfold(own.gate, k), hist_adj, last=True)[:, 0]
+            summary, states, rows_alive, graph = masked_mean(h0, alive), h0, alive, None  # (B, d) ...
+        else:  # one row per object: its view, every object's states, the whole graph
+            summary = parent_views(h0, alive, adjacency).reshape(b * k, d)
+            states, rows_alive, graph = (x.repeat_interleave(k, 0) for x in (h0, alive, adjacency))
+        stream, detector = self.detector.step(summary, state.detector)
+        gate = stream.gate  # (R,) this step's event gate
+        time = torch.full((summary.shape[0],), state.t, dtype=torch.long, device=summary.device)
+        l1, l1_keys = self.l1.step(states, gate, rows_alive, graph, time, state.events)  # (R, K, d)
+        l2, l2_key = self.l2.step(summary, gate, time, state.events)  # (R, n_summary, d2)
+        l2 = self.l2.to_slot(l2)  # (R, d)
+        events = state.events.push(l1_keys, l2_key, rows_alive, gate, time)
+        if adjacency is None:
+            scene_gate, l2 = gate, l2[:, None]
+        else:  # object i keeps its own row of its own pass
+            scene_gate = gate.unflatten(0, (b, k)).amax(1)
+            l1, l2 = l1.unflatten(0, (b, k)).diagonal(dim1=1, dim2=2).transpose(1, 2), l2.reshape(b, k, d)
+        h = self._levels(h0, l1, l2)
         next_slots, next_pos = self._predict(h, slots, positions, velocity)
-        new_state = DynamicsState(gs, os_, positions, hist_h0, hist_alive, hist_pooled, hist_x, hist_adj, hist_views,
-                                  state.noise, memory)
-        return next_slots, next_pos, events.gate[:, -1], new_state
+        new_state = DynamicsState(gs, os_, positions, detector, events, state.t + 1, graph_state, memory)
+        return next_slots, next_pos, scene_gate, new_state

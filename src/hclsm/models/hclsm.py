@@ -49,7 +49,9 @@ from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics, fold, ti
 from hclsm.models.interventions import Intervention, apply_to_state
 from hclsm.models.objects import ObjectDecomposer, ObjectOutput
 from hclsm.nn.chunks import map_chunks
+from hclsm.nn.events import gather_steps
 from hclsm.nn.matching import permute, sinkhorn_match
+from hclsm.utils.profiling import scope
 
 POSITION_MATCH_WEIGHT = 2.0  # weight of the position in the cost that aligns target slots to online slots
 DECODE_CHUNK = 32  # frames per decoder pass in the decoded-prediction losses (see decoded_mse)
@@ -72,6 +74,11 @@ class Rollout:
     frames: torch.Tensor  # (B, H, C, R, R) decoded predictions
     events: torch.Tensor  # (B, C + H - 1) event gate of every step the dynamics ran
     context: ObjectOutput  # the object decomposition of the context frames
+
+
+def pick_steps(x: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, ...) at the steps ``pick`` (B, n) of each sequence (all T when None), flattened to (B * n, ...)."""
+    return (x if pick is None else gather_steps(x, pick)).flatten(0, 1)
 
 
 def align_targets(online: ObjectOutput, target: ObjectOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +118,13 @@ class HCLSM(nn.Module):
             t.lerp_(o.detach(), 1 - tau)
 
     @torch.no_grad()
+    def prepare(self, clips) -> None:
+        """Before training, from the training clips: the object layers' data-set statistics (the static scene),
+        for the EMA target too."""
+        self.objects.prepare(clips)
+        self.target_objects.prepare(clips)
+
+    @torch.no_grad()
     def after_step(self, losses: Mapping[str, float]) -> None:
         """Called by the training step after each optimizer update with that step's losses (averaged over
         ranks): the causal graph counts its training steps and updates its augmented Lagrangian from its h(A)
@@ -121,7 +135,8 @@ class HCLSM(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0, stage: int = 1) -> HCLSMOutput:
         video = batch[keys.VIDEO]
         out = self.objects(video, progress)
-        losses = self.objects.losses(out, progress)
+        with scope("loss/objects"):
+            losses = self.objects.losses(out, progress)
         if stage == 1:
             return HCLSMOutput(objects=out, losses=losses)
         action = batch.get(keys.ACTION) if self.cfg.d_action > 0 else None
@@ -129,15 +144,17 @@ class HCLSM(nn.Module):
             action = video.new_zeros(*video.shape[:2], self.cfg.d_action)
         dyn = self.dynamics(out.slots, out.positions, out.gate, action)
         self.target_objects.eval()  # deterministic targets: no sampled gates, no query noise
-        with torch.no_grad():
-            tgt_slots, tgt_alive = align_targets(out, self.target_objects(video))
+        with torch.no_grad(), scope("loss/jepa_targets"):
+            tgt_slots, tgt_alive = align_targets(out, self.target_objects(video, rules=False))
         losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
         if dyn.graph is not None and self.dynamics.graph is not None:
-            losses.update(self.dynamics.graph.losses(dyn.graph, out.gate))
+            with scope("loss/causal"):
+                losses.update(self.dynamics.graph.losses(dyn.graph, out.gate))
         context = self.cfg.dynamics.rollout_context
         horizon = min(self.cfg.dynamics.rollout_horizon, video.shape[1] - context)
         if context > 0 and horizon >= 2:  # at least two steps that read a prediction
-            losses["rollout"] = self.open_loop_loss(out, action, context, horizon)
+            with scope("loss/rollout"):
+                losses["rollout"] = self.open_loop_loss(out, action, context, horizon)
         return HCLSMOutput(objects=out, dynamics=dyn, losses=losses)
 
     def prediction_losses(self, out: ObjectOutput, dyn: DynamicsOutput, tgt_slots: torch.Tensor,
@@ -156,18 +173,21 @@ class HCLSM(nn.Module):
         pos_err = (dyn.positions[:, :-1].float() - out.positions[:, 1:].detach().float()).pow(2).mean(-1)
         jepa = (slot_err * w_jepa).sum() / w_jepa.sum().clamp_min(1.0)
         obj = (pos_err * w).sum() / w.sum().clamp_min(1.0)
-        frame = self.decoded_mse(dyn.slots[:, :-1].flatten(0, 1), dyn.positions[:, :-1].flatten(0, 1),
-                                 out.gate[:, 1:].flatten(0, 1), out.target[:, 1:].flatten(0, 1))
+        pick = self.decoded_steps(*w.shape[:2], w.device)  # (B, n) the transitions whose prediction is decoded
+        with scope("loss/frame"):
+            frame = self.decoded_mse(*(pick_steps(x, pick) for x in (dyn.slots[:, :-1], dyn.positions[:, :-1],
+                                                                     out.gate[:, 1:], out.target[:, 1:])))
         # surprise of step t: how badly step t was predicted from t - 1 (none for the first step); per object
         # when each object has its own events (with the causal graph)
         per_object = ((slot_err + pos_err) * w).detach()  # (B, T-1, K)
-        if dyn.object_events is None:
-            per_step = per_object.sum(-1) / w.sum(-1).clamp_min(1.0)  # (B, T-1)
-            surprise = torch.cat([per_step.new_zeros(per_step.shape[0], 1), per_step], dim=1)
-            event_terms = self.dynamics.detector.losses(dyn.events, dyn.pooled, surprise)
-        else:
-            surprise = torch.cat([torch.zeros_like(per_object[:, :1]), per_object], dim=1)  # (B, T, K)
-            event_terms = self.dynamics.detector.losses(dyn.object_events, dyn.views, fold(surprise))
+        with scope("loss/event"):
+            if dyn.object_events is None:
+                per_step = per_object.sum(-1) / w.sum(-1).clamp_min(1.0)  # (B, T-1)
+                surprise = torch.cat([per_step.new_zeros(per_step.shape[0], 1), per_step], dim=1)
+                event_terms = self.dynamics.detector.losses(dyn.events, dyn.pooled, surprise)
+            else:
+                surprise = torch.cat([torch.zeros_like(per_object[:, :1]), per_object], dim=1)  # (B, T, K)
+                event_terms = self.dynamics.detector.losses(dyn.object_events, dyn.views, fold(surprise))
         return {"jepa": jepa, "obj": obj, "frame": frame, "event": sum(event_terms.values())}
 
     def open_loop_loss(self, out: ObjectOutput, action: torch.Tensor | None, context: int, horizon: int
@@ -182,9 +202,21 @@ class HCLSM(nn.Module):
         gate = out.gate.detach()
         slots, pos, _ = self.predict_ahead(out.slots[:, :context].detach(), out.positions[:, :context].detach(),
                                            gate[:, :context], horizon, action)
-        alive = gate[:, context - 1].repeat_interleave(horizon, 0)  # the rollout keeps the last given gate
-        return self.decoded_mse(slots.flatten(0, 1), pos.flatten(0, 1), alive,
-                                out.target[:, context:context + horizon].flatten(0, 1))
+        alive = gate[:, context - 1:context].expand(-1, horizon, -1)  # the rollout keeps the last given gate
+        pick = self.decoded_steps(slots.shape[0], horizon, slots.device)  # (B, n) the predicted frames decoded
+        return self.decoded_mse(*(pick_steps(x, pick) for x in (slots, pos, alive,
+                                                                 out.target[:, context:context + horizon])))
+
+    def decoded_steps(self, batch: int, steps: int, device: torch.device) -> torch.Tensor | None:
+        """(B, n) random steps of each sequence whose predicted frame a decoded loss scores
+        (``model.dynamics.decoded_frames`` of the ``steps``, drawn anew every call), or None for all of them.
+
+        Decoding is the expensive part of the ``frame`` and ``rollout`` terms; a random subset of the steps
+        is an unbiased estimate of their mean at a fraction of the cost."""
+        n = self.cfg.dynamics.decoded_frames
+        if n == 0 or n >= steps:
+            return None
+        return torch.rand(batch, steps, device=device).argsort(dim=1)[:, :n]
 
     def decoded_mse(self, slots: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor, target: torch.Tensor
                     ) -> torch.Tensor:
@@ -216,25 +248,24 @@ class HCLSM(nn.Module):
         if action is not None and action.shape[1] < n:
             raise ValueError(f"a rollout needs actions for {n} steps (context {c} + horizon {horizon} - 1), got "
                              f"{action.shape[1]}")
-        prefix = c - 1 if shared_context and b > 1 else 0  # steps run once on the first sequence
-        state = self.dynamics.init_state(1 if prefix else b, k, slots.device, slots.dtype)
-        s, p, g, events, pred_slots, pred_pos = None, None, None, [], [], []
-        for t in range(prefix):
-            _, _, ev, state = self.dynamics.step(slots[:1, t], positions[:1, t], gate[:1, t],
-                                                 None if action is None else action[:1, t], state)
-            events.append(ev.expand(b))
+        # the first c - 1 context steps run as one sequence (on the first sequence alone when it is shared), and the
+        # dynamics continues step by step from the state they leave
+        prefix, src = c - 1, slice(0, 1 if shared_context and b > 1 else b)
         if prefix:
-            state = tile_batch(state, b)
+            out, state = self.dynamics(slots[src, :prefix], positions[src, :prefix], gate[src, :prefix],
+                                       None if action is None else action[src, :prefix], return_state=True)
+            events = list(out.events.gate.expand(b, -1).unbind(1))
+            state = tile_batch(state, b) if src.stop == 1 and b > 1 else state
+        else:
+            state, events = self.dynamics.init_state(b, k, slots.device, slots.dtype), []
+        s, p, g, pred_slots, pred_pos = slots[:, -1], positions[:, -1], gate[:, -1], [], []
+        if intervention is not None:
+            s, p, g, state = apply_to_state(intervention, s, p, g, state)
         for t in range(prefix, n):
-            if t < c:
-                s, p, g = slots[:, t], positions[:, t], gate[:, t]
-                if t == c - 1 and intervention is not None:
-                    s, p, g, state = apply_to_state(intervention, s, p, g, state)
             s, p, ev, state = self.dynamics.step(s, p, g, None if action is None else action[:, t], state)
             events.append(ev)
-            if t >= c - 1:
-                pred_slots.append(s)
-                pred_pos.append(p)
+            pred_slots.append(s)
+            pred_pos.append(p)
         return torch.stack(pred_slots, 1), torch.stack(pred_pos, 1), torch.stack(events, 1)
 
     @torch.no_grad()

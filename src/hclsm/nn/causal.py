@@ -49,6 +49,18 @@ from hclsm.config.model import CausalConfig
 
 
 @dataclass
+class GraphState:
+    """What a rollout's graph carries from step to step: the previous step's object tokens (B, K, d), the
+    evidence so far ``sum_s score(e_ij(s)) * pair_ij(s)`` and ``sum_s pair_ij(s)`` (B, K, K), and the clip's
+    sampling noise (B, 1, K, K) in training (None in evaluation). O(1) in the history's length."""
+
+    tokens: torch.Tensor
+    evidence: torch.Tensor
+    pairs: torch.Tensor
+    noise: torch.Tensor | None
+
+
+@dataclass
 class GraphOutput:
     """The graph of every step: ``adjacency`` (B, T, K, K) 0/1 in value (straight-through gradient in
     training), ``prob`` the edge probabilities sigmoid(logit) (B, T, K, K), both [receiver, sender] and
@@ -108,28 +120,58 @@ class CausalGraph(nn.Module):
         u = torch.rand(batch, 1, k, k, device=device).clamp(1e-6, 1 - 1e-6)
         return torch.log(u) - torch.log1p(-u)
 
-    def forward(self, x: torch.Tensor, alive: torch.Tensor, noise: torch.Tensor | None = None) -> GraphOutput:
-        """x (B, T, K, d) object tokens, alive (B, T, K) -> the graph of every step (reads steps <= t). In
-        training the edges are sampled with ``noise`` (``self.noise``; drawn when not given)."""
-        b, t, k, _ = x.shape
-        dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
+    def _evidence(self, x: torch.Tensor, dx: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step pair scores and pair masks (B, T, K, K) of tokens x, their changes dx (B, T, K, d), alive."""
+        k = x.shape[2]
         a = F.gelu(self.inp(torch.cat([x, dx], dim=-1)))  # (B, T, K, e)
         e = self.recv(a)[:, :, :, None] + self.send(a)[:, :, None] + self.prod(a[:, :, :, None] * a[:, :, None])
         if self.geo is not None:
             e = e + self.geo(pair_geometry(x, dx, self.position_dims))
-        e = F.gelu(e)
-        score = self.score(e).squeeze(-1).float()  # (B, T, K, K)
+        score = self.score(F.gelu(e)).squeeze(-1).float()  # (B, T, K, K)
         alive = alive.float()
         pair = alive[..., :, None] * alive[..., None, :] * (1.0 - torch.eye(k, device=x.device))  # (B, T, K, K)
-        logits = (score * pair).cumsum(1) / pair.cumsum(1).clamp_min(1.0)  # mean evidence over steps <= t
+        return score * pair, pair
+
+    def _sample(self, logits: torch.Tensor, pair: torch.Tensor, noise: torch.Tensor | None) -> GraphOutput:
         prob = torch.sigmoid(logits) * pair
         if self.training:
-            noise = self.noise(b, k, x.device) if noise is None else noise
             soft = torch.sigmoid((logits + noise) / self.temperature())
             adjacency = ((soft > 0.5).float() + (soft - soft.detach())) * pair  # exactly 0/1 in value
         else:
             adjacency = (logits > 0).float() * pair
         return GraphOutput(adjacency, prob, logits)
+
+    def forward(self, x: torch.Tensor, alive: torch.Tensor, noise: torch.Tensor | None = None,
+                return_state: bool = False):
+        """x (B, T, K, d) object tokens, alive (B, T, K) -> the graph of every step (reads steps <= t). In
+        training the edges are sampled with ``noise`` (``self.noise``; drawn when not given). With
+        ``return_state`` also the ``GraphState`` that ``step`` continues from."""
+        b, t, k, _ = x.shape
+        dx = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
+        scored, pair = self._evidence(x, dx, alive)
+        evidence, pairs = scored.cumsum(1), pair.cumsum(1)
+        if self.training and noise is None:
+            noise = self.noise(b, k, x.device)
+        out = self._sample(evidence / pairs.clamp_min(1.0), pair, noise)  # mean evidence over steps <= t
+        if not return_state:
+            return out
+        return out, GraphState(x[:, -1], evidence[:, -1], pairs[:, -1], noise)
+
+    def init_state(self, batch: int, k: int, d: int, device: torch.device | None = None,
+                   dtype: torch.dtype = torch.float32) -> GraphState:
+        zeros = torch.zeros(batch, k, k, device=device)
+        return GraphState(torch.zeros(batch, 0, d, device=device, dtype=dtype), zeros, zeros,
+                          self.noise(batch, k, device) if self.training else None)
+
+    def step(self, x: torch.Tensor, alive: torch.Tensor, state: GraphState) -> tuple[torch.Tensor, GraphState]:
+        """One step of tokens x (B, K, d), alive (B, K) -> the step's adjacency (B, K, K) (== ``forward``'s at that
+        step) and the new state."""
+        dx = x - state.tokens if state.tokens.shape[1] else torch.zeros_like(x)
+        scored, pair = self._evidence(x[:, None], dx[:, None], alive[:, None])
+        evidence, pairs = state.evidence + scored[:, 0], state.pairs + pair[:, 0]
+        out = self._sample(evidence / pairs.clamp_min(1.0), pair[:, 0], None if state.noise is None
+                           else state.noise[:, 0])
+        return out.adjacency, GraphState(x, evidence, pairs, state.noise)
 
     def ramp(self) -> float:
         """Weight of the sparsity and acyclicity terms now: 0 for the first ``penalty_start`` graph training

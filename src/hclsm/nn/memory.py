@@ -164,15 +164,17 @@ class HopfieldMemory(nn.Module):
             used = (best & (alive[..., None] > 0.5)).any(1)  # (B, n)
         return h + r, self.write(h, alive, state, used)
 
-    def forward(self, h: torch.Tensor, alive: torch.Tensor, adjacency: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, alive: torch.Tensor, adjacency: torch.Tensor | None = None,
+                return_state: bool = False):
         """A whole sequence: h (B, T, K, d), alive (B, T, K), adjacency (B, T, K, K) or None -> h plus, at every
-        step, what it read from the earlier steps (exactly ``step`` run T times)."""
+        step, what it read from the earlier steps (exactly ``step`` run T times); with ``return_state`` also the
+        memory after the last step."""
         state = self.init_state(h.shape[0], h.device, h.dtype)
         out = []
         for t in range(h.shape[1]):
             y, state = self.step(h[:, t], alive[:, t], state, None if adjacency is None else adjacency[:, t])
             out.append(y)
-        return torch.stack(out, 1)
+        return (torch.stack(out, 1), state) if return_state else torch.stack(out, 1)
 
     @torch.no_grad()
     def recall(self, query: torch.Tensor, state: MemoryState, beta: float | None = None

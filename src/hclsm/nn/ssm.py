@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hclsm.nn.scan import selective_scan
+from hclsm.nn.scan import LOG2E, selective_scan
 
 SSMState = tuple[torch.Tensor, torch.Tensor]  # (conv inputs (B, d_inner, d_conv - 1), scan state (B, d_inner, d_state))
 
@@ -56,14 +56,17 @@ class SelectiveSSM(nn.Module):
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.softplus(self.dt_proj(dt).float()), b, c
 
-    def forward(self, seq: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """(B, L, d_model) -> (B, L, d_model); output t reads inputs <= t only."""
+    def forward(self, seq: torch.Tensor, backend: str = "auto", return_state: bool = False):
+        """(B, L, d_model) -> (B, L, d_model); output t reads inputs <= t only. With ``return_state`` also the
+        state after the last step (what ``step`` continues from: a rollout's context run as one sequence)."""
         x, z = self.in_proj(self.norm(seq)).chunk(2, dim=-1)
-        x = F.silu(self.conv(F.pad(x.transpose(1, 2), (self.d_conv - 1, 0))).transpose(1, 2))
+        padded = F.pad(x.transpose(1, 2), (self.d_conv - 1, 0))  # (B, d_inner, d_conv - 1 + L)
+        x = F.silu(self.conv(padded).transpose(1, 2))
         delta, b, c = self._ssm_inputs(x)
-        y = selective_scan(x, delta, self.A, b, c, backend=backend)
+        y, h = selective_scan(x, delta, self.A, b, c, return_state=True, backend=backend)
         y = y + self.D.to(y.dtype) * x
-        return seq + self.out_proj((y * F.silu(z)).to(seq.dtype))
+        out = seq + self.out_proj((y * F.silu(z)).to(seq.dtype))
+        return (out, (padded[..., padded.shape[-1] - self.d_conv + 1:], h)) if return_state else out
 
     def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
                    ) -> SSMState:
@@ -75,10 +78,13 @@ class SelectiveSSM(nn.Module):
         conv_in, h = state
         x, z = self.in_proj(self.norm(x_t)).chunk(2, dim=-1)
         window = torch.cat([conv_in.to(x.dtype), x[:, :, None]], dim=-1)  # (B, d_inner, d_conv)
-        x = F.silu(self.conv(window)[..., 0])
+        # the depthwise conv's one output step as a weighted sum: a conv call costs more than its d_conv products
+        x = F.silu((window * self.conv.weight[:, 0].to(x.dtype)).sum(-1) + self.conv.bias.to(x.dtype))
         delta, b, c = self._ssm_inputs(x)
-        h = torch.exp(delta[..., None] * self.A) * h + (delta * x.float())[..., None] * b.float()[:, None, :]
-        y = torch.einsum("bdn,bn->bd", h, c.float()).to(x.dtype) + self.D.to(x.dtype) * x
+        # exp2 and one fused multiply-add over the (B, d_inner, d_state) state (as the scan does): ~3x fewer passes
+        decay = torch.exp2(delta[..., None] * (self.A * LOG2E))
+        h = torch.addcmul((delta * x.float())[..., None] * b.float()[:, None, :], decay, h)
+        y = (h @ c.float()[..., None])[..., 0].to(x.dtype) + self.D.to(x.dtype) * x
         return x_t + self.out_proj((y * F.silu(z)).to(x_t.dtype)), (window[..., 1:], h)
 
 
@@ -90,10 +96,13 @@ class SSMStack(nn.Module):
         self.blocks = nn.ModuleList(SelectiveSSM(d_model, d_state, d_conv, expand) for _ in range(blocks))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, return_state: bool = False):
+        """(B, L, d_model) -> (B, L, d_model); with ``return_state`` also every block's state after the last step."""
+        states = []
         for block in self.blocks:
-            seq = block(seq)
-        return self.norm(seq)
+            seq, s = block(seq, return_state=True)
+            states.append(s)
+        return (self.norm(seq), states) if return_state else self.norm(seq)
 
     def init_state(self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
                    ) -> list[SSMState]:
