@@ -1,6 +1,6 @@
 """``hclsm demo``: data -> HCLSM stages 1 and 2 -> held-out evaluation -> report, at smoke size (seconds).
 
-The full-size demo (6 training minutes) is never run here; these runs use 3 short PushT episodes, a
+The full-size demo is never run here; these runs use 3 short PushT episodes, a
 small model and a few training steps, and check the report's structure, not its quality.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hclsm.config import load_config
 from helpers import SMALL, assert_user_error, run
 from test_causal import CAUSAL
 
-TINY_RUN = ["--minutes", "1", "--quiet", "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=20",
+TINY_RUN = ["--steps", "3", "3", "--quiet", "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=20",
             "--set", "train.steps=3", "--set", "train.warmup_steps=0", "--set", "train.batch_size=2",
             *[f"--{o}" for o in SMALL]]
 PICTURES = {"pusht_frames_and_masks.png", "slots_clip1.png", "slots_clip2.png", "segmentation.png",
@@ -90,7 +90,7 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
     assert m["dynamics"] == {"clips": 1, "of_clips": 1, "clip_length": 16, "context": 6, "horizon": 10}
     assert "skipped" in m["planning"] and m["seconds"]["planning"] >= 0  # 20-frame episodes: no 25-step goal
     assert m["indicators"]["jepa"] == [0.008, 0.01] and m["indicators"]["events_per_16_frames"] == [2, 3]
-    assert m["train"]["steps"] == m["train"]["stage2"]["steps"] == 3 and m["train"]["minutes_budget"] == 1.0
+    assert m["train"]["steps"] == m["train"]["stage2"]["steps"] == 3 and m["train"]["planned_steps"] == [3, 3]
     assert (m["train"]["clip_length"], m["train"]["stage2"]["clip_length"]) == (4, 8)
     assert {"sbd", "diversity"} <= set(m["train"]["final_losses"])
     assert {"sbd", "jepa", "obj", "event"} <= set(m["train"]["stage2"]["final_losses"])
@@ -111,7 +111,7 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
         stage_cfg = load_config(yaml_path=stage_dir / "config.yaml")
         assert (stage_cfg.train.stage, stage_cfg.data.clip.length) == ((1, 4) if stage == 1 else (2, 8))
     cfg = load_config(yaml_path=run_dir / "config.yaml")
-    assert (cfg.train.stage, cfg.train.stage1_fraction, cfg.train.max_minutes) == (1, 0.4, 1.0)
+    assert (cfg.train.stage, cfg.train.max_minutes) == (1, 0.0)
     assert (cfg.data.pusht.episodes, cfg.data.pusht.max_steps, cfg.data.clip.length) == (3, 20, 8)
     assert (run_dir / "data/pusht/meta/info.json").is_file()
 
@@ -127,7 +127,7 @@ def test_a_failing_demo_leaves_the_earlier_run_and_nothing_else(capsys, tmp_path
     monkeypatch.setattr(demo, "train_two_stages", broken_train)
     with pytest.raises(RuntimeError, match="blew up"):
         demo.run_demo(load_config("tiny", overrides=["data.pusht.episodes=2", "data.pusht.max_steps=10", *SMALL]),
-                      name="d", out_root=root, progress=False, minutes=0.01)
+                      name="d", out_root=root, progress=False, steps=(1, 1))
     assert (root / "d" / "report.md").read_text() == "an earlier run"
     assert sorted(p.name for p in root.iterdir()) == ["d"]
 
@@ -153,16 +153,13 @@ def test_demo_name_dot_does_not_replace_runs_root(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--name", "a/b"], "--name"),
-    (["--minutes", "0"], "--minutes"),
-    (["--minutes", "-2"], "--minutes"),
-    (["--minutes", "nan"], "--minutes"),
+    (["--steps", "0", "5"], "--steps"),
+    (["--steps", "5", "-2"], "--steps"),
     (["--set", "data.pusht.episodes=1"], "data.pusht.episodes"),
     (["--set", "train.val_fraction=0"], "train.val_fraction"),
-    (["--set", "train.stage1_fraction=1"], "train.stage1_fraction"),
     (["--set", "data.clip.length=1"], "data.clip.length"),
     (["--set", "model.name=flat_ssm"], "model.name"),
-], ids=["name-path", "minutes-0", "minutes-negative", "minutes-nan", "one-episode", "no-held-out", "no-stage-2",
-        "one-frame-clips", "not-hclsm"])
+], ids=["name-path", "steps-0", "steps-negative", "one-episode", "no-held-out", "one-frame-clips", "not-hclsm"])
 def test_demo_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv, needle):
     code, stdout, err = run(capsys, "demo", "--out", tmp_path / "runs", "--quiet", *argv)
     assert_user_error(code, err, needle)
@@ -178,21 +175,19 @@ def test_console_script_demo_bad_name(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_demo_help_lists_minutes(capsys):
+def test_demo_help_lists_steps(capsys):
     code, out, _ = run(capsys, "demo", "--help")
     assert code == 0
-    for word in ("--minutes", "--name", "--out", "--quiet", "--set"):
+    for word in ("--steps", "--name", "--out", "--quiet", "--set"):
         assert word in out
 
 
-def test_demo_minutes_default_config_and_flag():
-    cfg = load_config("tiny")
-    assert demo.demo_minutes(cfg) == demo.DEFAULT_MINUTES
-    assert demo.demo_minutes(load_config("tiny", overrides=["train.max_minutes=2.5"])) == 2.5
-    assert demo.demo_minutes(cfg, 0.5) == 0.5
-    d = demo.demo_config(cfg, 0.5)
-    assert (d.train.stage, d.train.stage1_fraction, d.train.max_minutes, d.data.clip.length) == (1, 0.4, 0.5, 8)
-    assert cfg.train.max_minutes == 0.0  # the caller's config is not changed
+def test_demo_steps_default_config_and_flag():
+    cfg = load_config("tiny", overrides=["train.stage=2"])
+    assert demo.demo_steps() == demo.DEFAULT_STEPS and demo.demo_steps((7, 2)) == (7, 2)
+    d = demo.demo_config(cfg)
+    assert (d.train.stage, d.train.max_minutes, d.data.clip.length) == (1, 0.0, 8)
+    assert cfg.train.stage == 2  # the caller's config is not changed
     assert [demo_eval.rollout_split(n) for n in (16, 8, 3, 2)] == [(6, 10), (4, 4), (1, 2), (1, 1)]
 
 

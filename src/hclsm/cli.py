@@ -91,7 +91,8 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from hclsm.demo import run_demo
 
     cfg = _config(args, extra)
-    report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet, minutes=args.minutes)
+    report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet,
+                      steps=None if args.steps is None else tuple(args.steps))
     print(f"report: {report}")
     m = json.loads((report.parent / "metrics.json").read_text())
     t, v = m["train"], m["trained"]
@@ -297,13 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="the main job: data -> model -> report, on CPU",
                        description="The main job: PushT data from the simulator, HCLSM stage 1 (objects) then stage 2 "
-                                   "(dynamics) in one time budget, evaluation on held-out episodes (objects, "
-                                   "rollouts, events), OUT/NAME/report.md with pictures.")
+                                   "(dynamics), counted in steps, evaluation on held-out episodes (objects, "
+                                   "rollouts, events), planning, OUT/NAME/report.md with pictures.")
     m.add_argument("--name", default="demo", help="run name (report in OUT/NAME/report.md)")
     m.add_argument("--out", default="runs", help="root directory of runs (default runs)")
-    m.add_argument("--minutes", type=float, default=None,
-                   help="training budget in minutes (default: train.max_minutes when set, else 6); data "
-                        "generation and evaluation come on top")
+    m.add_argument("--steps", type=int, nargs=2, default=None, metavar=("S1", "S2"),
+                   help="training steps of stage 1 and stage 2 (default: 300 100)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_args(m)
     m.set_defaults(func=_cmd_demo)

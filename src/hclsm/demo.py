@@ -2,13 +2,12 @@
 
 1. **Data.** PushT episodes from the real gym-pusht simulator (``cfg.data.pusht``), written as a
    LeRobot v3 dataset in ``data/pusht/``, with a picture of frames and ground-truth masks.
-2. **HCLSM, both stages** (``hclsm.train.train_two_stages``) for a wall-clock budget (``--minutes``;
-   default ``train.max_minutes`` when set, else ``DEFAULT_MINUTES``), each stage at most ``train.steps``
-   steps: stage 1 (the object layers: perception, slot attention with existence / birth / death, the
-   spatial broadcast decoder) on ``TRAIN_CLIP``-frame clips for ``train.stage1_fraction`` of the budget,
-   then stage 2 (the hierarchical dynamics with JEPA prediction and the event detector, on top of the
-   stage-1 losses) on ``data.clip.length``-frame clips for the rest. The runs (config, logs, TensorBoard,
-   checkpoint, summary) are ``train/stage1/`` and ``train/stage2/``.
+2. **HCLSM, both stages** (``hclsm.train.train_two_stages``), counted in steps (``--steps S1 S2``, default
+   ``DEFAULT_STEPS``), so a loaded machine trains the same model as a quiet one: stage 1 (the object layers:
+   perception, slot attention with existence / birth / death, the spatial broadcast decoder) on
+   ``TRAIN_CLIP``-frame clips, then stage 2 (the hierarchical dynamics with JEPA prediction and the event
+   detector, on top of the stage-1 losses) on ``data.clip.length``-frame clips. The runs (config, logs,
+   TensorBoard, checkpoint, summary) are ``train/stage1/`` and ``train/stage2/``.
 3. **Evaluation on held-out episodes** (``hclsm.demo_eval``; the training loop's own split, ``train.val_fraction`` and
    ``train.seed``). Objects, on the ``data.clip.length``-frame clips: agent and block IoU against the
    simulator's masks, FG-ARI and mIoU, how peaked the alpha masks are, the SBD and diversity losses beside
@@ -35,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -64,7 +62,6 @@ from hclsm.models import build_model
 from hclsm.train import TrainResult, train_two_stages
 from hclsm.train.data import run_split
 from hclsm.train.loop import seed_everything
-from hclsm.train.stages import stage_configs
 from hclsm.utils.atomic import atomic_output_dir, atomic_write_text
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import (
@@ -74,7 +71,7 @@ from hclsm.viz import (
     to_uint8_frames,
 )
 
-DEFAULT_MINUTES = 6.0  # training budget when neither --minutes nor train.max_minutes is given
+DEFAULT_STEPS = (300, 100)  # (stage-1, stage-2) training steps when --steps is not given
 TRAIN_CLIP = 4  # frames per stage-1 training clip (at most data.clip.length); stage 2 uses data.clip.length
 
 
@@ -85,21 +82,22 @@ def check_run_name(name: str) -> None:
                          f"(the run directory OUT/NAME is replaced on every run)")
 
 
-def demo_minutes(cfg: Config, minutes: float | None = None) -> float:
-    """The training budget in minutes: ``minutes``, else ``train.max_minutes`` when > 0, else the default."""
-    if minutes is None:
-        return cfg.train.max_minutes if cfg.train.max_minutes > 0 else DEFAULT_MINUTES
-    if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
-        raise HclsmError(f"--minutes must be a positive number of minutes, got {minutes!r}")
-    return float(minutes)
+def demo_steps(steps: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (stage-1, stage-2) training steps: ``steps``, else ``DEFAULT_STEPS``."""
+    if steps is None:
+        return DEFAULT_STEPS
+    if len(steps) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps):
+        raise HclsmError(f"--steps needs two positive step counts (stage 1, stage 2), e.g. --steps 300 100; got "
+                         f"{' '.join(map(str, steps))}")
+    return int(steps[0]), int(steps[1])
 
 
-def demo_config(cfg: Config, minutes: float) -> Config:
-    """``cfg`` set up for the demo's training: both stages (``train_two_stages``) in ``minutes`` of wall clock.
+def demo_config(cfg: Config) -> Config:
+    """``cfg`` checked for the demo.
 
     Raises ``HclsmError`` when nothing can be held out for evaluation (fewer than two episodes, or
-    ``train.val_fraction`` = 0), for a model other than HCLSM, when stage 2 has nothing to predict
-    (``data.clip.length`` < 2), or when ``train.stage1_fraction`` leaves a stage no share of the budget.
+    ``train.val_fraction`` = 0), for a model other than HCLSM, or when stage 2 has nothing to predict
+    (``data.clip.length`` < 2).
     """
     if cfg.data.pusht.episodes < 2 or cfg.train.val_fraction <= 0:
         raise HclsmError(f"the demo evaluates on held-out episodes: it needs data.pusht.episodes >= 2 (got "
@@ -109,9 +107,7 @@ def demo_config(cfg: Config, minutes: float) -> Config:
     if cfg.data.clip.length < 2:
         raise HclsmError(f"the demo's stage 2 predicts the next frame: data.clip.length must be >= 2, got "
                          f"{cfg.data.clip.length}")
-    d = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=1, max_minutes=minutes))
-    stage_configs(d, minutes, TRAIN_CLIP)  # refuses a stage1_fraction that leaves a stage no time
-    return d
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=1))
 
 
 # ---- the demo -----------------------------------------------------------------------------------
@@ -132,22 +128,22 @@ def _run_facts(result: TrainResult, clip_length: int) -> dict[str, object]:
 
 
 def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", progress: bool = True,
-             minutes: float | None = None) -> Path:
+             steps: tuple[int, int] | None = None) -> Path:
     """Run the demo into ``out_root/name`` (replaced if it exists); returns the report path.
 
-    ``minutes`` is the training budget (see ``demo_minutes``). Raises ``HclsmError`` for a bad name,
-    budget or config before anything is written.
+    ``steps`` = (stage-1, stage-2) training steps (see ``demo_steps``). Raises ``HclsmError`` for a bad name,
+    step counts or config before anything is written.
 
     ``metrics.json``: ``trained`` / ``untrained`` (object and dynamics metrics, ``heldout_metrics`` and
-    ``dynamics_metrics``), ``train`` (the budget, the parameter count and stage 1's run: steps, seconds,
+    ``dynamics_metrics``), ``train`` (the planned steps, the parameter count and stage 1's run: steps, seconds,
     why it stopped, skipped steps, final losses; ``train.stage2`` the same for stage 2), ``dynamics`` (the
     held-out dynamics clips: how many, their length, rollout context and horizon), ``planning``
     (``demo_eval.demo_planning``: results per policy, or why it was skipped), the figures' contents,
     the seed's indicators, timings and the machine.
     """
     check_run_name(name)  # before anything is generated or replaced
-    budget = demo_minutes(cfg, minutes)
-    cfg = demo_config(cfg, budget)
+    steps = demo_steps(steps)
+    cfg = demo_config(cfg)
     final = Path(out_root) / name
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -178,7 +174,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
         untrained = heldout_metrics(baseline, clips) | dynamics_metrics(baseline, dyn_batches)
         seconds["baseline"] = time.perf_counter() - t
         t = time.perf_counter()
-        stage1, stage2 = train_two_stages(cfg, data_dir, run / "train", budget, stage1_clip=TRAIN_CLIP,
+        stage1, stage2 = train_two_stages(cfg, data_dir, run / "train", steps, stage1_clip=TRAIN_CLIP,
                                           progress=progress)
         for result in (stage1, stage2):
             _relocate_paths(result.run_dir / "summary.json", run, final)
@@ -199,8 +195,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
         length = dyn_clips.clip.length
         context, horizon = rollout_split(length)
         record = {"trained": trained, "untrained": untrained,
-                  "train": {"minutes_budget": budget, "stage1_fraction": cfg.train.stage1_fraction,
-                            "parameters": n_params, **_run_facts(stage1, min(TRAIN_CLIP, cfg.data.clip.length)),
+                  "train": {"planned_steps": list(steps), "parameters": n_params, **_run_facts(stage1, min(TRAIN_CLIP, cfg.data.clip.length)),
                             "stage2": _run_facts(stage2, cfg.data.clip.length)},
                   "val_episodes": val_eps, "clips": len(clips), "eval_clip_length": cfg.data.clip.length,
                   "dynamics": {"clips": sum(len(b[keys.VIDEO]) for b in dyn_batches), "of_clips": len(dyn_clips),

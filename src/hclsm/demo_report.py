@@ -39,10 +39,6 @@ def _table(rows: list[tuple], m: dict, u: dict) -> str:
                      for label, k, f, ref in rows)
 
 
-def _stopped(cfg: Config, why: str) -> str:
-    return {"time": "the time budget", "steps": f"train.steps = {cfg.train.steps}"}.get(why, why)
-
-
 def _steps(v: list[int]) -> str:
     return ", ".join(map(str, v)) or "none"
 
@@ -81,7 +77,6 @@ def render_report(cfg: Config, s: dict, r: dict) -> str:
     d, tr, m, u, sec = cfg.data.pusht, r["train"], r["trained"], r["untrained"], r["seconds"]
     tr2, dyn, shown = tr["stage2"], r["dynamics"], r["figures"]
     l1, l2 = tr["final_losses"], tr2["final_losses"]
-    share = tr["stage1_fraction"]
     object_rows = [  # label, key, format, the seed's indicator (an upper limit) or None
         ("agent IoU (best slot, one-to-one)", "agent_iou", ".3f", None),
         ("block IoU (best slot, one-to-one)", "block_iou", ".3f", None),
@@ -153,9 +148,10 @@ def render_report(cfg: Config, s: dict, r: dict) -> str:
     first, n_long = shown["count_first_frame"], shown["count_frames"]
     stretch = f"frames {first}-{first + n_long - 1} of held-out episode {shown['count_episode']}"
     stages = "\n".join(
-        f"| {label} | {t['clip_length']} frames | {tr['minutes_budget'] * part:.2g} min | {t['steps']} | "
-        f"{t['seconds']:.0f} s | {_stopped(cfg, t['stopped'])} | {t['skipped']} | `train/stage{i + 1}/` |"
-        for i, (label, t, part) in enumerate((("1: objects", tr, share), ("2: dynamics + objects", tr2, 1 - share))))
+        f"| {label} | {t['clip_length']} frames | {planned} | {t['steps']} | {t['seconds']:.0f} s | "
+        f"{t['skipped']} | `train/stage{i + 1}/` |"
+        for i, (label, t, planned) in enumerate((("1: objects", tr, tr["planned_steps"][0]),
+                                                  ("2: dynamics + objects", tr2, tr["planned_steps"][1]))))
     return f"""# hclsm demo report
 
 Stages run: **data** (PushT from the gym-pusht simulator); **HCLSM stage 1, the objects** (perception, slot
@@ -189,12 +185,12 @@ state (even rows; blue agent, red block, green goal region):
 
 The `{cfg.preset}` HCLSM ({tr['parameters']:,} trainable parameters, {cfg.model.slots.num_slots} object slots
 + {'a background slot' if cfg.model.slots.background else 'no background slot'}, frames at
-{cfg.model.perception.image_size} px, batch {cfg.train.batch_size}) on the training episodes for a budget of
-{tr['minutes_budget']:g} min, {share:.0%} of it for stage 1 (`train.stage1_fraction`); stage 2 continues
-stage 1's model (its EMA target included).
+{cfg.model.perception.image_size} px, batch {cfg.train.batch_size}) on the training episodes, counted in steps
+(`hclsm demo --steps S1 S2`: the same model on a loaded machine as on a quiet one); stage 2 continues stage 1's
+model (its EMA target included).
 
-| stage | clips | budget | steps | time | stopped by | skipped steps | run directory |
-|---|---|---|---|---|---|---|---|
+| stage | clips | planned steps | steps run | time | skipped steps | run directory |
+|---|---|---|---|---|---|---|
 {stages}
 
 Each run directory has its config, `log.jsonl`, TensorBoard logs in `tb/`, the checkpoint in `checkpoints/`

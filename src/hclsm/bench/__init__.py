@@ -24,10 +24,12 @@ class BenchResult:
     config: dict  # what was run (sizes, seeds, machine facts)
     rows: list[dict] = field(default_factory=list)  # the readable table, one dict per row
     title: str = ""
+    tables: list[tuple[str, list[dict]]] = field(default_factory=list)  # more tables: (heading, rows), after it
 
 
 _REGISTRY: dict[str, Callable[[bool, int], BenchResult]] = {}
 _MODULES = ("hclsm.bench.data", "hclsm.bench.objects", "hclsm.bench.scale", "hclsm.bench.dynamics", "hclsm.bench.scan",
+            "hclsm.bench.throughput",
             "hclsm.bench.causal", "hclsm.bench.memory", "hclsm.bench.slotssm", "hclsm.bench.slotssm_scenes",
             "hclsm.bench.planning", "hclsm.bench.cjepa")  # modules whose import registers benchmarks
 
@@ -92,6 +94,8 @@ def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | N
         print(result.title)
     if result.rows:
         print(format_table(result.rows))
+    for heading, rows in result.tables:
+        print(f"\n{heading}\n{format_table(rows)}")
     line = json.dumps(record, sort_keys=False)
     if out is not None:
         out = Path(out)

@@ -70,7 +70,7 @@ def bench_causal(quick: bool, seed: int) -> BenchResult:
 
     train_data = scenes(24 if quick else 300, seed)
     with trained_hclsm("causal", quick, seed, train_data, GRAPH_OVERRIDES, CAUSAL_STEPS_QUICK if quick else CAUSAL_STEPS
-                       ) as (_, _, _, model, info, minutes):
+                       ) as (_, _, _, model, info):
         with tempfile.TemporaryDirectory(prefix="hclsm-bench-graphs-") as tmp:
             test = scenes(6 if quick else GRAPH_TEST_EPISODES, seed + 1000)
             root = Path(tmp) / "graphs"
@@ -109,16 +109,16 @@ def bench_causal(quick: bool, seed: int) -> BenchResult:
                     "matched_objects": float(np.mean([g.matched for g in learned])), **schedule, **info})
     config = {"objects": OBJECTS, "follow_prob": FOLLOW_PROB, "follow_strength": FOLLOW_STRENGTH,
               "train_episodes": train_data.episodes,
-              "test_episodes": test.episodes, "test_seed": test.seed, "minutes": minutes, "preset": "tiny",
+              "test_episodes": test.episodes, "test_seed": test.seed, "minutes": info["minutes"], "preset": "tiny",
               "overrides": list(GRAPH_OVERRIDES), "shd_convention": "reversal counts 1 (NOTEARS)", **_machine()}
     title = (f"causal: learned follow-DAG of {OBJECTS}-ball held-out scenes vs the truth (target SHD <= 1.5, edge "
-             f"accuracy >= 0.9, h <= 1e-4); {minutes:g} min of training; NOTEARS baselines see the true trajectories")
+             f"accuracy >= 0.9, h <= 1e-4); {info['minutes']:.1f} min of training; NOTEARS baselines see the true trajectories")
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
 
 
 @register("counterfactual")
 def bench_counterfactual(quick: bool, seed: int) -> BenchResult:
-    with trained_hclsm("counterfactual", quick, seed) as (_, _, data, model, info, minutes):
+    with trained_hclsm("counterfactual", quick, seed) as (_, _, data, model, info):
         with tempfile.TemporaryDirectory(prefix="hclsm-bench-twins-") as tmp:
             test = PhysicsDataConfig(episodes=12 if quick else TEST_EPISODES, frames=32, image_size=data.image_size,
                                      min_objects=data.min_objects, max_objects=data.max_objects,
@@ -136,8 +136,8 @@ def bench_counterfactual(quick: bool, seed: int) -> BenchResult:
                      "counterfactual": s[f"{p}counterfactual_mse"], "reuse factual": s[f"{p}reuse_mse"],
                      "cf / factual": s[f"{p}ratio_cf_vs_factual"], "cf / reuse": s[f"{p}ratio_cf_vs_reuse"]})
     config = {"train_episodes": data.episodes, "test_episodes": test.episodes, "test_seed": seed + 1000,
-              "context": CONTEXT, "horizon": HORIZON, "minutes": minutes, "preset": "tiny", **_machine()}
+              "context": CONTEXT, "horizon": HORIZON, "minutes": info["minutes"], "preset": "tiny", **_machine()}
     title = (f"counterfactual: {HORIZON}-frame rollouts after an intervention on held-out physics twins vs "
              f"re-simulation (pixel MSE; target cf <= 1.5x factual and clearly below reuse); "
-             f"{minutes:g} min of training")
+             f"{info['minutes']:.1f} min of training")
     return BenchResult(metrics={**s, **info}, config=config, rows=rows, title=title)

@@ -1,14 +1,12 @@
-"""Benchmarks of HCLSM's dynamics: ``dynamics`` (rollouts), ``events`` (event detection), ``throughput``.
+"""Benchmarks of HCLSM's dynamics: ``dynamics`` (rollouts) and ``events`` (event detection).
 
-* ``dynamics``: physics scenes (3-6 balls, 64 px). The tiny HCLSM trains both stages for a wall-clock
-  budget; a flat (no-slot) SSM with a matched number of trainable parameters trains for the same budget.
+* ``dynamics``: physics scenes (3-6 balls, 64 px). The tiny HCLSM trains both stages for a fixed number of
+  steps (``STEPS``); a flat (no-slot) SSM with a matched number of trainable parameters trains as many steps.
   On held-out clips both roll out ``HORIZON`` frames autoregressively from ``CONTEXT`` frames; the table
   gives pixel MSE (decoder resolution) against the truth beside the copy-last-frame baseline, and the
   latent error of the predicted slots beside copying the last context slots.
 * ``events``: the same HCLSM training; the dynamics' event gate on held-out clips against the simulator's
   contact events (tolerance +-1 step): precision, recall, F1, events per 16-frame clip.
-* ``throughput``: seconds per stage-2 training step of the tiny HCLSM at T = 16 and T = 256 frames per
-  clip (same batch), and their ratio (linear in T would be 16).
 
 Trained runs go to a temporary directory, or to ``HCLSM_BENCH_KEEP`` when that names a directory.
 """
@@ -19,7 +17,6 @@ import dataclasses
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,44 +31,12 @@ from hclsm.config.data import PhysicsDataConfig
 from hclsm.data.memory import MemoryClips
 from hclsm.data.physics import generate_physics_dataset
 from hclsm.eval.dynamics import event_metrics, rollout_metrics
-from hclsm.models import build_model
 from hclsm.models.flat import flat_config_matching
-from hclsm.train import build_optimizer, train, train_step, train_two_stages
+from hclsm.train import train, train_two_stages
 
 
 def _machine() -> dict:
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
-@register("throughput")
-def bench_throughput(quick: bool, seed: int) -> BenchResult:
-    lengths = (4, 16) if quick else (16, 256)
-    batch, size, repeats = 2, 32 if quick else 64, 2 if quick else 3
-    rows, seconds = [], {}
-    for t in lengths:
-        torch.manual_seed(seed)
-        cfg = load_config("tiny", overrides=[f"model.perception.max_frames={max(lengths)}",
-                                             f"model.perception.image_size={size}", f"train.seed={seed}"])
-        model = build_model(cfg.model).train()
-        optimizer = build_optimizer(model, cfg.train)
-        video = torch.rand(batch, t, 3, size, size, generator=torch.Generator().manual_seed(seed))
-        data = {"video": video, "action": torch.zeros(batch, t, cfg.model.d_action)}
-        times = []
-        for i in range(repeats + 1):  # the first step warms up allocators and is not counted
-            start = time.perf_counter()
-            train_step(model, optimizer, data, cfg=cfg.train, stage=2, progress=0.8)
-            if i:
-                times.append(time.perf_counter() - start)
-        seconds[t] = sorted(times)[len(times) // 2]
-        rows.append({"frames": t, "batch": batch, "image_size": size, "s_per_step": seconds[t],
-                     "ms_per_frame": 1000 * seconds[t] / (batch * t)})
-    short, long = lengths
-    metrics = {f"s_per_step_t{short}": seconds[short], f"s_per_step_t{long}": seconds[long],
-               "growth": seconds[long] / seconds[short], "length_ratio": long / short}
-    title = (f"throughput: tiny HCLSM stage-2 train step (fwd + bwd + AdamW), batch {batch}, {size} px, "
-             f"T = {short} vs {long} (growth target <= 18x for 16x the frames)")
-    return BenchResult(metrics=metrics, config={"batch": batch, "image_size": size, "lengths": list(lengths),
-                                                "repeats": repeats, **_machine()}, rows=rows, title=title)
 
 
 # ---- dynamics and events: train on physics scenes, evaluate on held-out clips --------------------------
@@ -87,19 +52,21 @@ def _physics(root: Path, quick: bool, seed: int) -> PhysicsDataConfig:
     return cfg
 
 
-def _train_config(minutes: float, seed: int, clip: int, *overrides: str) -> Config:
-    # the tiny preset's stage1_fraction (0.4, the seed's) splits the two-stage budget
-    return load_config("tiny", overrides=[f"train.max_minutes={minutes}", "train.steps=1000000",
+# training counted in steps (stage 1, stage 2), the same model whatever the machine's load
+STEPS, STEPS_QUICK = (2000, 600), (30, 10)
+
+
+def _train_config(steps: int, seed: int, clip: int, *overrides: str) -> Config:
+    return load_config("tiny", overrides=[f"train.steps={steps}", f"train.warmup_steps={min(100, steps // 10)}",
                                           "train.eval_every=0", "train.ckpt_every=0", f"train.seed={seed}",
                                           f"data.clip.length={clip}", *overrides])
 
 
-def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: bool, overrides: Sequence[str] = (),
-                steps: tuple[int, int] | None = None) -> tuple[torch.nn.Module, dict]:
-    """The tiny HCLSM's two stages for ``minutes`` in all (``train_two_stages``: stage 1 on 4-frame clips for
-    40 % of the budget, then stage 2 on 8-frame clips), or for ``steps`` = (stage 1, stage 2) steps whatever the
-    time; ``overrides`` are dotted config settings."""
-    s1, s2 = train_two_stages(_train_config(minutes, seed, STAGE2_CLIP, *overrides), root, runs / "hclsm", minutes,
+def train_hclsm(root: Path, runs: Path, steps: tuple[int, int], seed: int, progress: bool,
+                overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, dict]:
+    """The tiny HCLSM's two stages (``train_two_stages``): ``steps[0]`` stage-1 steps on 4-frame clips, then
+    ``steps[1]`` stage-2 steps on 8-frame clips; ``overrides`` are dotted config settings."""
+    s1, s2 = train_two_stages(_train_config(sum(steps), seed, STAGE2_CLIP, *overrides), root, runs / "hclsm",
                               stage1_clip=STAGE1_CLIP, progress=progress, steps=steps)
     return s2.model, {"stage1_steps": s1.steps, "stage2_steps": s2.steps, "minutes": (s1.seconds + s2.seconds) / 60,
                       "skipped": s1.skipped + s2.skipped, **{f"final_{k}": v for k, v in s2.losses.items()}}
@@ -109,10 +76,10 @@ def train_hclsm(root: Path, runs: Path, minutes: float, seed: int, progress: boo
 def trained_hclsm(name: str, quick: bool, seed: int, data: PhysicsDataConfig | None = None,
                   overrides: Sequence[str] = (), steps: tuple[int, int] | None = None) -> Iterator[tuple]:
     """Generate the physics scenes (``data``, default 3-6 balls) and train the tiny HCLSM's two stages (with the
-    dotted config ``overrides``; 20 minutes, or ``steps`` = (stage 1, stage 2) steps) in a temporary directory;
-    yields (data root, runs directory, data config, the trained model on the CPU in eval mode, training facts,
-    minutes: the budget, or the time the steps took). Runs go to ``HCLSM_BENCH_KEEP`` when it names a directory."""
-    minutes = 0.3 if quick else 20.0
+    dotted config ``overrides``; ``steps`` = (stage 1, stage 2) steps, default ``STEPS``) in a temporary directory;
+    yields (data root, runs directory, data config, the trained model on the CPU in eval mode, training facts
+    (steps and the minutes they took)). Runs go to ``HCLSM_BENCH_KEEP`` when it names a directory."""
+    steps = steps or (STEPS_QUICK if quick else STEPS)
     keep = os.environ.get("HCLSM_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix=f"hclsm-bench-{name}-") as tmp:
         runs = Path(keep) if keep else Path(tmp)
@@ -121,8 +88,8 @@ def trained_hclsm(name: str, quick: bool, seed: int, data: PhysicsDataConfig | N
             data = _physics(root, quick, seed)
         else:
             generate_physics_dataset(root, data, progress=False)
-        model, info = train_hclsm(root, runs, minutes, seed, progress=not quick, overrides=overrides, steps=steps)
-        yield root, runs, data, model.cpu().eval(), info, minutes if steps is None else info["minutes"]
+        model, info = train_hclsm(root, runs, steps, seed, progress=not quick, overrides=overrides)
+        yield root, runs, data, model.cpu().eval(), info
 
 
 @torch.no_grad()
@@ -142,8 +109,9 @@ def flat_rollout_mse(model: torch.nn.Module, clips: MemoryClips) -> dict[str, fl
 
 @register("dynamics")
 def bench_dynamics(quick: bool, seed: int) -> BenchResult:
-    with trained_hclsm("dynamics", quick, seed) as (root, runs, data, model, info, minutes):
-        base = _train_config(minutes, seed, STAGE2_CLIP)
+    with trained_hclsm("dynamics", quick, seed) as (root, runs, data, model, info):
+        # the flat SSM gets as many optimizer steps as HCLSM's two stages together, on the stage-2 clips
+        base = _train_config(info["stage1_steps"] + info["stage2_steps"], seed, STAGE2_CLIP)
         clips = val_clips(root, base, CONTEXT + HORIZON)
         m = rollout_metrics(model, clips.batches(16), CONTEXT, HORIZON)
         ev = event_metrics(model, clips.batches(16))
@@ -167,19 +135,20 @@ def bench_dynamics(quick: bool, seed: int) -> BenchResult:
             {"model": "copy last frame / last slots", "frame_mse": copy, "latent_mse": m["latent_mse_copy_last"],
              "frame_mse_t+1": m["frame_mse_copy_last_per_step"][0],
              f"frame_mse_t+{HORIZON}": m["frame_mse_copy_last_per_step"][-1]}]
-    config = {"physics_episodes": data.episodes, "context": CONTEXT, "horizon": HORIZON, "minutes_per_model": minutes,
-              "stage1_fraction": base.train.stage1_fraction, "clip_lengths": [STAGE1_CLIP, STAGE2_CLIP], "preset": "tiny",
-              **_machine()}
+    config = {"physics_episodes": data.episodes, "context": CONTEXT, "horizon": HORIZON,
+              "steps": [info["stage1_steps"], info["stage2_steps"]], "flat_steps": flat.steps,
+              "clip_lengths": [STAGE1_CLIP, STAGE2_CLIP], "preset": "tiny", **_machine()}
     title = (f"dynamics: held-out physics clips, {CONTEXT} context frames -> {HORIZON}-frame rollout; pixel MSE at "
-             f"the decoder's resolution; {minutes:g} min of training per model (target: hclsm <= 0.6x copy-last "
-             f"and below the flat SSM)")
+             f"the decoder's resolution; hclsm {info['stage1_steps']} + {info['stage2_steps']} steps "
+             f"({info['minutes']:.1f} min), the flat SSM {flat.steps} (target: hclsm <= 0.6x copy-last and below the "
+             f"flat SSM)")
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
 
 
 @register("events")
 def bench_events(quick: bool, seed: int) -> BenchResult:
-    with trained_hclsm("events", quick, seed) as (root, _, data, model, info, minutes):
-        clips = val_clips(root, _train_config(minutes, seed, STAGE2_CLIP), 16)
+    with trained_hclsm("events", quick, seed) as (root, _, data, model, info):
+        clips = val_clips(root, _train_config(1, seed, STAGE2_CLIP), 16)
         ev = event_metrics(model, clips.batches(16))
     threshold = float(torch.sigmoid(model.dynamics.detector.threshold_logit))
     metrics = {"event_f1": ev.get("event_f1"), "event_precision": ev.get("event_precision"),
@@ -189,8 +158,8 @@ def bench_events(quick: bool, seed: int) -> BenchResult:
     rows = [{"detector": "hclsm L1 (surprise-trained)", "precision": ev.get("event_precision"),
              "recall": ev.get("event_recall"), "f1": ev.get("event_f1"), "events_per_16_frames": ev["events_per_clip"],
              "true_events_per_16_frames": ev.get("true_events_per_clip"), "threshold": threshold}]
-    config = {"physics_episodes": data.episodes, "clip_length": 16, "tolerance_steps": 1, "minutes": minutes,
-              "preset": "tiny", **_machine()}
+    config = {"physics_episodes": data.episodes, "clip_length": 16, "tolerance_steps": 1,
+              "steps": [info["stage1_steps"], info["stage2_steps"]], "preset": "tiny", **_machine()}
     title = (f"events: the dynamics' event gate vs the simulator's contact events (+-1 step) on held-out 16-frame "
-             f"physics clips; {minutes:g} min of training (target F1 >= 0.7)")
+             f"physics clips; {info['stage1_steps']} + {info['stage2_steps']} training steps (target F1 >= 0.7)")
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)

@@ -153,8 +153,7 @@ def continual_runs(seed: int, quick: bool, lambdas: tuple[float, ...] = (LAMBDA,
         runs = keep or Path(tmp)
         data = _families(Path(tmp), quick, seed)
         cfg = _config(seed, *(["train.ewc_samples=4"] if quick else []))
-        _, s2 = train_two_stages(cfg, Path(tmp) / "A", runs / "A", 0.0, stage1_clip=4, progress=not quick,
-                                 steps=steps_a)
+        _, s2 = train_two_stages(cfg, Path(tmp) / "A", runs / "A", steps_a, stage1_clip=4, progress=not quick)
         model_a = s2.model.cpu()
         val = {name: val_clips(Path(tmp) / name, cfg, CLIP) for name in ("A", "B")}
         weights = cfg.train.loss

@@ -36,11 +36,17 @@ from hclsm.train import train
 from hclsm.train.data import run_split
 
 
-def _config(minutes: float, seed: int, *overrides: str) -> Config:
-    cfg = load_config("tiny", overrides=[f"train.max_minutes={minutes}", "train.steps=1000000", "train.eval_every=0",
-                                         "train.ckpt_every=0", f"train.seed={seed}", "train.stage1_fraction=1.0",
-                                         "data.clip.length=4", *overrides])
-    return cfg
+PHYSICS_STEPS = 4000  # stage-1 steps per physics model (the full bench; what the object layer needs to converge)
+PUSHT_STEPS = 2000  # stage-1 steps on PushT
+QUICK_STEPS = 40  # --quick: a smoke run
+
+
+def _config(steps: int, seed: int, *overrides: str) -> Config:
+    """The tiny HCLSM's stage 1 for ``steps`` optimizer steps (counted in steps: a loaded machine trains the same
+    model), batch 16, 4-frame clips."""
+    return load_config("tiny", overrides=[f"train.steps={steps}", f"train.warmup_steps={min(100, steps // 10)}",
+                                          "train.eval_every=0", "train.ckpt_every=0", f"train.seed={seed}",
+                                          "train.stage1_fraction=1.0", "data.clip.length=4", *overrides])
 
 
 def val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
@@ -122,8 +128,8 @@ def _row(name: str, m: dict[str, float], minutes: float, steps: int) -> dict:
 
 @register("objects")
 def bench_objects(quick: bool, seed: int) -> BenchResult:
-    minutes = 0.25 if quick else 20.0
-    pusht_minutes = 0.15 if quick else 10.0
+    steps = QUICK_STEPS if quick else PHYSICS_STEPS
+    pusht_steps = QUICK_STEPS // 2 if quick else PUSHT_STEPS
     physics = PhysicsDataConfig(episodes=24 if quick else 300, frames=32, image_size=64, min_objects=3, max_objects=6,
                                 seed=seed, counterfactual=True)
     pusht = PushTDataConfig(episodes=6 if quick else 40, max_steps=40 if quick else 100, seed=seed)
@@ -135,7 +141,7 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
         generate_physics_dataset(root, physics, progress=False)
         results = {}
         for name, extra in (("hclsm (birth/death)", ()), ("fixed slots", ("model.slots.dynamic=false",))):
-            cfg = _config(minutes, seed, *extra)
+            cfg = _config(steps, seed, *extra)
             run = train(cfg, root, run_dir=runs / f"objects-physics-{len(results)}", progress=not quick)
             val = val_clips(root, cfg, length=8)
             m = evaluate_objects(run.model, val.batches(16))
@@ -156,7 +162,7 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
 
         proot = Path(tmp) / "pusht"
         generate_pusht_dataset(proot, pusht, progress=False)
-        cfg = _config(pusht_minutes, seed)
+        cfg = _config(pusht_steps, seed)
         run = train(cfg, proot, run_dir=runs / "objects-pusht", progress=not quick)
         p = pusht_metrics(run.model, val_clips(proot, cfg, length=8))
         p |= {"sbd": run.losses.get("sbd"), "diversity": run.losses.get("diversity")}
@@ -164,9 +170,9 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
         rows.append({"model": "hclsm on PushT", "minutes": round(run.seconds / 60, 1), "steps": run.steps,
                      "agent_iou": p["agent_iou"], "block_iou": p["block_iou"], "sbd (seed < 0.01)": p["sbd"],
                      "diversity (seed < 0.15)": p["diversity"], "alpha_peakedness": p["alpha_peakedness"]})
-    config = {"physics_episodes": physics.episodes, "val_fraction": cfg.train.val_fraction, "minutes": minutes,
-              "pusht_episodes": pusht.episodes, "pusht_minutes": pusht_minutes, "preset": "tiny",
-              "machine": platform.machine(), "cpus": os.cpu_count()}
-    title = (f"objects: tiny HCLSM stage 1, {minutes:g} min per model on {os.cpu_count()} CPUs; held-out physics "
-             f"episodes (3-6 balls, 64 px) and PushT")
+    config = {"physics_episodes": physics.episodes, "val_fraction": cfg.train.val_fraction, "steps": steps,
+              "pusht_episodes": pusht.episodes, "pusht_steps": pusht_steps, "preset": "tiny",
+              "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    title = (f"objects: tiny HCLSM stage 1, {steps} steps per physics model and {pusht_steps} on PushT, on "
+             f"{os.cpu_count()} CPUs; held-out physics episodes (3-6 balls, 64 px) and PushT")
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)

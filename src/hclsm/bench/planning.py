@@ -1,8 +1,8 @@
 """``hclsm bench planning``: goal reaching in the real PushT simulator with the learned world model.
 
 PushT episodes of the scripted pusher are generated, and the tiny HCLSM trains both stages on them
-(``hclsm.bench.dynamics.train_hclsm``: stage 1 on 4-frame clips, then stage 2 on 8-frame clips, in one wall-clock
-budget). Start states are drawn from the held-out episodes (the training loop's own split), goals made by
+(``hclsm.bench.dynamics.train_hclsm``: stage 1 on 4-frame clips, then stage 2 on 8-frame clips, counted in
+steps). Start states are drawn from the held-out episodes (the training loop's own split), goals made by
 replaying the next 25 recorded actions (``hclsm.planning.env_loop``), 50 env steps per episode, re-planning every
 5 steps. The table compares, on the same start states:
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hclsm.bench import BenchResult, register
-from hclsm.bench.dynamics import _machine, train_hclsm
+from hclsm.bench.dynamics import STEPS, STEPS_QUICK, _machine, train_hclsm
 from hclsm.config.data import PushTDataConfig
 from hclsm.data.clips import split_episodes
 from hclsm.data.lerobot_read import LeRobotSource
@@ -49,10 +49,10 @@ VAL_FRACTION = 0.1  # the tiny preset's train.val_fraction: the held-out episode
 
 def _settings(quick: bool) -> dict:
     if quick:
-        return {"episodes": 5, "max_steps": 40, "minutes": 0.1, "states": 2, "train": ["train.batch_size=4"],
+        return {"episodes": 5, "max_steps": 40, "steps": STEPS_QUICK, "states": 2, "train": ["train.batch_size=4"],
                 "model": PlannerConfig(horizon=3, samples=8, iterations=1, elites=2),
                 "oracle": PlannerConfig(samples=24, iterations=2, elites=4)}
-    return {"episodes": 200, "max_steps": 100, "minutes": 20.0, "states": 50, "train": [],
+    return {"episodes": 200, "max_steps": 100, "steps": STEPS, "states": 50, "train": [],
             "model": PlannerConfig(samples=48, iterations=3, elites=6),
             "oracle": PlannerConfig(samples=48, iterations=4, elites=6)}
 
@@ -68,7 +68,7 @@ def bench_planning(quick: bool, seed: int) -> BenchResult:
         data = generate_pusht_dataset(root, PushTDataConfig(episodes=s["episodes"], max_steps=s["max_steps"],
                                                             seed=seed), progress=False)
         seconds["data"] = time.perf_counter() - t0
-        model, facts = train_hclsm(root, Path(keep) if keep else Path(tmp) / "runs", s["minutes"], seed, False,
+        model, facts = train_hclsm(root, Path(keep) if keep else Path(tmp) / "runs", s["steps"], seed, False,
                                    [f"train.val_fraction={VAL_FRACTION}", *s["train"]])
         model = model.cpu().eval()
         seconds["train"] = time.perf_counter() - t0 - seconds["data"]

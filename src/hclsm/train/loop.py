@@ -22,7 +22,8 @@ penalty joins every step's loss, and it is saved with every checkpoint and resto
 
 The model's interface: ``model(batch, progress=p, stage=s).losses`` is a dict of scalar tensors named
 from ``hclsm.config.train.LOSS_NAMES``; an optional ``model.update_target(tau)`` is called after every
-optimizer step.
+optimizer step, and an optional ``model.prepare(train_clips)`` once before training (data-set statistics the
+model keeps in its buffers, e.g. HCLSM's static background).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.train.rundir import (check_run_dir, default_run_dir, first_new_dir, repair_for_resume,
                                resume_checkpoint)
 from hclsm.utils.jsonsafe import finite_or_none
+from hclsm.utils.allocator import keep_freed_memory
 from hclsm.utils.atomic import atomic_write_text
 
 EvalFn = Callable[[nn.Module, MemoryClips], Mapping[str, float]]
@@ -208,6 +210,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
     t = cfg.train
     seed_everything(t.seed)
     torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
+    keep_freed_memory()  # no page faults on every step's activations (hclsm.utils.allocator)
 
     # data: every chosen episode in memory, at the model's frame size
     train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
@@ -219,6 +222,9 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
 
         model = build_model(cfg.model)
     model.to(device).train()
+    prepare = getattr(model, "prepare", None)
+    if callable(prepare) and resume_from is None:  # data-set statistics a model keeps (a resumed run has them)
+        prepare(train_clips)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     generator = torch.Generator().manual_seed(t.seed)  # the batch sampler's own stream (checkpointed)
     step, skipped, in_a_row, stopped, elapsed_before = 0, 0, 0, "steps", 0.0
