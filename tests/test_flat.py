@@ -80,6 +80,24 @@ def test_step_matches_forward(model):
             torch.testing.assert_close(r.frames[:, 0], out.predicted_frames[:, c - 1], rtol=1e-4, atol=1e-5)
 
 
+def test_a_shared_context_runs_once_and_predicts_the_same(model):
+    """Planning candidates share their context and its actions: run once and shared, it predicts what running it
+    for every candidate does; and the planning cost (``LatentCost``) scores the candidates from it."""
+    from hclsm.planning.cost import LatentCost
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        z = model.encode(make_batch()[keys.VIDEO][:1, :3]).expand(4, -1, -1)  # (4, 3, d)
+        actions = torch.cat([torch.randn(1, 2, 2, generator=g).expand(4, -1, -1), torch.randn(4, 5, 2, generator=g)], 1)
+        every = model.predict_latents(z, 5, actions)
+        shared = model.predict_latents(z, 5, actions, shared_context=True)
+        torch.testing.assert_close(shared, every, rtol=1e-5, atol=1e-6)
+        assert (every[0] - every[1]).abs().max() > 1e-4  # different futures
+        goal = torch.randn(16, generator=g)
+        cost = LatentCost(model, z[:1], actions[0, :2], goal, proprio_weight=0.0)(actions[:, 2:])
+        torch.testing.assert_close(cost, (every[:, -1] - goal).pow(2).mean(-1))
+
+
 def test_rollout_shapes_and_actions(model):
     video = make_batch()[keys.VIDEO][:, :3]
     r = model.rollout(video, 4, torch.randn(2, 6, 2))

@@ -14,7 +14,7 @@ from hclsm.errors import ConfigError
 ENCODERS = ("cnn", "vit")  # cnn: small conv stack (CPU presets); vit: patch ViT (the seed's encoder)
 STEMS = ("patch", "conv")  # how the cnn encoder reaches its token grid (see hclsm.nn.encoders.CNNEncoder)
 DECODER_TARGETS = ("pixels", "features")  # features = EMA-encoder patch features (DINOSAUR-style)
-UPSAMPLERS = ("subpixel", "transposed")  # how the decoder reaches its resolution (see hclsm.nn.decoders)
+UPSAMPLERS = ("subpixel", "smooth", "transposed")  # how the decoder reaches its resolution (hclsm.nn.decoders)
 MODEL_NAMES = ("hclsm", "flat_ssm", "slotssm", "oc_slotssm", "cjepa")  # flat_ssm: the no-slot baseline
 
 

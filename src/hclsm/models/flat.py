@@ -194,75 +194,38 @@ class FlatSSM(nn.Module):
         }
         return FlatOutput(z, predicted, recon, predicted_frames, losses)
 
+    def predict_latents(self, z: torch.Tensor, horizon: int, action: torch.Tensor | None = None,
+                        shared_context: bool = False) -> torch.Tensor:
+        """The latents (B, H, d) of the ``horizon`` steps after the context latents z (B, C, d), autoregressively:
+        the first C - 1 context steps run as one sequence, then each predicted latent is the next input.
+        ``action`` (B, C + horizon - 1, A): the actions of every step run. ``shared_context``: every sequence has the
+        same context and the same actions over it (planning), so the context runs once and its state is shared."""
+        if horizon < 1:
+            raise ValueError(f"rollout horizon must be >= 1, got {horizon}")
+        b, c = z.shape[:2]
+        action = self._actions(action, b, c + horizon - 1, z)
+        src = slice(0, 1 if shared_context and b > 1 else b)
+        if c > 1:
+            _, state = self.ssm(self._input(z[src, :c - 1], None if action is None else action[src, :c - 1]),
+                                return_state=True)
+            if src.stop == 1 and b > 1:
+                state = [tuple(x.expand(b, *x.shape[1:]) for x in block) for block in state]
+        else:
+            state = self.ssm.init_state(b, z.device, z.dtype)
+        cur, latents = z[:, -1], []
+        for t in range(c - 1, c + horizon - 1):
+            h, state = self.ssm.step(self._input(cur, None if action is None else action[:, t]), state)
+            cur = self._next(cur, h)
+            latents.append(cur)
+        return torch.stack(latents, dim=1)
+
     @torch.no_grad()
     def rollout(self, video: torch.Tensor, horizon: int, action: torch.Tensor | None = None) -> FlatRollout:
-        """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively: the
-        context latents go in one step at a time, then each predicted latent is the next input.
+        """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively
+        (``predict_latents``), decoded.
 
         ``action`` (B, C + horizon - 1, A) are the actions of every step that is run (the context frames
         and all predicted frames but the last); omitted for zero actions or a model without conditioning.
         """
-        if horizon < 1:
-            raise ValueError(f"rollout horizon must be >= 1, got {horizon}")
-        z = self.encode(video)
-        b, c = z.shape[:2]
-        steps = c + horizon - 1
-        action = self._actions(action, b, steps, z)
-        state = self.ssm.init_state(b, z.device, z.dtype)
-        latents, nxt = [], None
-        for t in range(steps):
-            cur = z[:, t] if t < c else nxt
-            h, state = self.ssm.step(self._input(cur, None if action is None else action[:, t]), state)
-            nxt = self._next(cur, h)
-            if t >= c - 1:
-                latents.append(nxt)
-        pred = torch.stack(latents, dim=1)
+        pred = self.predict_latents(self.encode(video), horizon, action)
         return FlatRollout(self.decode(pred), pred)
-
-
-def _encoder_params(cfg: ModelConfig) -> int:
-    with torch.device("meta"):  # no memory, no initialisation cost: only the shapes are needed
-        encoder = build_encoder(cfg.perception)
-    return sum(p.numel() for p in encoder.parameters())
-
-
-def _latent_params(cfg: ModelConfig, d: int) -> int:
-    """Trainable parameters of everything but the encoder at latent width ``d`` (module docstring)."""
-    w, c, a, ch = cfg.perception.d_world, cfg.decoder.hidden, cfg.d_action, cfg.perception.channels
-    l0 = cfg.dynamics.l0
-    n_down, p = pool_halvings(cfg.perception.grid_size)
-    n_up, s0 = decoder_doublings(cfg.decoder.resolution)
-    e, r = l0.expand * d, math.ceil(d / 16)
-    pool = 9 * w * c + c + (n_down - 1) * (9 * c * c + c) + c * p * p * d + d
-    action = a * d + d if a > 0 else 0
-    ssm = l0.blocks * (2 * d + 3 * d * e + e * (l0.d_conv + 2 * r + 3 * l0.d_state + 3)) + 2 * d
-    head = 4 * d * d + 5 * d
-    decoder = c * s0 * s0 * d + c * s0 * s0 + n_up * (16 * c * c + c) + 9 * ch * c + ch
-    return pool + action + ssm + head + decoder
-
-
-def flat_parameter_count(cfg: ModelConfig) -> int:
-    """Trainable parameters of ``FlatSSM(cfg)``, from the formula in the module docstring (no build)."""
-    return _encoder_params(cfg) + _latent_params(cfg, cfg.slots.d_slot)
-
-
-def flat_config_matching(cfg: ModelConfig, target_params: int, tolerance: float = 0.15) -> ModelConfig:
-    """A ``flat_ssm`` config of about ``target_params`` trainable parameters (e.g. an HCLSM's, EMA copies
-    excluded): ``cfg``'s encoder, SSM depth and decoder width, with the latent width ``slots.d_slot`` the
-    multiple of WIDTH_STEP whose count is nearest. Raises ValueError when none lands within ``tolerance``
-    (relative), e.g. when the encoder and convolutions alone already exceed the target."""
-    fixed = _encoder_params(cfg)
-
-    def count(d: int) -> int:
-        return fixed + _latent_params(cfg, d)
-
-    d = WIDTH_STEP
-    while count(d + WIDTH_STEP) <= target_params:  # the count grows with d: the last width not above the target
-        d += WIDTH_STEP
-    best = min((d, d + WIDTH_STEP), key=lambda k: abs(count(k) - target_params))
-    if abs(count(best) - target_params) > tolerance * target_params:
-        raise ValueError(f"no flat SSM latent width reaches {target_params:,} parameters within "
-                         f"{tolerance:.0%}: the nearest is d={best} with {count(best):,} (of which the encoder "
-                         f"is {fixed:,}); change the encoder or decoder.hidden")
-    cfg = copy.deepcopy(cfg)  # no sub-config shared with the caller's
-    return replace(cfg, name="flat_ssm", slots=replace(cfg.slots, d_slot=best))

@@ -57,15 +57,15 @@ class SpatialBroadcastDecoder(nn.Module):
         d_pos = 2 + 4 * cfg.fourier_octaves if cfg.relative_positions else 4
         self.pos = nn.Linear(d_pos, d_slot)
         self.ratio = cfg.resolution // cfg.grid_size  # upsampling factor
-        self.linear = cfg.upsample == "subpixel" and cfg.kernel == 1  # per-cell MLP as matrix products
+        self.linear = cfg.upsample != "transposed" and cfg.kernel == 1  # per-cell MLP as matrix products
         layers: list[nn.Module] = []
         c_in = d_slot
         for _ in range(cfg.layers):
             layers += [nn.Linear(c_in, cfg.hidden) if self.linear
                        else nn.Conv2d(c_in, cfg.hidden, cfg.kernel, padding=cfg.kernel // 2), nn.ReLU()]
             c_in = cfg.hidden
-        if cfg.upsample == "subpixel":
-            n_out = (d_out + 1) * self.ratio ** 2
+        if cfg.upsample != "transposed":  # smooth: one more value per cell, bilinearly upsampled under the rest
+            n_out = (d_out + 1) * (self.ratio ** 2 + (cfg.upsample == "smooth"))
             layers.append(nn.Linear(cfg.hidden, n_out) if self.linear else nn.Conv2d(cfg.hidden, n_out, 1))
         else:
             size = cfg.grid_size
@@ -92,16 +92,27 @@ class SpatialBroadcastDecoder(nn.Module):
         to the two terms apart, ``W1 slot + (W1 P) feats + ...``: the same function, without a d_slot-wide
         tensor per cell (the slot is constant over its grid)."""
         g, r = self.cfg.grid_size, self.ratio
+        c = self.d_out + 1
         if self.linear:  # channel-last all the way: (B, K, G*G, .) -> (B*K, G*G, r*r*(d_out+1))
             first = self.net[0]
             w = first.weight @ self.pos.weight.to(first.weight.dtype)  # (hidden, d_pos)
             h = first(slots)[:, :, None] + nn.functional.linear(feats.to(w.dtype), w, first.weight @ self.pos.bias)
             n = h.shape[0] * h.shape[1]
-            out = self.net[1:](h).reshape(n, g, g, r, r, self.d_out + 1)
-            return out.permute(0, 5, 1, 3, 2, 4).reshape(n, self.d_out + 1, g * r, g * r)
+            out = self.net[1:](h).reshape(n, g, g, -1)
+            fine = out[..., :r * r * c].reshape(n, g, g, r, r, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, g * r, g * r)
+            if self.cfg.upsample == "smooth":
+                coarse = out[..., r * r * c:].permute(0, 3, 1, 2)  # (N, C, G, G)
+                fine = fine + nn.functional.interpolate(coarse, scale_factor=r, mode="bilinear", align_corners=False)
+            return fine
         x = (slots[:, :, None, :] + self.pos(feats.to(slots.dtype))).flatten(0, 1)  # (B*K, G*G, d)
         out = self.net(x.reshape(x.shape[0], g, g, -1).permute(0, 3, 1, 2))  # (B*K, C', G', G')
-        return nn.functional.pixel_shuffle(out, r) if self.cfg.upsample == "subpixel" else out
+        if self.cfg.upsample == "transposed":
+            return out
+        fine = nn.functional.pixel_shuffle(out[:, :r * r * c], r)
+        if self.cfg.upsample == "smooth":
+            fine = fine + nn.functional.interpolate(out[:, r * r * c:], scale_factor=r, mode="bilinear",
+                                                    align_corners=False)
+        return fine
 
     def decode(self, slots: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots (B, K, d), positions (B, K, 2) in [-1, 1] -> per-slot content (B, K, d_out, R, R) and

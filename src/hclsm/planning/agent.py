@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hclsm.planning.cost import SlotSet, WorldModelCost
+from hclsm.planning.cost import LatentCost, SlotSet, WorldModelCost
 from hclsm.planning.env_loop import ACTION_HIGH, ACTION_LOW, Goal, execute
 from hclsm.planning.planners import SamplingPlanner
 
@@ -26,7 +26,8 @@ def frames_to_video(frames, size: int) -> torch.Tensor:
 
 
 class ModelPlanner:
-    """``Policy`` that plans with ``model`` (an action-conditioned HCLSM) and ``planner``."""
+    """``Policy`` that plans with ``model`` and ``planner``: an action-conditioned HCLSM (the cost compares object
+    slots, ``WorldModelCost``) or a flat world model (one latent per frame, ``LatentCost``)."""
 
     def __init__(self, model, planner: SamplingPlanner, name: str, replan_every: int = 5, action_repeat: int = 1,
                  context: int | None = None, position_weight: float = 2.0, proprio_weight: float = 1.0):
@@ -37,12 +38,21 @@ class ModelPlanner:
         self.position_weight, self.proprio_weight = position_weight, proprio_weight
         self.executed = 0
 
+    @property
+    def flat(self) -> bool:
+        """A flat world model (one latent per frame) rather than an object model."""
+        return hasattr(self.model, "predict_latents")
+
     @torch.no_grad()
     def reset(self, env, goal: Goal) -> None:
         self.planner.reset()
         self.executed = 0
-        g = self.model.objects(frames_to_video([goal.frame], self.size))
-        self.goal = SlotSet(g.slots[0, 0], g.positions[0, 0], g.alive[0, 0], g.has_background)
+        video = frames_to_video([goal.frame], self.size)
+        if self.flat:
+            self.goal = self.model.encode(video)[0, 0]  # (d,)
+        else:
+            g = self.model.objects(video)
+            self.goal = SlotSet(g.slots[0, 0], g.positions[0, 0], g.alive[0, 0], g.has_background)
         self.goal_action = torch.tensor(goal.state[:2], dtype=torch.float32)
         self.start_agent = np.asarray(env.unwrapped.agent.position, dtype=np.float64)
 
@@ -55,10 +65,15 @@ class ModelPlanner:
         hist_frames = [frames[0]] * pad + list(frames[-c:])
         hist_actions = ([self.start_agent] * pad + [np.asarray(a, dtype=np.float64) for a in actions])[-(c - 1):] \
             if c > 1 else []
-        ctx = self.model.objects(frames_to_video(hist_frames, self.size))
+        video = frames_to_video(hist_frames, self.size)
         past = torch.tensor(np.array(hist_actions, dtype=np.float64).reshape(c - 1, 2), dtype=torch.float32)
-        cost = WorldModelCost(self.model, ctx, past, self.goal, self.goal_action, (ACTION_HIGH - ACTION_LOW) / 2,
-                              self.position_weight, self.proprio_weight)
+        scale = (ACTION_HIGH - ACTION_LOW) / 2
+        if self.flat:
+            cost = LatentCost(self.model, self.model.encode(video), past, self.goal, self.goal_action, scale,
+                              self.proprio_weight)
+        else:
+            cost = WorldModelCost(self.model, self.model.objects(video), past, self.goal, self.goal_action, scale,
+                                  self.position_weight, self.proprio_weight)
         agent = torch.tensor(np.asarray(env.unwrapped.agent.position), dtype=torch.float32)
         plan = self.planner.plan(lambda c: cost(c.repeat_interleave(self.repeat, dim=1)),
                                  agent.expand(self.planner.cfg.horizon, 2), self.executed)

@@ -1,4 +1,5 @@
-"""The planning cost: how far a candidate's predicted object slots end from the goal's slots.
+"""The planning cost: how far a candidate's predicted object slots end from the goal's slots (``WorldModelCost``), or
+a flat model's predicted latent from the goal's latent (``LatentCost``).
 
 ``WorldModelCost`` rolls every candidate action sequence out through the world model in **one batched call**
 (the context slots and the actions between them are shared: the context's first steps run once and their
@@ -104,7 +105,41 @@ class WorldModelCost:
     def __call__(self, actions: torch.Tensor) -> torch.Tensor:
         slots, pos = self.rollout(actions)
         cost = matched_slot_cost(slots[:, -1], pos[:, -1], self.alive, self.goal, self.position_weight)
-        if self.goal_action is not None and self.proprio_weight > 0:
-            diff = (actions[:, -1].float() - self.goal_action.float()) / self.action_scale  # (N, A)
-            cost = cost + self.proprio_weight * diff.pow(2).sum(-1)
-        return cost
+        return cost + proprio_cost(actions, self.goal_action, self.action_scale, self.proprio_weight)
+
+
+def proprio_cost(actions: torch.Tensor, goal_action: torch.Tensor | None, scale: torch.Tensor | float,
+                 weight: float) -> torch.Tensor:
+    """(N,) ``weight`` x the squared distance between each candidate's last action (N, H, A) and ``goal_action``
+    (A,), in units of ``scale`` (the action box's half-width); 0 without a goal action or weight."""
+    if goal_action is None or weight <= 0:
+        return actions.new_zeros(actions.shape[0], dtype=torch.float32)
+    diff = (actions[:, -1].float() - goal_action.float()) / torch.as_tensor(scale, dtype=torch.float32)
+    return weight * diff.pow(2).sum(-1)
+
+
+class LatentCost:
+    """``cost(actions (N, H, A)) -> (N,)`` for a flat world model (one latent per frame, ``FlatSSM``): the squared
+    distance between each candidate's last predicted latent and the goal frame's latent (DINO-WM's objective, on
+    one vector instead of patch features), plus the same proprioception term as ``WorldModelCost``.
+
+    ``context`` (1, C, d) are the latents of the C most recent frames, ``past_actions`` (C - 1, A) the actions
+    between them, ``goal`` (d,) the goal frame's latent."""
+
+    def __init__(self, model, context: torch.Tensor, past_actions: torch.Tensor, goal: torch.Tensor,
+                 goal_action: torch.Tensor | None = None, action_scale: torch.Tensor | float = 1.0,
+                 proprio_weight: float = 1.0):
+        self.model, self.context, self.goal = model, context[0], goal  # (C, d), (d,)
+        self.past = torch.as_tensor(past_actions, dtype=torch.float32)  # (C - 1, A)
+        if self.past.dim() != 2 or self.past.shape[0] != self.context.shape[0] - 1:
+            raise ValueError(f"past_actions must be (context - 1, A) = ({self.context.shape[0] - 1}, A), got "
+                             f"{tuple(self.past.shape)}")
+        self.goal_action, self.action_scale, self.proprio_weight = goal_action, action_scale, proprio_weight
+
+    @torch.no_grad()
+    def __call__(self, actions: torch.Tensor) -> torch.Tensor:
+        n, h, _ = actions.shape
+        steps = torch.cat([self.past[None].expand(n, -1, -1), actions.float()], dim=1)  # (N, C - 1 + H, A)
+        pred = self.model.predict_latents(self.context[None].expand(n, -1, -1), h, steps, shared_context=True)
+        cost = (pred[:, -1].float() - self.goal.float()).pow(2).mean(-1)  # (N,)
+        return cost + proprio_cost(actions, self.goal_action, self.action_scale, self.proprio_weight)
