@@ -57,7 +57,7 @@ IMAGE, FRAMES, CLIP = 32, 16, 8  # frame side, frames per episode, frames per st
 NOISE = 0.5  # query noise of the retrieval test, relative to the RMS spread of the stored states about their mean
 A_STEPS = (600, 150)  # A's stage-1 and stage-2 steps (~2 + 4 min on one quiet core)
 B_STEPS = 300  # steps on B, plain and with EWC alike (long enough that plain training measurably forgets A)
-# train.loss.ewc, chosen on seed 2 (not a bench seed; BENCHMARKS.md): the least forgetting among the lambdas whose
+# train.loss.ewc, chosen on seed 2 (not a bench seed; docs/benchmarks/history.md): the least forgetting among the lambdas whose
 # B gain ratio is >= 0.5, i.e. B is still learned
 LAMBDA = 1.4e9
 RECON = ("sbd", "frame", "rollout")  # the pixel terms of the loss: A's reconstruction and its predicted frames

@@ -38,7 +38,7 @@ class LossWeights:
     rollout: float = 1.0  # open-loop loss: decoded frames of steps predicted from predictions (stage 2)
     # lambda of the EWC penalty 1/2 sum F (theta - theta*)^2 while training on a later task (hclsm train --continual);
     # large because the Fisher is small (squared gradients: ~5e-7 on average for the tiny HCLSM). Chosen by hclsm
-    # bench memory's sweep on a separate seed (BENCHMARKS.md): 1e6-1e8 barely act there; the Fisher's scale follows
+    # bench memory's sweep on a separate seed (docs/benchmarks/history.md): 1e6-1e8 barely act there; the Fisher's scale follows
     # the loss's, so re-choose it for another model or loss
     ewc: float = 1.4e9
 
