@@ -157,6 +157,23 @@ def _cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from hclsm.models.pretrained import save_pretrained
+    from hclsm.runs import Run
+
+    if extra:
+        raise HclsmError(f"hclsm export takes no config overrides (got --{extra[0]}); it writes a run's own model")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HclsmError(f"{out} exists and is not an empty directory; choose a new directory to export into")
+    run = Run(args.run)
+    model = run.load_model()
+    save_pretrained(model, out)
+    print(f"exported {type(model).__name__} of {run.dir} (checkpoint {run.checkpoint.name}) to {out}: "
+          f"config.json, model.safetensors; load it with hclsm.models.from_pretrained({str(out)!r})")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from hclsm.planning.planners import PlannerConfig
     from hclsm.planning.run import format_summary, run_plan
@@ -262,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", choices=PRESETS, default="tiny", help="model preset (default tiny)")
     i.add_argument("--model", choices=MODEL_NAMES, default=None, help="model name (default: the preset's, hclsm)")
     i.set_defaults(func=_cmd_info)
+
+    x = sub.add_parser("export", help="write a run's model in the hub's layout (config.json + model.safetensors)",
+                       description="Write the model of a training run (`hclsm train`, `hclsm demo`) with its newest "
+                                   "checkpoint to DIR as config.json + model.safetensors, the layout of the Hugging "
+                                   "Face hub: hclsm.models.from_pretrained(DIR) loads it.")
+    x.add_argument("run", help="the run directory (OUT/NAME of `hclsm train` or `hclsm demo`)")
+    x.add_argument("out", help="a new (or empty) directory to write")
+    x.set_defaults(func=_cmd_export)
 
     c = sub.add_parser("plan", help="plan with a trained HCLSM in the PushT simulator (CEM or MPPI)",
                        description="Closed-loop goal reaching in the real PushT simulator with a trained HCLSM: start "

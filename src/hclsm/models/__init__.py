@@ -1,10 +1,14 @@
-"""Models: assemble ``hclsm.nn`` blocks. ``build_model(cfg.model)`` picks one by ``cfg.model.name``."""
+"""Models: assemble ``hclsm.nn`` blocks. ``build_model(cfg.model)`` picks one by ``cfg.model.name``;
+``save_pretrained`` / ``from_pretrained`` write and read a trained one in the hub's layout."""
 from __future__ import annotations
 
 from torch import nn
 
 from hclsm.config.model import ModelConfig
 from hclsm.errors import HclsmError
+from hclsm.models.pretrained import from_pretrained, save_pretrained
+
+__all__ = ["build_model", "from_pretrained", "save_pretrained"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -49,6 +49,7 @@ from torch.nn import functional as F
 
 from hclsm import keys
 from hclsm.config.model import ModelConfig
+from hclsm.models.pretrained import Pretrained
 from hclsm.nn.encoders import build_encoder
 from hclsm.nn.ssm import SSMStack
 
@@ -128,7 +129,7 @@ class FlatRollout:
     latents: torch.Tensor  # (B, H, d) predicted latents
 
 
-class FlatSSM(nn.Module):
+class FlatSSM(Pretrained, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

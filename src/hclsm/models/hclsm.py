@@ -48,6 +48,7 @@ from hclsm.config.model import ModelConfig
 from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics, fold, tile_batch
 from hclsm.models.interventions import Intervention, apply_to_state
 from hclsm.models.objects import ObjectDecomposer, ObjectOutput
+from hclsm.models.pretrained import Pretrained
 from hclsm.nn.chunks import map_chunks
 from hclsm.nn.events import gather_steps
 from hclsm.nn.matching import permute, sinkhorn_match
@@ -101,7 +102,7 @@ def align_targets(online: ObjectOutput, target: ObjectOutput) -> tuple[torch.Ten
     return (torch.cat([target.slots[:, :, :bg], slots], dim=2), torch.cat([target.alive[:, :, :bg], alive], dim=2))
 
 
-class HCLSM(nn.Module):
+class HCLSM(Pretrained, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

@@ -23,6 +23,7 @@ from torch import nn
 
 from hclsm import keys
 from hclsm.config.model import ModelConfig
+from hclsm.models.pretrained import Pretrained
 from hclsm.models.slot_tasks import VideoPredictor
 from hclsm.models.slotssm import OCSlotSSM, OCSlotSSMConfig, resize_video
 
@@ -35,7 +36,7 @@ class SlotWorldOutput:
     masks: torch.Tensor | None = None  # oc_slotssm: (B, T, R, R) slot ids (argmax of the alphas)
 
 
-class SlotSSMWorld(nn.Module):
+class SlotSSMWorld(Pretrained, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -50,7 +51,7 @@ class SlotSSMWorld(nn.Module):
         return SlotWorldOutput(losses={"frame": nn.functional.mse_loss(pred, video[:, 1:])}, predictions=pred)
 
 
-class OCSlotSSMWorld(nn.Module):
+class OCSlotSSMWorld(Pretrained, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
