@@ -105,6 +105,21 @@ def test_the_background_layer_paints_the_static_scene_and_the_loss_weighs_what_m
     assert "decoder.static" not in plain.state_dict()
 
 
+def test_object_content_is_bounded_like_the_pixels_it_draws():
+    """With pixel targets the object slots' content is in [0, 1] (so a half-transparent object cannot brighten itself
+    to make up for the background showing through); the background layer's is not squashed."""
+    torch.manual_seed(0)
+    net = ObjectDecomposer(small_cfg().model)
+    with torch.no_grad():
+        for p in net.decoder.parameters():
+            p.mul_(50)  # large raw outputs
+        content, _ = net.decoder.decode(torch.randn(2, 5, 16), torch.rand(2, 5, 2) * 2 - 1)
+    assert content[:, 1:].min() >= 0 and content[:, 1:].max() <= 1
+    assert content[:, 0].abs().max() > 1  # the background is a plain linear map
+    free = ObjectDecomposer(small_cfg("model.decoder.bounded_content=false").model)
+    assert not free.decoder.bounded
+
+
 def test_model_output_shapes_counts_and_background_is_always_alive():
     torch.manual_seed(0)
     model = build_model(small_cfg().model).eval()

@@ -150,6 +150,9 @@ class DecoderConfig:
     relative_positions: bool = True  # broadcast slot-relative coordinates (translation-equivariant decoding)
     upsample: str = "subpixel"  # one of UPSAMPLERS
     fourier_octaves: int = 0  # sin/cos octaves of the relative coordinates (0 = the coordinates alone)
+    # object content squashed into [0, 1] like the pixels (pixel targets): a half-transparent object cannot make up for
+    # the background showing through, so the reconstruction asks for opaque objects and sharp masks
+    bounded_content: bool = True
     # the background slot paints the training frames' per-pixel median (the static scene) plus its own constant,
     # instead of a constant alone; set from the data when training starts
     static_background: bool = False

@@ -230,3 +230,49 @@ class FlatSSM(Pretrained, nn.Module):
         """
         pred = self.predict_latents(self.encode(video), horizon, action)
         return FlatRollout(self.decode(pred), pred)
+def _encoder_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):  # no memory, no initialisation cost: only the shapes are needed
+        encoder = build_encoder(cfg.perception)
+    return sum(p.numel() for p in encoder.parameters())
+
+
+def _latent_params(cfg: ModelConfig, d: int) -> int:
+    """Trainable parameters of everything but the encoder at latent width ``d`` (module docstring)."""
+    w, c, a, ch = cfg.perception.d_world, cfg.decoder.hidden, cfg.d_action, cfg.perception.channels
+    l0 = cfg.dynamics.l0
+    n_down, p = pool_halvings(cfg.perception.grid_size)
+    n_up, s0 = decoder_doublings(cfg.decoder.resolution)
+    e, r = l0.expand * d, math.ceil(d / 16)
+    pool = 9 * w * c + c + (n_down - 1) * (9 * c * c + c) + c * p * p * d + d
+    action = a * d + d if a > 0 else 0
+    ssm = l0.blocks * (2 * d + 3 * d * e + e * (l0.d_conv + 2 * r + 3 * l0.d_state + 3)) + 2 * d
+    head = 4 * d * d + 5 * d
+    decoder = c * s0 * s0 * d + c * s0 * s0 + n_up * (16 * c * c + c) + 9 * ch * c + ch
+    return pool + action + ssm + head + decoder
+
+
+def flat_parameter_count(cfg: ModelConfig) -> int:
+    """Trainable parameters of ``FlatSSM(cfg)``, from the formula in the module docstring (no build)."""
+    return _encoder_params(cfg) + _latent_params(cfg, cfg.slots.d_slot)
+
+
+def flat_config_matching(cfg: ModelConfig, target_params: int, tolerance: float = 0.15) -> ModelConfig:
+    """A ``flat_ssm`` config of about ``target_params`` trainable parameters (e.g. an HCLSM's, EMA copies
+    excluded): ``cfg``'s encoder, SSM depth and decoder width, with the latent width ``slots.d_slot`` the
+    multiple of WIDTH_STEP whose count is nearest. Raises ValueError when none lands within ``tolerance``
+    (relative), e.g. when the encoder and convolutions alone already exceed the target."""
+    fixed = _encoder_params(cfg)
+
+    def count(d: int) -> int:
+        return fixed + _latent_params(cfg, d)
+
+    d = WIDTH_STEP
+    while count(d + WIDTH_STEP) <= target_params:  # the count grows with d: the last width not above the target
+        d += WIDTH_STEP
+    best = min((d, d + WIDTH_STEP), key=lambda k: abs(count(k) - target_params))
+    if abs(count(best) - target_params) > tolerance * target_params:
+        raise ValueError(f"no flat SSM latent width reaches {target_params:,} parameters within "
+                         f"{tolerance:.0%}: the nearest is d={best} with {count(best):,} (of which the encoder "
+                         f"is {fixed:,}); change the encoder or decoder.hidden")
+    cfg = copy.deepcopy(cfg)  # no sub-config shared with the caller's
+    return replace(cfg, name="flat_ssm", slots=replace(cfg.slots, d_slot=best))

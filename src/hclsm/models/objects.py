@@ -101,7 +101,8 @@ class ObjectDecomposer(nn.Module):
         self.existence = ExistenceHead(s.d_slot) if s.dynamic else None
         self.birth = BirthSeeder(s.d_slot) if s.dynamic else None
         self.d_out = p.channels if d.target == "pixels" else p.d_world
-        self.decoder = SpatialBroadcastDecoder(s.d_slot, self.d_out, d, background=s.background)
+        self.decoder = SpatialBroadcastDecoder(s.d_slot, self.d_out, d, background=s.background,
+                                               bounded=d.bounded_content and d.target == "pixels")
         # DINOSAUR-style target: an EMA copy of the encoder (no gradient), updated by update_target()
         self.target_encoder = None
         if d.target == "features":

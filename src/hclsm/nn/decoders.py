@@ -20,7 +20,12 @@ Two ways to reach the output resolution (``DecoderConfig.upsample``):
 With ``background`` the first slot is decoded differently: a spatially constant target value and alpha
 logit (a linear map of the slot). The background layer can then only fill in behind the objects; it
 cannot paint a moving object itself, which a full per-pixel decoder on a slot that attends to the
-whole frame learns to do (and then every object slot is redundant). With ``DecoderConfig.static_background``
+whole frame learns to do (and then every object slot is redundant).
+
+With ``bounded`` (pixel targets, ``DecoderConfig.bounded_content``) an object's content is squashed into [0, 1] like
+the pixels it draws. Unbounded, a half-transparent object can brighten its content to make up for the background
+showing through, and the reconstruction then barely asks for opaque objects: masks go soft and their argmax loses
+the objects' edges (measured: the background kept a median alpha of 0.17 inside the balls). With ``DecoderConfig.static_background``
 the layer paints the dataset's static scene instead of a flat colour: a fixed image (``set_static``, the
 per-pixel median of the training frames) plus the slot's constant offset (a scene with a textured floor or a
 fixed goal marking, as PushT's, is then background, not an object).
@@ -47,9 +52,9 @@ def fourier_features(xy: torch.Tensor, octaves: int) -> torch.Tensor:
 
 
 class SpatialBroadcastDecoder(nn.Module):
-    def __init__(self, d_slot: int, d_out: int, cfg: DecoderConfig, background: bool = False):
+    def __init__(self, d_slot: int, d_out: int, cfg: DecoderConfig, background: bool = False, bounded: bool = False):
         super().__init__()
-        self.cfg, self.d_out = cfg, d_out
+        self.cfg, self.d_out, self.bounded = cfg, d_out, bounded
         self.background = nn.Linear(d_slot, d_out + 1) if background else None
         # the static scene the background layer paints (zeros = a flat colour); saved with the weights when used
         self.register_buffer("static", torch.zeros(d_out, cfg.resolution, cfg.resolution),
@@ -123,6 +128,8 @@ class SpatialBroadcastDecoder(nn.Module):
         out = self._run(slots, self._position_features(positions))  # (B*K, d_out + 1, R, R)
         r = out.shape[-1]
         out = out.reshape(b, k, self.d_out + 1, r, r)
+        if self.bounded:  # object content in [0, 1], as the pixels it draws
+            out = torch.cat([torch.sigmoid(out[:, :, :self.d_out]), out[:, :, self.d_out:]], dim=2)
         if self.background is not None:  # the layer behind the objects: a constant (plus the static scene)
             flat = self.background(bg_slot)[..., None, None].expand(-1, -1, -1, r, r)  # (B, 1, d_out + 1, R, R)
             if self.cfg.static_background:
