@@ -230,6 +230,8 @@ class FlatSSM(Pretrained, nn.Module):
         """
         pred = self.predict_latents(self.encode(video), horizon, action)
         return FlatRollout(self.decode(pred), pred)
+
+
 def _encoder_params(cfg: ModelConfig) -> int:
     with torch.device("meta"):  # no memory, no initialisation cost: only the shapes are needed
         encoder = build_encoder(cfg.perception)
