@@ -9,7 +9,8 @@ clipping, AdamW, then the model's EMA target update. A step whose loss or gradie
 is skipped (no update), reported on stderr and in the log, and counted; nothing is clamped.
 
 A run directory holds ``config.yaml``, ``log.jsonl``, ``tb/`` (TensorBoard), ``checkpoints/`` and,
-at the end, ``summary.json``. ``train(..., resume=True)`` continues a run from its newest checkpoint:
+at the end, ``summary.json``; with ``train.wandb`` also ``wandb/`` and ``wandb_id`` (``hclsm.train.logging``).
+``train(..., resume=True)`` continues a run from its newest checkpoint:
 weights, optimizer, step, the batch sampler's stream and the global RNGs are restored, so on the CPU
 the resumed run ends with the same weights, bit for bit, as one never interrupted.
 
@@ -51,7 +52,7 @@ from hclsm.train.data import run_clips
 from hclsm.train.checkpoint import load_checkpoint, read_checkpoint_tensors, read_optimizer_state, save_checkpoint
 from hclsm.train.ewc import EWC
 from hclsm.train.step import StepResult, out_of_memory, train_step
-from hclsm.train.logging import RunLogger
+from hclsm.train.logging import RunLogger, require_wandb
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.train.rundir import (check_run_dir, default_run_dir, first_new_dir, repair_for_resume,
                                resume_checkpoint)
@@ -181,6 +182,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
     ``MAX_CONSECUTIVE_SKIPS`` non-finite steps in a row.
     """
     t = cfg.train
+    if t.wandb:  # asked for and not installed: said before anything is read or written
+        require_wandb()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if resume:
         resume_from = resume_checkpoint(run_dir)
@@ -253,7 +256,14 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
             save_config(cfg, run_dir / "config.yaml")
         else:
             repair_for_resume(run_dir, step)
-    logger: RunLogger | _NoLogger = RunLogger(run_dir) if world.main else _NoLogger()
+    logger: RunLogger | _NoLogger = _NoLogger()
+    if world.main:
+        try:
+            logger = RunLogger(run_dir, wandb=t.wandb_project if t.wandb else None, config=config_to_dict(cfg))
+        except BaseException:  # e.g. W&B would not start: leave no half-made run
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
     if resume_from is not None:
         logger.log({"step": step, "event": "resumed", "checkpoint": str(resume_from)}, scalars=False)
     budget = 60.0 * t.max_minutes
