@@ -286,8 +286,8 @@ class ObjectDecomposer(nn.Module):
 
     @torch.no_grad()
     def prepare(self, clips) -> None:
-        """Before training, from the training clips (``MemoryClips``): the static scene the background layer paints
-        (their per-pixel median frame), when ``model.decoder.static_background``."""
+        """Before training, from the training clips (``MemoryClips`` or ``StreamingClips``): the static scene the
+        background layer paints (their per-pixel median frame), when ``model.decoder.static_background``."""
         if self.cfg.decoder.static_background and self.decoder.background is not None:
             self.decoder.set_static(clips.median_frame())
 

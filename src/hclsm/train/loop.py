@@ -1,8 +1,8 @@
 """The one training loop, for every model.
 
-``train(cfg, data_root)`` loads the dataset into memory (a train / val split of its episodes), builds
-the model (or takes one), and runs AdamW with warmup + cosine over ``cfg.train.steps`` optimizer steps
-(or until ``cfg.train.max_minutes`` of wall-clock, whichever comes first), switching from stage 1 to
+``train(cfg, data_root)`` loads the dataset into memory, or streams it when it would not fit (a train / val split
+of its episodes, ``hclsm.train.data.run_clips``), builds the model (or takes one), and runs AdamW with
+warmup + cosine over ``cfg.train.steps`` optimizer steps (or until ``cfg.train.max_minutes`` of wall-clock, whichever comes first), switching from stage 1 to
 stage 2 as ``TrainConfig.stage_at`` says. Each step (``hclsm.train.step.train_step``): forward (optionally under bf16 autocast), the
 weighted sum of the model's unweighted losses (``LossWeights.weight``), backward, global-norm
 clipping, AdamW, then the model's EMA target update. A step whose loss or gradient norm is not finite
@@ -45,7 +45,8 @@ from torch import nn
 from tqdm import tqdm
 
 from hclsm.config import Config, config_to_dict, save_config
-from hclsm.data.memory import MemoryClips
+from hclsm.data.memory import ClipWindows
+from hclsm.data.streaming import StreamingClips
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
 from hclsm.train.data import run_clips
@@ -60,7 +61,7 @@ from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.utils.allocator import keep_freed_memory
 from hclsm.utils.atomic import atomic_write_text
 
-EvalFn = Callable[[nn.Module, MemoryClips], Mapping[str, float]]
+EvalFn = Callable[[nn.Module, ClipWindows], Mapping[str, float]]
 MAX_CONSECUTIVE_SKIPS = 25  # this many non-finite steps in a row end the run as diverged
 
 
@@ -140,7 +141,7 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(model: nn.Module, eval_fn: EvalFn, clips: MemoryClips) -> dict[str, float]:
+def evaluate(model: nn.Module, eval_fn: EvalFn, clips: ClipWindows) -> dict[str, float]:
     """``eval_fn(model, clips)`` in eval mode without gradients; the model is put back in train mode."""
     model.eval()
     try:
@@ -215,7 +216,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
     torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
     keep_freed_memory()  # no page faults on every step's activations (hclsm.utils.allocator)
 
-    # data: every chosen episode in memory, at the model's frame size
+    # data: every chosen episode in memory, at the model's frame size, or streamed when it would not fit (data.streaming)
     train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
     if val_clips is None and eval_fn is not None:
         _warn(f"no held-out clips in {train_clips.source.name} (val episodes {val_eps}); evaluation is off")
@@ -394,7 +395,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         "skipped_steps": skipped, "final_losses": finite_or_none(last_losses), "val": finite_or_none(metrics),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "train_episodes": len(train_clips.episodes), "val_episodes": len(val_eps) if val_clips is not None else 0,
-        "train_clips": len(train_clips), "processes": world.world,
+        "train_clips": len(train_clips), "streamed": isinstance(train_clips, StreamingClips), "processes": world.world,
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "ewc_tasks": ewc.tasks if ewc is not None else 0,
     }
