@@ -92,6 +92,25 @@ class ClipConfig:
 
 @dataclass
 class DataConfig:
+    """The generators' configs, clip sampling, and where a run keeps its decoded frames.
+
+    A run's clips come from memory (every episode decoded once, ``hclsm.data.memory.MemoryClips``) or are streamed
+    (decoded when a batch needs them, ``hclsm.data.streaming.StreamingClips``); both give the same batches, so the
+    choice changes speed and memory, never the run. ``streaming: auto`` streams when the decoded frames of the
+    run's episodes (train and held-out) would take more than ``memory_mb``."""
+
     pusht: PushTDataConfig = field(default_factory=PushTDataConfig)
     physics: PhysicsDataConfig = field(default_factory=PhysicsDataConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    streaming: bool | str = "auto"  # auto, true (always stream) or false (always in memory)
+    memory_mb: float = 8192.0  # MiB of decoded frames above which auto streams; also what a streaming split may cache
+    cache_episodes: int = 16  # decoded episodes a streaming split keeps (least recently used dropped first)
+
+    def __post_init__(self) -> None:
+        _check(self.streaming in (True, False, "auto"), "data.streaming",
+               f"must be auto, true or false, got {self.streaming!r}")
+        _check(isinstance(self.memory_mb, (int, float)) and not isinstance(self.memory_mb, bool)
+               and 0 < self.memory_mb < float("inf"), "data.memory_mb",
+               f"must be a number of MiB > 0, got {self.memory_mb!r}")
+        _check(isinstance(self.cache_episodes, int) and self.cache_episodes >= 1, "data.cache_episodes",
+               f"must be an integer >= 1, got {self.cache_episodes!r}")

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 
 from hclsm.errors import ConfigError
 
-ENCODERS = ("cnn", "vit")  # cnn: small conv stack (CPU presets); vit: patch ViT (the seed's encoder)
+# cnn: small conv stack (CPU presets); vit: patch ViT (the seed's encoder); dinov2: a frozen pretrained DINOv2
+ENCODERS = ("cnn", "vit", "dinov2")
+PRETRAINED_PATCH = {"dinov2": 14}  # the frozen backbones (hclsm.nn.encoders.DINOv2Encoder) and their patch sides
 STEMS = ("patch", "conv")  # how the cnn encoder reaches its token grid (see hclsm.nn.encoders.CNNEncoder)
-DECODER_TARGETS = ("pixels", "features")  # features = EMA-encoder patch features (DINOSAUR-style)
+# features = encoder patch features (DINOSAUR-style): the frozen backbone's, else an EMA copy of the encoder's
+DECODER_TARGETS = ("pixels", "features")
 UPSAMPLERS = ("subpixel", "smooth", "transposed")  # how the decoder reaches its resolution (hclsm.nn.decoders)
 MODEL_NAMES = ("hclsm", "flat_ssm", "slotssm", "oc_slotssm", "cjepa")  # flat_ssm: the no-slot baseline
 
@@ -53,7 +56,10 @@ def check_heads(d: int, heads: int, prefix: str, d_name: str = "d_model") -> Non
 
 @dataclass
 class PerceptionConfig:
-    """Frame encoder: (B,T,C,H,W) -> (B,T,M,d_world) tokens, M = (image_size / patch_size)^2."""
+    """Frame encoder: (B,T,C,H,W) -> (B,T,M,d_world) tokens, M = (image_size / patch_size)^2.
+
+    ``encoder=dinov2`` reads a frozen pretrained DINOv2 from ``weights`` (its patch side, 14, is ``patch_size``;
+    ``d_model``, ``layers``, ``heads`` and ``max_frames`` are the trained encoders' and go unused)."""
 
     encoder: str = "cnn"  # one of ENCODERS
     image_size: int = 64  # frames are resized to image_size x image_size
@@ -66,11 +72,15 @@ class PerceptionConfig:
     d_world: int = 64  # width of the fused token space the slots read from
     max_frames: int = 32  # size of the learned temporal position embedding
     dropout: float = 0.0
+    # encoder=dinov2: a directory saved by transformers' save_pretrained, or a hub id already in the local
+    # Hugging Face cache (nothing is downloaded)
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         p = "model.perception"
         check_one_of(self.encoder, f"{p}.encoder", ENCODERS)
         check_one_of(self.stem, f"{p}.stem", STEMS)
+        self._check_pretrained(p)
         check_min(self, p, 1, "image_size", "channels", "patch_size", "d_model", "layers", "heads", "d_world",
                   "max_frames")
         check(self.channels == 3, f"{p}.channels",
@@ -82,6 +92,29 @@ class PerceptionConfig:
         if self.encoder == "cnn":
             check(self.patch_size & (self.patch_size - 1) == 0, f"{p}.patch_size",
                   f"must be a power of two for the cnn encoder (its stride-2 layers), got {self.patch_size}")
+
+    def _check_pretrained(self, p: str) -> None:
+        """A frozen backbone needs its weights and its own patch side; the trained encoders take no weights."""
+        patch = PRETRAINED_PATCH.get(self.encoder)
+        if patch is None:
+            check(self.weights is None, f"{p}.weights",
+                  f"only a pretrained encoder ({', '.join(PRETRAINED_PATCH)}) loads weights; drop it or set "
+                  f"{p}.encoder=dinov2, got {self.weights!r} with encoder {self.encoder!r}")
+            return
+        check(isinstance(self.weights, str) and self.weights.strip() != "", f"{p}.weights",
+              f"the {self.encoder} encoder is a frozen pretrained backbone: set it to a directory saved by "
+              f"transformers' save_pretrained (see the README, 'Pretrained perception'), got {self.weights!r}")
+        check(self.patch_size == patch, f"{p}.patch_size",
+              f"must be {patch} for the {self.encoder} encoder (its patch side), got {self.patch_size}; "
+              f"set {p}.patch_size={patch}")
+        check(isinstance(self.image_size, int) and self.image_size % patch == 0, f"{p}.image_size",
+              f"must be a multiple of {self.encoder}'s patch ({patch}), e.g. {4 * patch} or {16 * patch}, "
+              f"got {self.image_size!r}")
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the encoder is a frozen pretrained backbone (its features are the feature target)."""
+        return self.encoder in PRETRAINED_PATCH
 
     @property
     def grid_size(self) -> int:
@@ -137,8 +170,9 @@ class DecoderConfig:
     run through ``layers`` layers of width ``hidden`` and ``kernel`` (1 = a per-cell MLP), then brought to
     ``resolution`` by ``upsample``: ``subpixel`` (each cell emits its own block of output pixels; cheap) or
     ``transposed`` (stride-2 transposed convolutions; the original layout). Pixel targets are the frames
-    resized to ``resolution``; feature targets are the EMA target encoder's tokens (then ``resolution`` must
-    equal the perception grid).
+    resized to ``resolution``; feature targets are a frozen pretrained backbone's patch features
+    (``perception.encoder=dinov2``), else the EMA target encoder's tokens (either way ``resolution`` must equal
+    the perception grid).
     """
 
     target: str = "pixels"  # one of DECODER_TARGETS
@@ -351,4 +385,6 @@ class ModelConfig:
               f"{grid}x{grid}) the slots compete for, got {self.slots.num_slots}")
         if self.decoder.target == "features":
             check(self.decoder.resolution == grid, "model.decoder.resolution",
-                  f"must equal the perception grid ({grid}) for feature targets, got {self.decoder.resolution}")
+                  f"must equal the perception grid ({grid}: model.perception.image_size / patch_size) for feature "
+                  f"targets, got {self.decoder.resolution}; set model.decoder.resolution={grid} and "
+                  f"model.decoder.grid_size to it or a power-of-two fraction of it")

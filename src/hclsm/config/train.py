@@ -82,6 +82,8 @@ class TrainConfig:
     parallel: str = "ddp"
     seed: int = 0
     log_every: int = 25  # steps between log lines
+    wandb: bool = False  # also log to Weights & Biases (the hclsm[wandb] extra; WANDB_MODE=offline needs no account)
+    wandb_project: str = "hclsm"  # the W&B project the run is logged to
     eval_every: int = 500  # steps between evaluations; 0 = only at the end
     ckpt_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # checkpoints kept on disk
@@ -116,6 +118,8 @@ class TrainConfig:
         check_one_of(self.parallel, f"{p}.parallel", PARALLEL)
         check(isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device) is not None, f"{p}.device",
               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check(isinstance(self.wandb_project, str) and self.wandb_project.strip() != "", f"{p}.wandb_project",
+              f"must be a non-empty W&B project name, got {self.wandb_project!r}")
         check(isinstance(self.out_dir, str) and self.out_dir.strip() != "", f"{p}.out_dir",
               f"must be a non-empty path, got {self.out_dir!r}")
         if self.run_name is not None:

@@ -63,10 +63,12 @@ class LeRobotSource:
     """An ``EpisodeSource`` over a LeRobot v3 dataset directory.
 
     ``video_key`` picks the camera (default: ``observation.image`` if present, else the first video
-    feature). ``image_size`` resizes frames (and masks, nearest) to a square side on load.
+    feature). ``image_size`` resizes frames (and masks, nearest) to a square side on load. ``cache_size``: the
+    episodes' ground-truth mask files kept after reading them.
     """
 
-    def __init__(self, root: str | Path, video_key: str | None = None, image_size: int | None = None):
+    def __init__(self, root: str | Path, video_key: str | None = None, image_size: int | None = None,
+                 cache_size: int = 64):
         self.root = Path(root)
         self.name = str(self.root)
         self.image_size = image_size
@@ -86,7 +88,7 @@ class LeRobotSource:
             raise DataError(f"{self.root}: video key {video_key!r} not found; available: {videos}")
         self.video_key = video_key
         self.frame_size = self._frame_size()
-        self._npz = lru_cache(maxsize=64)(_load_npz)  # per dataset, so a rewritten dataset is never stale
+        self._npz = lru_cache(maxsize=cache_size)(_load_npz)  # per dataset, so a rewritten dataset is never stale
         self.episodes = self._load_episodes()
         self._load_frames()
 

@@ -6,6 +6,10 @@ RAM: frames as uint8 (4x smaller than float; 206 PushT episodes at 96 px take ~0
 narrowest integer type that holds them, everything else as the source gave it. A batch is then one
 gather per key. The windows are exactly those of ``clip_windows`` (and ``ClipDataset``).
 
+``ClipWindows`` is what every clip store shares (the windows, ``sample``, ``batches``, ``clips[i]``) and
+``load_episode`` the one way an episode is decoded for one, so a dataset too large for memory served by
+``hclsm.data.streaming.StreamingClips`` gives the same batches, value for value.
+
 ``open_dataset(root)`` picks the reader for a dataset directory (physics scenes or LeRobot v3).
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +37,10 @@ _PIXEL_KEYS = (keys.POSITIONS, keys.VELOCITIES)
 _MAKE_ONE = "make one with `hclsm data physics --out DIR` or `hclsm data pusht --out DIR`"
 
 
-def open_dataset(root: str | os.PathLike) -> EpisodeSource:
+def open_dataset(root: str | os.PathLike, cache_size: int = 64) -> EpisodeSource:
     """The reader of the dataset at ``root``: ``PhysicsSource`` (``meta.json``) or ``LeRobotSource``
-    (``meta/info.json``); anything else raises ``DataError`` saying how to make a dataset."""
+    (``meta/info.json``); anything else raises ``DataError`` saying how to make a dataset. ``cache_size``: the
+    episode files the reader keeps after reading them (0 for a clip store, which keeps decoded episodes itself)."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"dataset {root} does not exist; {_MAKE_ONE}")
@@ -43,11 +49,11 @@ def open_dataset(root: str | os.PathLike) -> EpisodeSource:
     if (root / "meta.json").is_file():
         from hclsm.data.physics import PhysicsSource
 
-        return PhysicsSource(root)  # checks the format and version itself
+        return PhysicsSource(root, cache_size=cache_size)  # checks the format and version itself
     if (root / "meta" / "info.json").is_file():
         from hclsm.data.lerobot_read import LeRobotSource
 
-        return LeRobotSource(root)
+        return LeRobotSource(root, cache_size=cache_size)
     raise DataError(f"{root} is not a dataset (no meta.json of a physics dataset, no meta/info.json of a LeRobot "
                     f"v3 dataset); {_MAKE_ONE}")
 
@@ -105,15 +111,53 @@ def _resize_episode(ep: dict[str, torch.Tensor], size: int) -> dict[str, torch.T
     return ep
 
 
-class MemoryClips:
-    """Clip windows over episodes held in memory.
+@dataclass
+class StoredEpisode:
+    """One episode as a clip store keeps it: frames uint8 (exact for 8-bit sources; resized ones round to 1/255),
+    masks in the narrowest integer type, everything else as the reader gave it."""
+
+    frames: dict[str, torch.Tensor]  # the per-frame keys, each (n, ...): video (n, 3, S, S) uint8
+    constants: dict[str, torch.Tensor]  # the per-episode keys (EPISODE_KEYS, or anything without n rows)
+    dtypes: dict[str, torch.dtype]  # the dtype the reader gave each key, which a batch serves it in
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.frames.values(), *self.constants.values()))
+
+
+def load_episode(source: EpisodeSource, episode: int, n: int, image_size: int | None) -> StoredEpisode:
+    """Episode ``episode`` (``n`` frames) of ``source``, checked and resized to ``image_size``, as stores keep it."""
+    ep = source.load_clip(episode, np.arange(n))
+    _check_frames(source.name, episode, n, ep.get(keys.VIDEO))
+    if image_size is not None:
+        ep = _resize_episode(ep, image_size)
+    stored = StoredEpisode({}, {}, {})
+    for k, v in ep.items():
+        stored.dtypes[k] = v.dtype
+        if k == keys.VIDEO:
+            v = (v * 255.0).round_().to(torch.uint8)
+        elif k == keys.MASK:
+            v = _narrow_int(v)
+        is_frame = k not in EPISODE_KEYS and v.dim() >= 1 and v.shape[0] == n
+        (stored.frames if is_frame else stored.constants)[k] = v
+    return stored
+
+
+def serve(key: str, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor as a batch holds it: video float32 in [0, 1], the rest in the reader's ``dtype``."""
+    return stored.float().div_(255.0) if key == keys.VIDEO else stored.to(dtype)
+
+
+class ClipWindows:
+    """The clip windows of a dataset's chosen episodes and the batch interface over them; subclasses hold the
+    frames (``MemoryClips``: every episode in memory; ``StreamingClips``: decoded on demand) and define ``get``
+    and ``median_frame``.
 
     Args:
         source: any ``EpisodeSource`` (``PhysicsSource``, ``LeRobotSource``, ...).
         clip: window length, frame skip and stride (as for ``ClipDataset``).
-        episodes: the episode indices to load (a split); ``None`` = all.
+        episodes: the episode indices to serve (a split); ``None`` = all.
         image_size: resize frames to this square side on load (area interpolation); ``None`` = as stored.
-        progress: show a tqdm bar while loading.
 
     ``sample(B, generator)`` draws B random windows; ``batches(B)`` walks all windows in order (for
     evaluation); ``clips[i]`` is one clip without the batch dimension. Every batch is a dict in the
@@ -121,11 +165,12 @@ class MemoryClips:
     """
 
     def __init__(self, source: EpisodeSource, clip: ClipConfig, episodes: Sequence[int] | None = None,
-                 image_size: int | None = None, progress: bool = True):
+                 image_size: int | None = None):
         self.source = source
         self.clip = clip
         self.image_size = image_size
-        lengths = [int(n) for n in source.episode_lengths]
+        self.lengths = [int(n) for n in source.episode_lengths]
+        lengths = self.lengths
         self.episodes = list(range(len(lengths)) if episodes is None else episodes)
         if not lengths:
             raise DataError(f"{source.name}: the dataset has no episodes; {_MAKE_ONE}")
@@ -142,7 +187,56 @@ class MemoryClips:
             raise DataError(f"{source.name}: a clip of length {clip.length} with frame_skip {clip.frame_skip} needs "
                             f"{span} frames but the longest chosen episode has {longest}; lower data.clip.length "
                             f"or data.clip.frame_skip")
-        self._load(lengths, progress)
+
+    def window_frames(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(episode (B,), frame indices (B, T)) of windows ``indices`` (positions in ``self.windows``)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)  # (B,)
+        win = torch.from_numpy(self.windows)[idx]  # (B, 2) episode, start
+        return win[:, 0], win[:, 1:2] + self.clip.frame_skip * torch.arange(self.clip.length)  # (B,), (B, T)
+
+    def median_rows(self, max_frames: int, seed: int) -> torch.Tensor | None:
+        """The frames ``median_frame`` takes, as rows of the chosen episodes' frames laid end to end (in
+        ``self.episodes`` order): an even draw of ``max_frames`` of them, or None for all."""
+        total = sum(self.lengths[e] for e in self.episodes)
+        if total <= max_frames:
+            return None
+        return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_frames]
+
+    def get(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of windows ``indices`` (positions in ``self.windows``)."""
+        raise NotImplementedError
+
+    def median_frame(self, max_frames: int = 2000, seed: int = 0) -> torch.Tensor:
+        """(C, H, W) float in [0, 1]: the per-pixel median of up to ``max_frames`` of the frames (an even draw
+        over all of them, ``median_rows``), the static scene wherever the objects move on."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Window ``i`` as one clip (no batch dimension)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range [0, {len(self)})")
+        return {k: v[0] for k, v in self.get([i % len(self)]).items()}
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``batch_size`` windows drawn uniformly at random (with replacement) using ``generator``."""
+        return self.get(torch.randint(len(self), (batch_size,), generator=generator))
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every window once, in order, ``batch_size`` at a time (the last batch may be smaller)."""
+        for first in range(0, len(self), batch_size):
+            yield self.get(torch.arange(first, min(first + batch_size, len(self))))
+
+
+class MemoryClips(ClipWindows):
+    """Clip windows over episodes held in memory (``ClipWindows``); ``progress`` shows a tqdm bar while loading."""
+
+    def __init__(self, source: EpisodeSource, clip: ClipConfig, episodes: Sequence[int] | None = None,
+                 image_size: int | None = None, progress: bool = True):
+        super().__init__(source, clip, episodes, image_size)
+        self._load(self.lengths, progress)
 
     def _load(self, lengths: list[int], progress: bool) -> None:
         per_frame: dict[str, list[torch.Tensor]] = {}
@@ -152,21 +246,15 @@ class MemoryClips:
         row = 0
         for e in tqdm(self.episodes, desc=f"loading {Path(self.source.name).name}", unit="ep", disable=not progress,
                       leave=False):
-            n = lengths[e]
-            ep = self.source.load_clip(e, np.arange(n))
-            _check_frames(self.source.name, e, n, ep.get(keys.VIDEO))
-            if self.image_size is not None:
-                ep = _resize_episode(ep, self.image_size)
-            for k, v in ep.items():
-                self._dtypes.setdefault(k, v.dtype)
-                if k == keys.VIDEO:  # exact for 8-bit sources; the resized frames round to 1/255
-                    v = (v * 255.0).round_().to(torch.uint8)
-                elif k == keys.MASK:
-                    v = _narrow_int(v)
-                is_frame = k not in EPISODE_KEYS and v.dim() >= 1 and v.shape[0] == n
-                (per_frame if is_frame else per_episode).setdefault(k, []).append(v)
+            stored = load_episode(self.source, e, lengths[e], self.image_size)
+            for k, dtype in stored.dtypes.items():
+                self._dtypes.setdefault(k, dtype)
+            for k, v in stored.frames.items():
+                per_frame.setdefault(k, []).append(v)
+            for k, v in stored.constants.items():
+                per_episode.setdefault(k, []).append(v)
             offsets[e] = row
-            row += n
+            row += lengths[e]
         self._offsets = torch.from_numpy(offsets)
         self._frames = {k: self._cat(k, v, torch.cat) for k, v in per_frame.items()}  # (sum of T, ...)
         self._per_episode = {k: self._cat(k, v, torch.stack) for k, v in per_episode.items()}  # (E, ...)
@@ -195,20 +283,13 @@ class MemoryClips:
         stores = (*self._frames.values(), *self._per_episode.values())
         return sum(t.numel() * t.element_size() for t in stores)
 
-    def __len__(self) -> int:
-        return len(self.windows)
-
     def get(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch of windows ``indices`` (positions in ``self.windows``)."""
-        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)  # (B,)
-        win = torch.from_numpy(self.windows)[idx]  # (B, 2) episode, start
-        episode, start = win[:, 0], win[:, 1]
-        frames = start[:, None] + self.clip.frame_skip * torch.arange(self.clip.length)  # (B, T)
+        episode, frames = self.window_frames(indices)  # (B,), (B, T)
         rows = self._offsets[episode][:, None] + frames  # (B, T) rows in the per-frame store
         out: dict[str, torch.Tensor] = {}
         for k, store in self._frames.items():
-            v = store[rows]  # (B, T, ...)
-            out[k] = v.float().div_(255.0) if k == keys.VIDEO else v.to(self._dtypes[k])
+            out[k] = serve(k, store[rows], self._dtypes[k])  # (B, T, ...)
         ep_rows = self._episode_row[episode]  # (B,)
         for k, store in self._per_episode.items():
             out[k] = store[ep_rows].to(self._dtypes[k])
@@ -217,25 +298,9 @@ class MemoryClips:
         return out
 
     def median_frame(self, max_frames: int = 2000, seed: int = 0) -> torch.Tensor:
-        """(C, H, W) float in [0, 1]: the per-pixel median of up to ``max_frames`` of the loaded frames (an even
-        draw over all of them), the static scene wherever the objects move on."""
-        video = self._frames[keys.VIDEO]  # (N, C, H, W) uint8
-        if len(video) > max_frames:
-            video = video[torch.randperm(len(video), generator=torch.Generator().manual_seed(seed))[:max_frames]]
+        video = self._frames[keys.VIDEO]  # (N, C, H, W) uint8, the episodes end to end
+        rows = self.median_rows(max_frames, seed)
+        if rows is not None:
+            video = video[rows]
         return video.float().div_(255.0).median(dim=0).values
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """Window ``i`` as one clip (no batch dimension)."""
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"window {i} out of range [0, {len(self)})")
-        return {k: v[0] for k, v in self.get([i % len(self)]).items()}
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``batch_size`` windows drawn uniformly at random (with replacement) using ``generator``."""
-        return self.get(torch.randint(len(self), (batch_size,), generator=generator))
-
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Every window once, in order, ``batch_size`` at a time (the last batch may be smaller)."""
-        for first in range(0, len(self), batch_size):
-            yield self.get(torch.arange(first, min(first + batch_size, len(self))))
 

@@ -108,15 +108,19 @@ class HCLSM(Pretrained, nn.Module):
         self.cfg = cfg
         self.objects = ObjectDecomposer(cfg)
         self.dynamics = HierarchicalDynamics(cfg)
-        # stage 2's prediction targets: an EMA copy of the object layers (no gradient; update_target)
-        self.target_objects = copy.deepcopy(self.objects).requires_grad_(False)
+        # stage 2's prediction targets: an EMA copy of the object layers (no gradient; update_target). A frozen
+        # pretrained backbone (model.perception.encoder=dinov2) is shared, not copied: it never changes
+        backbone = getattr(self.objects.encoder, "backbone", None)
+        shared = {} if backbone is None else {id(backbone): backbone}
+        self.target_objects = copy.deepcopy(self.objects, shared).requires_grad_(False)
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
         """EMA update of the target object layers (and the decoder's feature-target encoder)."""
         self.objects.update_target(tau)
         for t, o in zip(self.target_objects.parameters(), self.objects.parameters()):
-            t.lerp_(o.detach(), 1 - tau)
+            if t is not o:  # a shared frozen backbone is its own target
+                t.lerp_(o.detach(), 1 - tau)
 
     @torch.no_grad()
     def prepare(self, clips) -> None:
@@ -146,7 +150,8 @@ class HCLSM(Pretrained, nn.Module):
         dyn = self.dynamics(out.slots, out.positions, out.gate, action)
         self.target_objects.eval()  # deterministic targets: no sampled gates, no query noise
         with torch.no_grad(), scope("loss/jepa_targets"):
-            tgt_slots, tgt_alive = align_targets(out, self.target_objects(video, rules=False))
+            # a frozen backbone's features are the same for both passes: computed once, by the online one
+            tgt_slots, tgt_alive = align_targets(out, self.target_objects(video, rules=False, features=out.features))
         losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
         if dyn.graph is not None and self.dynamics.graph is not None:
             with scope("loss/causal"):

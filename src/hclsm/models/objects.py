@@ -23,6 +23,10 @@ The decoder composites alive slots only. A slot is *born* at frame t when it is 
 at t-1, and *dies* when the reverse happens. The background slot (index 0, when ``slots.background``) is
 always alive and never counted.
 
+With a frozen pretrained encoder (``model.perception.encoder=dinov2``) the slots read a trained projection of the
+backbone's patch features, and a feature-target decoder (``model.decoder.target=features``) reconstructs those
+features themselves (DINOSAUR): they are fixed, so no EMA copy of the encoder is kept.
+
 Losses (unweighted, by name): ``sbd`` reconstruction MSE; ``diversity`` a squared hinge on the cosine
 similarity of pairs of alive object slots above ``DIVERSITY_MARGIN`` (duplicate suppression); ``existence`` the sparsity prior ``-log(1 - p_alive)`` averaged over
 object slots, its weight ramped in over training (a dead slot costs nothing); ``object_area`` the
@@ -61,11 +65,12 @@ class ObjectOutput:
     gate: torch.Tensor  # (B, T, K) float alive gate as used (carries the straight-through gradient in training)
     alphas: torch.Tensor  # (B, T, K, R, R) compositing masks, sum to 1 over alive slots
     recon: torch.Tensor  # (B, T, C, R, R) decoded target
-    target: torch.Tensor  # (B, T, C, R, R) what was reconstructed (resized frames or EMA features)
+    target: torch.Tensor  # (B, T, C, R, R) what was reconstructed (resized frames, backbone or EMA features)
     attn: torch.Tensor  # (B, T, M, K) last slot-attention map per frame
     births: torch.Tensor  # (B, T, K) bool, alive now and dead on the previous frame
     deaths: torch.Tensor  # (B, T, K) bool, dead now and alive on the previous frame
     has_background: bool
+    features: torch.Tensor | None = None  # (B, T, M, D) the frozen backbone's features (a pretrained encoder only)
 
     @property
     def object_alive(self) -> torch.Tensor:
@@ -100,12 +105,16 @@ class ObjectDecomposer(nn.Module):
         # existence and birth exist only with dynamic slots (the fixed-slot baseline keeps all N_max alive)
         self.existence = ExistenceHead(s.d_slot) if s.dynamic else None
         self.birth = BirthSeeder(s.d_slot) if s.dynamic else None
-        self.d_out = p.channels if d.target == "pixels" else p.d_world
+        self.pretrained = p.pretrained  # a frozen backbone: its features are the slots' inputs (projected) and target
+        if d.target == "pixels":
+            self.d_out = p.channels
+        else:
+            self.d_out = self.encoder.feature_dim if self.pretrained else p.d_world
         self.decoder = SpatialBroadcastDecoder(s.d_slot, self.d_out, d, background=s.background,
                                                bounded=d.bounded_content and d.target == "pixels")
-        # DINOSAUR-style target: an EMA copy of the encoder (no gradient), updated by update_target()
+        # DINOSAUR-style target of a trained encoder: an EMA copy of it (no gradient), updated by update_target()
         self.target_encoder = None
-        if d.target == "features":
+        if d.target == "features" and not self.pretrained:
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.register_buffer("coords", coord_grid(p.grid_size), persistent=False)  # (M, 2)
 
@@ -121,22 +130,27 @@ class ObjectDecomposer(nn.Module):
             return 0.0
         return s.query_noise * 0.5 * (1 + math.cos(math.pi * progress / max(s.noise_anneal, 1e-8)))
 
-    def _targets(self, video: torch.Tensor) -> torch.Tensor:
+    def _targets(self, video: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C, R, R): the frames resized to R, or the feature maps (backbone ``features`` or the EMA encoder's)."""
         r = self.cfg.decoder.resolution
-        if self.target_encoder is None:
+        if self.cfg.decoder.target == "pixels":
             if video.shape[-1] == r:
                 return video
             return F.interpolate(video.flatten(0, 1), size=(r, r), mode="area").reshape(*video.shape[:3], r, r)
-        with torch.no_grad():
-            feats = self.target_encoder(video)  # (B, T, M, d_world)
-        return feats.transpose(2, 3).reshape(*feats.shape[:2], feats.shape[-1], r, r)
+        if features is None:
+            with torch.no_grad():
+                features = self.target_encoder(video)  # (B, T, M, d_world)
+        return features.transpose(2, 3).reshape(*features.shape[:2], features.shape[-1], r, r)
 
-    def forward(self, video: torch.Tensor, progress: float = 1.0, rules: bool | None = None) -> ObjectOutput:
+    def forward(self, video: torch.Tensor, progress: float = 1.0, rules: bool | None = None,
+                features: torch.Tensor | None = None) -> ObjectOutput:
         """The object decomposition of ``video`` (B, T, C, H, W) at training ``progress``.
 
         ``rules``: apply the evaluation-time rules (settle rounds on the first frame, the area and birth rules on
         the gate); default: in eval mode. HCLSM's EMA target runs in eval mode without them: its slots only
-        need to be deterministic, and the rules would cost as much again as the target itself."""
+        need to be deterministic, and the rules would cost as much again as the target itself.
+        ``features``: a frozen backbone's features of this video when already computed (``ObjectOutput.features``
+        of another pass over it, e.g. HCLSM's EMA target reads the online pass's); else computed here."""
         s, size = self.cfg.slots, self.cfg.perception.image_size
         if video.shape[-1] != size or video.shape[-2] != size:
             video = F.interpolate(video.flatten(0, 1), size=(size, size), mode="area").reshape(
@@ -145,13 +159,23 @@ class ObjectDecomposer(nn.Module):
         # ENCODE_FRAMES frames (of the B * T) per encoder pass, checkpointed on long clips (hclsm.nn.chunks)
         step = max(1, ENCODE_FRAMES // b)
         with scope("encoder"):
-            tokens = torch.cat(map_chunks(lambda t0, t1: self.encoder(video[:, t0:t1], t0=t0), t, step), dim=1)
+            if self.pretrained:  # the frozen backbone without gradient, then the trained projection
+                if features is None:
+                    with torch.no_grad():
+                        features = torch.cat(map_chunks(lambda t0, t1: self.encoder.features(video[:, t0:t1]), t,
+                                                        step), dim=1)  # (B, T, M, D)
+                tokens = self.encoder.project(features)  # (B, T, M, d_world)
+            else:
+                if features is not None:
+                    raise ValueError("features are a frozen backbone's; this encoder is trained (model.perception."
+                                     f"encoder={self.cfg.perception.encoder})")
+                tokens = torch.cat(map_chunks(lambda t0, t1: self.encoder(video[:, t0:t1], t0=t0), t, step), dim=1)
         with scope("slot_attention"):
             k_all, v_all = self.slot_attention.project(tokens)
         # per-frame views by unbind: its backward stacks the frames' gradients once (indexing frame by frame
         # would allocate a full-size zero gradient per frame, quadratic in the clip length)
         ks, vs = k_all.unbind(1), v_all.unbind(1)
-        target = self._targets(video)
+        target = self._targets(video, features)
         gating = s.dynamic and (not self.training or progress >= s.existence_start)
         noise = self._noise(progress)
         bg = int(s.background)
@@ -188,7 +212,8 @@ class ObjectDecomposer(nn.Module):
         prev = torch.cat([alive[:, :1], alive[:, :-1]], dim=1)
         return ObjectOutput(slots=st["slots"], positions=st["pos"], alive_logits=st["logits"], alive=alive,
                             alphas=st["alphas"], recon=st["recon"], target=target, attn=st["attn"],
-                            gate=st["gate"], births=alive & ~prev, deaths=~alive & prev, has_background=bool(bg))
+                            gate=st["gate"], births=alive & ~prev, deaths=~alive & prev, has_background=bool(bg),
+                            features=features)
 
     def _rearm(self, slots: torch.Tensor, pos: torch.Tensor, alive_prev: torch.Tensor, seed: torch.Tensor,
                centre: torch.Tensor, has_seed: torch.Tensor, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +287,8 @@ class ObjectDecomposer(nn.Module):
 
     @torch.no_grad()
     def prepare(self, clips) -> None:
-        """Before training, from the training clips (``MemoryClips``): the static scene the background layer paints
-        (their per-pixel median frame), when ``model.decoder.static_background``."""
+        """Before training, from the training clips (``MemoryClips`` or ``StreamingClips``): the static scene the
+        background layer paints (their per-pixel median frame), when ``model.decoder.static_background``."""
         if self.cfg.decoder.static_background and self.decoder.background is not None:
             self.decoder.set_static(clips.median_frame())
 

@@ -1,8 +1,9 @@
 """Frame encoders: video (B, T, C, H, W) -> tokens (B, T, M, d_world) on a (grid x grid) token grid.
 
 ``CNNEncoder`` is a small SAVi/SlotSSM-style conv stack for low-resolution CPU runs; ``ViTEncoder`` is
-the seed's patch ViT with a learned spatial and a learned temporal position embedding. Both end with a
-LayerNorm + MLP projection into the token space the slots read (``d_world``).
+the seed's patch ViT with a learned spatial and a learned temporal position embedding; ``DINOv2Encoder`` is a
+frozen pretrained DINOv2 (DINOSAUR, VideoSAUR and C-JEPA build on its features). All end with a LayerNorm + MLP
+projection into the token space the slots read (``d_world``); for the frozen backbone it is the only trained part.
 """
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import torch
 from torch import nn
 
 from hclsm.config.model import PerceptionConfig
+from hclsm.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 was trained on frames normalised by ImageNet's statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SAVE_DINOV2 = ("python -c \"from transformers import Dinov2Model; Dinov2Model.from_pretrained('facebook/dinov2-small')"
+               ".save_pretrained('dinov2-small')\"")  # run where the hub is reachable; then weights=dinov2-small
 
 
 def coord_grid(size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -93,5 +100,83 @@ class ViTEncoder(nn.Module):
         return self.out(x).reshape(b, t, x.shape[1], -1)
 
 
+def load_dinov2(weights: str) -> nn.Module:
+    """The ``transformers.Dinov2Model`` saved at ``weights`` (a ``save_pretrained`` directory, or a hub id already in
+    the local cache), in eval mode; never downloads. A missing package or unreadable weights raise ``ConfigError``."""
+    try:
+        from transformers import AutoConfig, Dinov2Config, Dinov2Model
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise ConfigError("model.perception.encoder: dinov2 needs the transformers package; "
+                          "pip install 'hclsm[pretrained]'") from None
+    key = "model.perception.weights"
+    try:
+        config = AutoConfig.from_pretrained(weights, local_files_only=True)
+        if not isinstance(config, Dinov2Config):
+            raise ConfigError(f"{key}: {weights} holds a {config.model_type!r} model, not DINOv2; point it at a "
+                              f"DINOv2 saved with {SAVE_DINOV2}")
+        quiet = hf_logging.is_progress_bar_enabled()
+        if quiet:  # a local read of a few files: no bar of transformers' own beside hclsm's
+            hf_logging.disable_progress_bar()
+        try:
+            return Dinov2Model.from_pretrained(weights, config=config, local_files_only=True).eval()
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
+    except (OSError, ValueError) as e:  # no such directory, no config.json / weights there, not in the cache
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{key}: cannot load a DINOv2 backbone from {weights!r} without downloading ({reason}); "
+                          f"save one where the hub is reachable with {SAVE_DINOV2} and pass its directory") from None
+
+
+class DINOv2Encoder(nn.Module):
+    """A frozen DINOv2 (``load_dinov2(cfg.weights)``) and a trained LayerNorm + MLP projection of its features.
+
+    The backbone gets no gradient (``requires_grad`` off, so the optimizer never holds it), stays in eval mode
+    whatever mode the model is put in, and runs under ``torch.no_grad()``. ``features`` are its last layer's patch
+    tokens (the CLS token dropped), which a feature-target decoder reconstructs (DINOSAUR); ``forward`` projects
+    them to ``d_world`` for slot attention. Frames are ImageNet-normalised first, as DINOv2 was trained."""
+
+    def __init__(self, cfg: PerceptionConfig):
+        super().__init__()
+        self.backbone = load_dinov2(cfg.weights).requires_grad_(False)
+        patch = self.backbone.config.patch_size
+        if patch != cfg.patch_size:
+            raise ConfigError(f"model.perception.patch_size: the backbone in {cfg.weights} has {patch}-pixel patches, "
+                              f"got {cfg.patch_size}; set model.perception.patch_size={patch}")
+        self.feature_dim = self.backbone.config.hidden_size  # 384 for ViT-S/14
+        self.tokens = cfg.grid_size ** 2
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.out = _projection(self.feature_dim, cfg.d_world)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def train(self, mode: bool = True) -> "DINOv2Encoder":
+        super().train(mode)
+        self.backbone.eval()  # frozen: the same features in training as at evaluation (no dropout, no drop-path)
+        return self
+
+    @torch.no_grad()
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) in [0, 1] -> the backbone's patch features (B, T, M, feature_dim), no gradient."""
+        b, t = video.shape[:2]
+        x = (video.flatten(0, 1) - self.mean) / self.std  # (B*T, 3, H, W)
+        h = self.backbone(pixel_values=x).last_hidden_state  # (B*T, 1 + M, D): CLS first, then row-major patches
+        if h.shape[1] != 1 + self.tokens:
+            raise ValueError(f"the backbone gave {h.shape[1] - 1} patch tokens for {tuple(x.shape[-2:])} frames, "
+                             f"expected {self.tokens}")
+        return h[:, 1:].reshape(b, t, self.tokens, -1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, T, M, D) -> tokens (B, T, M, d_world) (trained)."""
+        return self.dropout(self.out(features))
+
+    def forward(self, video: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        """(B, T, C, H, W) -> tokens (B, T, M, d_world); ``t0`` is unused (no temporal embedding)."""
+        return self.project(self.features(video))
+
+
 def build_encoder(cfg: PerceptionConfig) -> nn.Module:
+    if cfg.encoder == "dinov2":
+        return DINOv2Encoder(cfg)
     return CNNEncoder(cfg) if cfg.encoder == "cnn" else ViTEncoder(cfg)

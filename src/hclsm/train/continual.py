@@ -27,7 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from hclsm.config import Config, save_config
-from hclsm.data.memory import MemoryClips, open_dataset
+from hclsm.data.memory import ClipWindows, open_dataset
 from hclsm.errors import HclsmError
 from hclsm.train.checkpoint import latest_checkpoint, load_checkpoint
 from hclsm.train.data import run_clips
@@ -62,7 +62,7 @@ def final_stage(cfg: Config) -> int:
     return task_config(cfg, 1).train.stage
 
 
-def task_train_clips(cfg: Config, root: str | os.PathLike) -> MemoryClips:
+def task_train_clips(cfg: Config, root: str | os.PathLike) -> ClipWindows:
     """The training clips of a task: its dataset minus the held-out episodes, split as ``train`` splits them."""
     return run_clips(cfg, root, held_out=False)[0]
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hclsm.config.train import TrainConfig
-from hclsm.data.memory import MemoryClips
+from hclsm.data.memory import ClipWindows
 from hclsm.errors import HclsmError
 from hclsm.train.step import weighted_loss
 
@@ -88,7 +88,7 @@ class EWC:
                 "fisher_nonzero": float((flat > 0).float().mean()), "tasks": self.tasks}
 
 
-def estimate_fisher(model: nn.Module, clips: MemoryClips, cfg: TrainConfig, stage: int, samples: int | None = None,
+def estimate_fisher(model: nn.Module, clips: ClipWindows, cfg: TrainConfig, stage: int, samples: int | None = None,
                     seed: int | None = None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of ``model`` on ``clips``: the mean over ``samples`` clips (default
     ``cfg.ewc_samples``, drawn without replacement with ``seed``, default ``cfg.seed``) of the squared gradient of

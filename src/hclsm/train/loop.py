@@ -1,15 +1,16 @@
 """The one training loop, for every model.
 
-``train(cfg, data_root)`` loads the dataset into memory (a train / val split of its episodes), builds
-the model (or takes one), and runs AdamW with warmup + cosine over ``cfg.train.steps`` optimizer steps
-(or until ``cfg.train.max_minutes`` of wall-clock, whichever comes first), switching from stage 1 to
+``train(cfg, data_root)`` loads the dataset into memory, or streams it when it would not fit (a train / val split
+of its episodes, ``hclsm.train.data.run_clips``), builds the model (or takes one), and runs AdamW with
+warmup + cosine over ``cfg.train.steps`` optimizer steps (or until ``cfg.train.max_minutes`` of wall-clock, whichever comes first), switching from stage 1 to
 stage 2 as ``TrainConfig.stage_at`` says. Each step (``hclsm.train.step.train_step``): forward (optionally under bf16 autocast), the
 weighted sum of the model's unweighted losses (``LossWeights.weight``), backward, global-norm
 clipping, AdamW, then the model's EMA target update. A step whose loss or gradient norm is not finite
 is skipped (no update), reported on stderr and in the log, and counted; nothing is clamped.
 
 A run directory holds ``config.yaml``, ``log.jsonl``, ``tb/`` (TensorBoard), ``checkpoints/`` and,
-at the end, ``summary.json``. ``train(..., resume=True)`` continues a run from its newest checkpoint:
+at the end, ``summary.json``; with ``train.wandb`` also ``wandb/`` and ``wandb_id`` (``hclsm.train.logging``).
+``train(..., resume=True)`` continues a run from its newest checkpoint:
 weights, optimizer, step, the batch sampler's stream and the global RNGs are restored, so on the CPU
 the resumed run ends with the same weights, bit for bit, as one never interrupted.
 
@@ -44,14 +45,15 @@ from torch import nn
 from tqdm import tqdm
 
 from hclsm.config import Config, config_to_dict, save_config
-from hclsm.data.memory import MemoryClips
+from hclsm.data.memory import ClipWindows
+from hclsm.data.streaming import StreamingClips
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
 from hclsm.train.data import run_clips
 from hclsm.train.checkpoint import load_checkpoint, read_checkpoint_tensors, read_optimizer_state, save_checkpoint
 from hclsm.train.ewc import EWC
 from hclsm.train.step import StepResult, out_of_memory, train_step
-from hclsm.train.logging import RunLogger
+from hclsm.train.logging import RunLogger, require_wandb
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.train.rundir import (check_run_dir, default_run_dir, first_new_dir, repair_for_resume,
                                resume_checkpoint)
@@ -59,7 +61,7 @@ from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.utils.allocator import keep_freed_memory
 from hclsm.utils.atomic import atomic_write_text
 
-EvalFn = Callable[[nn.Module, MemoryClips], Mapping[str, float]]
+EvalFn = Callable[[nn.Module, ClipWindows], Mapping[str, float]]
 MAX_CONSECUTIVE_SKIPS = 25  # this many non-finite steps in a row end the run as diverged
 
 
@@ -139,7 +141,7 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(model: nn.Module, eval_fn: EvalFn, clips: MemoryClips) -> dict[str, float]:
+def evaluate(model: nn.Module, eval_fn: EvalFn, clips: ClipWindows) -> dict[str, float]:
     """``eval_fn(model, clips)`` in eval mode without gradients; the model is put back in train mode."""
     model.eval()
     try:
@@ -181,6 +183,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
     ``MAX_CONSECUTIVE_SKIPS`` non-finite steps in a row.
     """
     t = cfg.train
+    if t.wandb:  # asked for and not installed: said before anything is read or written
+        require_wandb()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if resume:
         resume_from = resume_checkpoint(run_dir)
@@ -212,7 +216,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
     torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
     keep_freed_memory()  # no page faults on every step's activations (hclsm.utils.allocator)
 
-    # data: every chosen episode in memory, at the model's frame size
+    # data: every chosen episode in memory, at the model's frame size, or streamed when it would not fit (data.streaming)
     train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
     if val_clips is None and eval_fn is not None:
         _warn(f"no held-out clips in {train_clips.source.name} (val episodes {val_eps}); evaluation is off")
@@ -253,7 +257,14 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
             save_config(cfg, run_dir / "config.yaml")
         else:
             repair_for_resume(run_dir, step)
-    logger: RunLogger | _NoLogger = RunLogger(run_dir) if world.main else _NoLogger()
+    logger: RunLogger | _NoLogger = _NoLogger()
+    if world.main:
+        try:
+            logger = RunLogger(run_dir, wandb=t.wandb_project if t.wandb else None, config=config_to_dict(cfg))
+        except BaseException:  # e.g. W&B would not start: leave no half-made run
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
     if resume_from is not None:
         logger.log({"step": step, "event": "resumed", "checkpoint": str(resume_from)}, scalars=False)
     budget = 60.0 * t.max_minutes
@@ -384,7 +395,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         "skipped_steps": skipped, "final_losses": finite_or_none(last_losses), "val": finite_or_none(metrics),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "train_episodes": len(train_clips.episodes), "val_episodes": len(val_eps) if val_clips is not None else 0,
-        "train_clips": len(train_clips), "processes": world.world,
+        "train_clips": len(train_clips), "streamed": isinstance(train_clips, StreamingClips), "processes": world.world,
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "ewc_tasks": ewc.tasks if ewc is not None else 0,
     }
