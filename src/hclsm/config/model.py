@@ -152,13 +152,16 @@ class SlotConfig:
     existence_sparsity: float = 0.02  # weight of the prior -log(1 - p_alive), averaged over the object slots
     existence_start: float = 0.5  # training progress at which existence gating and its prior switch on
     existence_ramp: float = 0.2  # progress over which the prior's weight ramps from 0 to existence_sparsity
+    # a proprioception cue for the agent: the first object slot sits, on every frame, where the state's first two
+    # dims put the agent (scaled by this to [-1, 1]; PushT: 512, its canvas) and stays alive; 0 = no cue
+    cue_scale: float = 0.0
 
     def __post_init__(self) -> None:
         p = "model.slots"
         check_min(self, p, 1, "num_slots", "d_slot", "iterations", "video_iterations", "mlp_hidden")
         check_prob(self, p, "alive_threshold", "birth_threshold", "birth_min_new", "min_area", "noise_anneal",
                    "existence_start", "existence_ramp")
-        check_min(self, p, 0.0, "existence_sparsity", "query_noise", "settle_rounds")
+        check_min(self, p, 0.0, "existence_sparsity", "query_noise", "settle_rounds", "cue_scale")
 
 
 @dataclass

@@ -40,7 +40,7 @@ from hclsm.errors import DataError, HclsmError
 from hclsm.metrics.events import event_prf
 from hclsm.models.dynamics import DynamicsOutput
 from hclsm.models.hclsm import HCLSM, POSITION_MATCH_WEIGHT, Rollout
-from hclsm.models.objects import ObjectOutput
+from hclsm.models.objects import ObjectOutput, agent_cue
 from hclsm.nn.events import EventOutput
 from hclsm.nn.matching import permute, sinkhorn_match
 from hclsm.utils.atomic import atomic_output_dir
@@ -120,8 +120,11 @@ def rollout_errors(model: nn.Module, batch: Mapping[str, torch.Tensor], context:
         raise ValueError(f"clips of {video.shape[1]} frames are too short for context {context} + horizon {horizon}")
     video = video[:, :n]
     action = batch.get(keys.ACTION) if model.cfg.d_action > 0 else None
-    roll = model.rollout(video[:, :context], horizon, None if action is None else action[:, :n - 1])
-    truth = model.objects(video)
+    cue = agent_cue(batch, model.cfg)
+    cue = None if cue is None else cue[:, :n]
+    roll = model.rollout(video[:, :context], horizon, None if action is None else action[:, :n - 1],
+                         cue=None if cue is None else cue[:, :context])
+    truth = model.objects(video, cue=cue)
     target = truth.target[:, context:].float()  # (B, H, C, R, R)
     last = truth.target[:, context - 1:context].float()
     copy_slots = roll.context.slots[:, -1:].expand_as(roll.slots)
@@ -183,7 +186,7 @@ def clip_dynamics(model: nn.Module, batch: Mapping[str, torch.Tensor], truth: Ob
     """The dynamics run over whole clips, as in the stage-2 forward pass (zero actions for an action-conditioned
     model on a dataset without them), on ``truth``, the clips' object decomposition (computed when not given)."""
     video = batch[keys.VIDEO]
-    truth = model.objects(video) if truth is None else truth
+    truth = model.objects(video, cue=agent_cue(batch, model.cfg)) if truth is None else truth
     action = None
     if model.cfg.d_action > 0:
         action = batch.get(keys.ACTION)

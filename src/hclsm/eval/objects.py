@@ -13,7 +13,7 @@ import torch
 
 from hclsm import keys
 from hclsm.metrics import fg_ari, miou_hungarian
-from hclsm.models.objects import ObjectOutput
+from hclsm.models.objects import ObjectOutput, agent_cue
 
 
 def decomposer(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,7 +58,8 @@ def evaluate_objects(model: torch.nn.Module, batches: Iterable[dict[str, torch.T
     rows: dict[str, list[np.ndarray]] = {}
     try:
         for batch in batches:
-            out = net(batch[keys.VIDEO].to(device))
+            cue = agent_cue(batch, net.cfg)
+            out = net(batch[keys.VIDEO].to(device), cue=None if cue is None else cue.to(device))
             for name, v in clip_metrics(out, batch[keys.MASK]).items():
                 rows.setdefault(name, []).append(v)
     finally:

@@ -66,8 +66,10 @@ class Policy(Protocol):
 
     def reset(self, env, goal: Goal) -> None: ...
 
-    def act(self, env, frames: Sequence[np.ndarray], actions: Sequence[np.ndarray]) -> np.ndarray:
-        """The next actions (k >= 1, 2) to execute, given the observations so far and the actions taken."""
+    def act(self, env, frames: Sequence[np.ndarray], actions: Sequence[np.ndarray],
+            proprio: Sequence[np.ndarray]) -> np.ndarray:
+        """The next actions (k >= 1, 2) to execute, given the observations so far, the actions taken and the
+        proprioception (the agent's xy) at every observation."""
 
 
 # ---- the simulator's state ---------------------------------------------------------------------
@@ -163,7 +165,7 @@ class RandomPolicy:
     def reset(self, env, goal: Goal) -> None:
         pass
 
-    def act(self, env, frames, actions) -> np.ndarray:
+    def act(self, env, frames, actions, proprio) -> np.ndarray:
         return self.rng.uniform(ACTION_LOW, ACTION_HIGH, size=(1, 2))
 
 
@@ -183,7 +185,7 @@ class ScriptedPolicy:
         self.goal_xy = goal.state[2:4].copy()
         self.episode += 1
 
-    def act(self, env, frames, actions) -> np.ndarray:
+    def act(self, env, frames, actions, proprio) -> np.ndarray:
         u = env.unwrapped
         return self.pusher.act(np.asarray(u.agent.position), np.asarray(u.block.position), self.goal_xy)[None]
 
@@ -222,7 +224,7 @@ class OraclePlanner:
             cost[i] = min(margins)  # success is sticky: passing through the goal counts
         return cost
 
-    def act(self, env, frames, actions) -> np.ndarray:
+    def act(self, env, frames, actions, proprio) -> np.ndarray:
         import torch
 
         u = env.unwrapped
@@ -250,6 +252,7 @@ def run_episode(env, task: Task, goal: Goal, policy: Policy, budget: int = BUDGE
     set_sim_state(env, task.start)
     policy.reset(env, goal)
     frames = [np.asarray(u.get_obs()["pixels"]).copy()]
+    proprio = [np.asarray(u.agent.position, dtype=np.float64).copy()]  # the agent's xy at every observation
     taken: list[np.ndarray] = []
     queue: list[np.ndarray] = []
     success_step, covered, seconds = None, False, 0.0
@@ -257,7 +260,7 @@ def run_episode(env, task: Task, goal: Goal, policy: Policy, budget: int = BUDGE
         if not queue:
             t0 = time.perf_counter()
             queue = [np.clip(np.asarray(a, dtype=np.float64), ACTION_LOW, ACTION_HIGH)
-                     for a in policy.act(env, frames, taken)]
+                     for a in policy.act(env, frames, taken, proprio)]
             seconds += time.perf_counter() - t0
             if not queue:
                 raise RuntimeError(f"policy {policy.name} returned no actions")
@@ -265,6 +268,7 @@ def run_episode(env, task: Task, goal: Goal, policy: Policy, budget: int = BUDGE
         obs, _, terminated, _, info = u.step(action)
         taken.append(action)
         frames.append(np.asarray(obs["pixels"]).copy())
+        proprio.append(np.asarray(u.agent.position, dtype=np.float64).copy())
         if success_step is None and goal_reached(sim_state(u), goal.state):
             success_step = step
         covered = covered or bool(info["is_success"])
