@@ -40,7 +40,9 @@ def cmd_cjepa(args: argparse.Namespace, overrides: list[str]) -> int:
         from hclsm.assets import pretrained_decomposer
         from hclsm.data.physics import PhysicsSource
         from hclsm.eval.cjepa import encode_episodes
+        from hclsm.utils.atomic import check_file_out
 
+        check_file_out(args.out, "--out", "slots.npz")  # before the encoding, not after it
         source = PhysicsSource(args.data, counterfactual=args.counterfactual)
         episodes = list(range(len(source.episode_lengths)))
         seqs, _ = encode_episodes(pretrained_decomposer(), source, episodes, args.counterfactual,
