@@ -113,9 +113,10 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
             load_checkpoint(latest_checkpoint(sub), model)
             results.append(None)
         else:
-            resumable = resume and latest_checkpoint(sub) is not None  # its checkpoints hold its EWC state
+            started = resume and (sub / "config.yaml").is_file()  # killed before its first checkpoint: from step 0
+            resumable = started and latest_checkpoint(sub) is not None  # its checkpoints hold its EWC state
             r = train(task_cfg, root, run_dir=sub, eval_fn=eval_fn, progress=progress, model=model,
-                      resume=resumable, ewc=None if resumable else ewc)
+                      resume=started, ewc=None if resumable else ewc)
             model = r.model
             results.append(r)
         if (sub / EWC_FILE).is_file():

@@ -48,16 +48,17 @@ from hclsm.data.memory import MemoryClips
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
 from hclsm.train.data import run_clips
-from hclsm.train.checkpoint import load_checkpoint, read_checkpoint_tensors, read_optimizer_state, save_checkpoint
+from hclsm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_tensors, read_optimizer_state,
+                                   save_checkpoint)
 from hclsm.train.ewc import EWC
 from hclsm.train.step import StepResult, out_of_memory, train_step
 from hclsm.train.logging import RunLogger
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.train.rundir import (check_run_dir, default_run_dir, first_new_dir, repair_for_resume,
-                               resume_checkpoint)
+                               restart_run_dir, resume_checkpoint, write_run_file)
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.utils.allocator import keep_freed_memory
-from hclsm.utils.atomic import atomic_write_text
+from hclsm.utils.atomic import OutputError, atomic_write_text, output_error, probe_writable
 
 EvalFn = Callable[[nn.Module, MemoryClips], Mapping[str, float]]
 MAX_CONSECUTIVE_SKIPS = 25  # this many non-finite steps in a row end the run as diverged
@@ -170,28 +171,52 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
         progress: show tqdm bars.
         model: a model to train instead of building one.
         resume: continue the run in ``run_dir`` from its newest checkpoint (``cfg`` must be the run's
-            own config, e.g. ``load_config(yaml_path=run_dir / "config.yaml")``).
+            own config, e.g. ``load_config(yaml_path=run_dir / "config.yaml")``); a run that stopped before
+            its first checkpoint starts again from step 0 in its directory.
         ewc: the EWC state of earlier tasks (``hclsm.train.ewc``): its penalty, weighted by ``train.loss.ewc``,
             joins the loss; a resumed run takes the one its checkpoint was saved with.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel; see ``hclsm.train.distributed``.
 
     Raises ``HclsmError`` (before anything is written) for a bad dataset, an existing run directory (or,
-    with ``resume``, one without a checkpoint) or an unavailable device, and ``TrainingDiverged`` after
-    ``MAX_CONSECUTIVE_SKIPS`` non-finite steps in a row.
+    with ``resume``, one that holds no run) or an unavailable device, ``OutputError`` when the run directory
+    cannot be written (read-only, no space left), and ``TrainingDiverged`` after ``MAX_CONSECUTIVE_SKIPS``
+    non-finite steps in a row.
     """
     t = cfg.train
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    resume_from = None
     if resume:
-        resume_from = resume_checkpoint(run_dir)
+        resume_from = resume_checkpoint(run_dir)  # None: killed before its first checkpoint, so from step 0
     else:
         check_run_dir(run_dir)
+    if distributed.env_world().main:  # a run directory that cannot be written fails now, not after loading
+        existing = next(d for d in (run_dir, *run_dir.parents) if d.exists())
+        if existing.is_dir():
+            probe_writable(existing, None if resume else "--out (train.out_dir)")
     world, device = distributed.setup(resolve_device(t.device), t.batch_size, t.accumulate)
     try:
-        return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model,
-                      resume_from if resume else None, world, device, ewc)
+        return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model, resume_from, world, device,
+                      ewc, restart=resume and resume_from is None)
+    except OSError as e:  # writing the run failed (read-only, no space left): the user's to fix, one line
+        err = _run_dir_error(e, run_dir, resumed=resume)
+        if err is None:
+            raise
+        raise err from None
     finally:
         distributed.teardown(world)
+
+
+def _run_dir_error(e: OSError, run_dir: Path, resumed: bool) -> OutputError | None:
+    """``OutputError`` for a filesystem fault in the run directory (or the --out root above it), else None."""
+    if e.filename is not None:
+        f = Path(e.filename)
+        if not (f.is_relative_to(run_dir) or run_dir.is_relative_to(f)):
+            return None
+    err = output_error(e, run_dir, None if resumed else "--out (train.out_dir)")
+    if err is not None and latest_checkpoint(run_dir) is not None:
+        err = OutputError(f"{err}; then continue the run with `hclsm train --resume {run_dir}`")
+    return err
 
 
 class _NoLogger:
@@ -206,7 +231,7 @@ class _NoLogger:
 
 def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: EvalFn | None, progress: bool,
            model: nn.Module | None, resume_from: Path | None, world: distributed.Dist, device: torch.device,
-           ewc: EWC | None = None) -> TrainResult:
+           ewc: EWC | None = None, restart: bool = False) -> TrainResult:
     t = cfg.train
     seed_everything(t.seed)
     torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
@@ -247,13 +272,21 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         distributed.load_optimizer(distributed.unwrap(model), optimizer, read_optimizer_state(resume_from, optimizer))
 
     created = first_new_dir(run_dir)
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            save_config(cfg, run_dir / "config.yaml")
-        else:
-            repair_for_resume(run_dir, step)
-    logger: RunLogger | _NoLogger = RunLogger(run_dir) if world.main else _NoLogger()
+    try:
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is not None:
+                repair_for_resume(run_dir, step)
+            else:
+                if restart:
+                    restart_run_dir(run_dir)
+                save_config(cfg, run_dir / "config.yaml")
+                write_run_file(run_dir, str(Path(data_root).resolve()))
+        logger: RunLogger | _NoLogger = RunLogger(run_dir) if world.main else _NoLogger()
+    except BaseException:
+        if created is not None and world.main:  # leave no half-made run (nor an --out root made for it)
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     if resume_from is not None:
         logger.log({"step": step, "event": "resumed", "checkpoint": str(resume_from)}, scalars=False)
     budget = 60.0 * t.max_minutes
@@ -363,9 +396,9 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
                 run_ckpt()
         if interval.attempts:
             log_interval()
+        run_ckpt()  # before the final evaluation: whatever happens there, the trained weights are kept
         if stopped != "diverged":
             run_eval()
-        run_ckpt()
     except BaseException:
         if created is not None and step == 0 and world.main:  # failed before training: leave no half-made run
             logger.close()
