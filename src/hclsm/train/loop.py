@@ -27,9 +27,11 @@ model keeps in its buffers, e.g. HCLSM's static background).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -150,6 +152,19 @@ def evaluate(model: nn.Module, eval_fn: EvalFn, clips: MemoryClips) -> dict[str,
         model.train()
 
 
+@contextlib.contextmanager
+def _memory_is_the_users(what: str, fix: str):
+    """An allocation that fails in the block (sizes from the config) is ``HclsmError`` naming ``what`` and ``fix``."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(e))
+        size = f" (an allocation of {int(asked.group(1)) / 2**30:.3g} GiB failed)" if asked else ""
+        raise HclsmError(f"{what} does not fit in this machine's memory{size}; {fix}") from None
+
+
 def _warn(message: str) -> None:
     tqdm.write(f"WARNING: {message}", file=sys.stderr)
 
@@ -238,14 +253,18 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
     keep_freed_memory()  # no page faults on every step's activations (hclsm.utils.allocator)
 
     # data: every chosen episode in memory, at the model's frame size
-    train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
+    with _memory_is_the_users("the dataset, loaded into memory at model.perception.image_size="
+                              f"{cfg.model.perception.image_size}", "lower the image size or train on fewer episodes"):
+        train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
     if val_clips is None and eval_fn is not None:
         _warn(f"no held-out clips in {train_clips.source.name} (val episodes {val_eps}); evaluation is off")
 
     if model is None:
         from hclsm.models import build_model
 
-        model = build_model(cfg.model)
+        with _memory_is_the_users("the model", "lower its widths (model.perception.d_model, model.slots.d_slot, "
+                                  "model.decoder.hidden, ...) or use a smaller preset"):
+            model = build_model(cfg.model)
     model.to(device).train()
     prepare = getattr(model, "prepare", None)
     if callable(prepare) and resume_from is None:  # data-set statistics a model keeps (a resumed run has them)
