@@ -20,6 +20,7 @@ from hclsm.cli_train import cmd_train
 from hclsm.config import MODEL_NAMES, PRESETS, Config, load_config
 from hclsm.config.model import INT64_MAX, SEED_MAX, show
 from hclsm.errors import HclsmError
+from hclsm.utils.interrupt import handle_sigint
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
@@ -375,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = parser.parse_known_args(rest)
         if extra:
             _unrecognized(getattr(args, "leaf_parser", parser), extra)
-        return args.func(args, overrides)
+        with handle_sigint():  # Ctrl-C stops the command even where Python alone would drop it (hclsm.utils.interrupt)
+            code = args.func(args, overrides)
+            sys.stdout.flush()  # a closed stdout fails here, inside the try, not at exit
+        return code
     except HclsmError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

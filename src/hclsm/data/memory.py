@@ -24,6 +24,7 @@ from hclsm import keys
 from hclsm.config.data import ClipConfig
 from hclsm.data.clips import EpisodeSource, clip_windows
 from hclsm.errors import DataError
+from hclsm.utils.interrupt import interrupt_point
 
 # keys that describe a whole episode (no time axis), whatever their first dimension
 EPISODE_KEYS = frozenset({keys.OBJECTS, keys.GRAPH})
@@ -152,6 +153,7 @@ class MemoryClips:
         row = 0
         for e in tqdm(self.episodes, desc=f"loading {Path(self.source.name).name}", unit="ep", disable=not progress,
                       leave=False):
+            interrupt_point()
             n = lengths[e]
             ep = self.source.load_clip(e, np.arange(n))
             _check_frames(self.source.name, e, n, ep.get(keys.VIDEO))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from hclsm.config.data import PushTDataConfig
 from hclsm.data.lerobot_write import LeRobotV3Writer
 from hclsm.utils.atomic import atomic_output_dir
-from hclsm.utils.interrupt import sigint_deferred
+from hclsm.utils.interrupt import interrupt_point, sigint_deferred
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless pygame
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -194,6 +194,7 @@ def generate_pusht_dataset(out: str | Path, cfg: PushTDataConfig, overwrite: boo
                                  video_keys={"observation.image": (cfg.image_size, cfg.image_size)},
                                  codec=cfg.codec, robot_type="pusht")
         for i in tqdm(range(cfg.episodes), desc="pusht episodes", disable=not progress, unit="ep"):
+            interrupt_point()
             ep = record_episode(env, cfg, i)
             stats.append(episode_stats(ep))
             frames = {"observation.state": ep["state"], "action": ep["action"], "next.reward": ep["reward"],

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from hclsm import keys
 from hclsm.metrics import fg_ari, miou_hungarian
+from hclsm.utils.interrupt import interrupt_point
 from hclsm.models.objects import ObjectOutput
 
 
@@ -76,6 +77,7 @@ def evaluate_objects(model: torch.nn.Module, batches: Iterable[dict[str, torch.T
     clips = 0
     try:
         for batch in batches:
+            interrupt_point()
             out = net(batch[keys.VIDEO].to(device))
             mask = batch.get(keys.MASK)
             metrics = clip_metrics(out, mask) if mask is not None else maskless_metrics(out)

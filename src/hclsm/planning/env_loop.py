@@ -24,7 +24,7 @@ from pymunk import Vec2d
 from tqdm import tqdm
 
 from hclsm import keys
-from hclsm.utils.interrupt import sigint_deferred
+from hclsm.utils.interrupt import interrupt_point, sigint_deferred
 
 GOAL_OFFSET = 25  # recorded actions replayed to make the goal (DINO-WM: feasible within 25 steps)
 BUDGET = 50  # env steps per episode (the swm / C-JEPA budget)
@@ -262,6 +262,7 @@ def run_episode(env, task: Task, goal: Goal, policy: Policy, budget: int = BUDGE
     queue: list[np.ndarray] = []
     success_step, covered, seconds = None, False, 0.0
     for step in range(1, budget + 1):
+        interrupt_point()
         if not queue:
             t0 = time.perf_counter()
             queue = [np.clip(np.asarray(a, dtype=np.float64), ACTION_LOW, ACTION_HIGH)

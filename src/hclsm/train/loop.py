@@ -61,6 +61,7 @@ from hclsm.train.rundir import (check_run_dir, default_run_dir, first_new_dir, r
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.utils.allocator import keep_freed_memory
 from hclsm.utils.atomic import OutputError, atomic_write_text, output_error, probe_writable
+from hclsm.utils.interrupt import interrupt_point
 
 EvalFn = Callable[[nn.Module, MemoryClips], Mapping[str, float]]
 MAX_CONSECUTIVE_SKIPS = 25  # this many non-finite steps in a row end the run as diverged
@@ -363,6 +364,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
 
     try:
         while step < t.steps:
+            interrupt_point()  # a Ctrl-C that Python dropped (e.g. in a finalizer) stops the run here
             elapsed = time.perf_counter() - start
             if budget > 0 and world.active:  # every rank must stop, and schedule, at the same step
                 elapsed = world.from_main(elapsed)
