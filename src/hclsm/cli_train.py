@@ -52,9 +52,6 @@ def print_result(result, prefix: str = "") -> None:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from hclsm.train import train
-    from hclsm.train.distributed import env_world
-
     if args.resume is not None:
         cfg, data, run_dir = resume_target(args, extra)
         continual = data is None
@@ -72,6 +69,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         given = {k: v for k, v in flags.items() if v is not None}  # typed values: --name "exp #2" stays that string
         cfg = load_config(args.preset, args.config, [*args.overrides, *extra], values=given)
         data, run_dir = (args.data if continual else args.data[0]), None
+    from hclsm.train import train  # torch: imported once the options and config are known to be right
+    from hclsm.train.distributed import env_world
+
     eval_fn = None
     if cfg.model.name == "hclsm":  # the object metrics (FG-ARI, mIoU of the slot masks) need slots
         from hclsm.eval.objects import make_eval_fn

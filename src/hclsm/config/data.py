@@ -35,10 +35,10 @@ class PushTDataConfig:
 
     def __post_init__(self) -> None:
         p = "data.pusht"
-        check_min(self, p, 1, "episodes")
         check_max(self, p, MAX_EPISODES, _EPISODES_WHY, "episodes")
-        check_min(self, p, 2, "max_steps")
+        check_min(self, p, 1, "episodes")
         check_max(self, p, MAX_EPISODE_FRAMES, _FRAMES_WHY, "max_steps")
+        check_min(self, p, 2, "max_steps")
         check_min(self, p, 0.0, "action_noise")
         check_seed(self, p)
         _check(16 <= self.image_size <= 512 and self.image_size % 2 == 0, "data.pusht.image_size",
@@ -65,12 +65,12 @@ class PhysicsDataConfig:
 
     def __post_init__(self) -> None:
         p = "data.physics"
-        check_min(self, p, 1, "episodes")
         check_max(self, p, MAX_EPISODES, _EPISODES_WHY, "episodes")
-        check_min(self, p, 2, "frames")
+        check_min(self, p, 1, "episodes")
         check_max(self, p, MAX_EPISODE_FRAMES, _FRAMES_WHY, "frames")
-        check_min(self, p, 1, "substeps")
+        check_min(self, p, 2, "frames")
         check_max(self, p, 1000, "physics integration steps per rendered frame; 10 is already smooth", "substeps")
+        check_min(self, p, 1, "substeps")
         check_seed(self, p)
         _check(16 <= self.image_size <= 256, "data.physics.image_size", f"must be in [16, 256], got {self.image_size}")
         _check(1 <= self.min_objects <= 10, "data.physics.min_objects", f"must be in [1, 10], got {self.min_objects}")

@@ -21,7 +21,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from hclsm.config.model import check_number, show
+from hclsm.config.model import check_int64, show
 from hclsm.config.presets import Config, get_preset
 from hclsm.errors import ConfigError
 from hclsm.utils.atomic import atomic_write_text
@@ -116,8 +116,7 @@ def _coerce(value: Any, tp: Any, key: str, current: Any) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            check_number(value, key)  # fits in 64 bits, whatever the field
-            return value
+            return value  # its range: the dataclass's own checks, then 64 bits (config_from_dict)
     elif tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -166,7 +165,11 @@ def config_from_dict(cls: type, d: Mapping[str, Any], path: str = "", base: Any 
             kwargs[f.name] = config_from_dict(tp, {}, key, current)  # fresh copy, validated again
         else:
             kwargs[f.name] = current
-    return cls(**kwargs)
+    obj = cls(**kwargs)  # validates: the field's own bounds, with their reasons, come first
+    for f in fields:
+        if hints[f.name] is int:  # then every int, bounded or not, must fit in the 64 bits torch counts in
+            check_int64(getattr(obj, f.name), _join(path, f.name))
+    return obj
 
 
 def config_to_dict(cfg: Any) -> Any:

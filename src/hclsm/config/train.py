@@ -104,13 +104,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p = "train"
         check(self.stage in STAGES, f"{p}.stage", f"must be 1 or 2, got {self.stage!r}")
-        check_min(self, p, 1, "steps", "batch_size", "accumulate", "log_every", "keep_last", "ewc_samples")
-        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads")
-        check_seed(self, p)
         check_max(self, p, MAX_BATCH, "the clips of one step are held in memory at once", "batch_size")
         check_max(self, p, MAX_THREADS, "threads beyond the machine's CPUs only slow training down; 0 picks them",
                   "threads")
         check_max(self, p, MAX_THREADS, "each worker is a process of its own", "num_workers")
+        check_min(self, p, 1, "steps", "batch_size", "accumulate", "log_every", "keep_last", "ewc_samples")
+        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads")
+        check_seed(self, p)
         check(self.batch_size % self.accumulate == 0, f"{p}.batch_size",
               f"must be a multiple of train.accumulate ({self.accumulate}), got {self.batch_size}")
         check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), f"{p}.lr",
