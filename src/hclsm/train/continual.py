@@ -35,7 +35,7 @@ from hclsm.train.distributed import env_world
 from hclsm.train.ewc import EWC, consolidate, estimate_fisher
 from hclsm.train.loop import EvalFn, TrainResult, seed_everything, train
 from hclsm.train.rundir import check_run_dir, default_run_dir
-from hclsm.utils.atomic import atomic_write_text
+from hclsm.utils.atomic import atomic_write_text, writing
 
 CONTINUAL_FILE, EWC_FILE = "continual.json", "ewc.safetensors"
 
@@ -97,9 +97,10 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
     if not resume:
         check_run_dir(run_dir)
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            atomic_write_text(run_dir / CONTINUAL_FILE, json.dumps({"data": roots}, indent=1) + "\n")
+            with writing(run_dir, "--out (train.out_dir)"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run_dir / "config.yaml")
+                atomic_write_text(run_dir / CONTINUAL_FILE, json.dumps({"data": roots}, indent=1) + "\n")
 
     from hclsm.models import build_model
 
@@ -125,6 +126,7 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
             fisher = estimate_fisher(model, task_train_clips(task_cfg, root), task_cfg.train, final_stage(cfg))
             ewc = consolidate(ewc, model, fisher)
             if main:
-                ewc.save(sub / EWC_FILE)
+                with writing(sub, None):
+                    ewc.save(sub / EWC_FILE)
     assert ewc is not None
     return ContinualResult(run_dir, roots, results, model, ewc)
