@@ -149,7 +149,8 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
         remove_created()
-        raise HclsmError(f"cannot create output under {parent}: {e.strerror}; choose a writable --out") from None
+        err = output_error(OSError(e.errno, e.strerror), out)  # no space: free some; read-only: another --out
+        raise err or HclsmError(f"cannot create output under {parent}: {e.strerror}; choose a writable --out") from None
     held = [_lock(tmp)]  # released when the block ends; the kernel releases it if this process is killed
     try:
         try:
