@@ -396,6 +396,24 @@ def test_other_writers_into_a_read_only_directory(capsys, tmp_path, data, traine
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["train", "data-physics", "eval", "cjepa-train"])
+def test_out_under_a_file(capsys, tmp_path, data, trained, command):
+    """Neighbour: an --out whose parent is a file (NotADirectoryError from train's mkdir was a traceback)."""
+    (tmp_path / "afile").write_text("keep")
+    out = tmp_path / "afile" / "x"
+    argv = {"train": ["train", "--data", data, "--out", out, *TRAIN],
+            "data-physics": ["data", "physics", "--episodes", "1", "--out", out, "--quiet"],
+            "eval": ["eval", trained, "--data", data, "--out", out, "--context", "2", "--horizon", "2", "--quiet"],
+            "cjepa-train": ["cjepa", "train", "--slots", tmp_path / "s.npz", "--out", out]}[command]
+    if command == "cjepa-train":
+        from hclsm.data.slots import SlotSequences, save_slot_file
+        import torch
+        save_slot_file(tmp_path / "s.npz", SlotSequences(torch.randn(2, 12, 3, 6), torch.ones(2, 12, 3, dtype=torch.bool)))
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, f"{tmp_path / 'afile'} is a file, not a directory")
+    assert (tmp_path / "afile").read_text() == "keep" and leftovers(tmp_path) == []
+
+
 def test_data_pusht_on_a_full_disk(tmp_path):
     """Item 5: ENOSPC while writing the dataset was an `OSError: [Errno 28]` traceback."""
     disk = tmp_path / "disk"

@@ -208,8 +208,10 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
         check_run_dir(run_dir)
     if distributed.env_world().main:  # a run directory that cannot be written fails now, not after loading
         existing = next(d for d in (run_dir, *run_dir.parents) if d.exists())
-        if existing.is_dir():
-            probe_writable(existing, None if resume else "--out (train.out_dir)")
+        if not existing.is_dir():
+            raise HclsmError(f"cannot create run directory {run_dir}: {existing} is a file, not a directory; choose "
+                             f"another --out (train.out_dir)")
+        probe_writable(existing, None if resume else "--out (train.out_dir)")
     world, device = distributed.setup(resolve_device(t.device), t.batch_size, t.accumulate)
     try:
         return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model, resume_from, world, device,

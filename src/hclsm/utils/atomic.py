@@ -137,6 +137,9 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise HclsmError(f"output {out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise HclsmError(f"output {out} exists and is not a directory; choose another --out")
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise HclsmError(f"output {out}: {existing} is a file, not a directory; choose another --out")
     created = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again on failure
 
     def remove_created() -> None:  # innermost first; only directories this call made and left empty
