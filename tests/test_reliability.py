@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from hclsm import cli
@@ -654,6 +655,30 @@ def test_train_and_eval_on_datasets_written_by_lerobot(capsys, tmp_path, name):
     assert "precision, recall and F1 are skipped" in out
     metrics = json.loads((tmp_path / "r/eval/metrics.json").read_text())
     assert metrics["rollout"]["clips"] > 0 and np.isfinite(metrics["rollout"]["frame_mse"])
+
+
+@pytest.mark.parametrize("model", ["hclsm", "flat_ssm", "oc_slotssm"])
+def test_a_lerobot_dataset_without_actions_or_states(capsys, tmp_path, model):
+    """Neighbour: a camera-only LeRobot dataset (no action, no observation.state columns): every model trains
+    (zero actions) and HCLSM's evaluation runs."""
+    ds = tmp_path / "camera-only"
+    shutil.copytree(FIXTURES / "probe_h264", ds)
+    table = ds / "data/chunk-000/file-000.parquet"
+    pq.write_table(pq.read_table(table).drop(["action", "observation.state"]), table)
+    info = json.loads((ds / "meta/info.json").read_text())
+    for key in ("action", "observation.state"):
+        info["features"].pop(key)
+    (ds / "meta/info.json").write_text(json.dumps(info))
+    code, out, err = run(capsys, "train", "--data", ds, "--out", tmp_path, "--name", "r", "--model", model, "--steps",
+                         "2", "--quiet", *[f"--{o}" for o in SMALL], "--train.batch_size=2", "--data.clip.length=3",
+                         "--data.clip.stride=8")
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert "2 steps" in out
+    if model == "hclsm":
+        code, out, err = run(capsys, "eval", tmp_path / "r", "--data", ds, "--context", "2", "--horizon", "2",
+                             "--clips", "1", "--quiet")
+        assert code == 0, err
+        assert np.isfinite(json.loads((tmp_path / "r/eval/metrics.json").read_text())["rollout"]["frame_mse"])
 
 
 def test_a_lerobot_v21_dataset_names_the_real_converter(tmp_path):
