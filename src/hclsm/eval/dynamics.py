@@ -47,6 +47,7 @@ from hclsm.utils.atomic import atomic_output_dir
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import save_png
 from hclsm.viz_dynamics import counterfactual_figure, event_timeline, rollout_figure, slot_pca_figure
+from hclsm.utils.interrupt import interrupt_point
 
 EVAL_BATCH = 8
 TOLERANCE = 1  # steps an event prediction may be off the true event
@@ -149,6 +150,7 @@ def rollout_metrics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     parts: dict[str, list[np.ndarray]] = {}
     with _evaluating(model) as device:
         for batch in batches:
+            interrupt_point()
             errors, _, _ = rollout_errors(model, _to(batch, device), context, horizon)
             for name, v in errors.items():
                 parts.setdefault(name, []).append(v.cpu().numpy())
@@ -219,6 +221,7 @@ def event_metrics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     fired, probs, truths = [], [], []
     with _evaluating(model) as device:
         for batch in batches:
+            interrupt_point()
             events = clip_events(model, _to(batch, device))
             fired.append((events.gate > 0.5).cpu())
             probs.append(events.prob.cpu())
