@@ -369,12 +369,14 @@ def test_demo_planning_runs_both_policies_and_the_report_shows_them(tmp_path, pu
     monkeypatch.setattr(demo_eval, "PLAN_ITERATIONS", 1)
     source = LeRobotSource(pusht_data)
     record = demo_eval.demo_planning(tiny_hclsm, source, [0, 1], tmp_path / "plan", seed=0, progress=False, budget=10)
-    assert set(record["results"]) == {"mppi", "random"} and record["planner"]["samples"] == 4
+    assert set(record["results"]) == {"mppi", "mppi_slots_only", "random"} and record["planner"]["samples"] == 4
     assert all(r["episodes"] == 1 for r in record["results"].values()) and record["budget"] == 10
-    assert record["gifs"] == ["mppi_000.gif", "random_000.gif"]
+    assert record["gifs"] == ["mppi_000.gif", "mppi_slots_only_000.gif", "random_000.gif"]
+    assert record["cost_weights"] == {"slot_positions": 2.0, "proprio": 1.0}
     assert all((tmp_path / "plan" / g).is_file() for g in record["gifs"])
     section = _planning_section(record)
     assert "| mppi |" in section and "| random |" in section and "![mppi_000.gif](plan/mppi_000.gif)" in section
+    assert "| mppi_slots_only |" in section and "proprioception term off" in section
     short = demo_eval.demo_planning(tiny_hclsm, source, [], tmp_path / "none", seed=0, progress=False)
     assert "no held-out episode has more than 25 frames" in short["skipped"]
     assert "Skipped: no held-out episode" in _planning_section(short)

@@ -394,3 +394,18 @@ def test_cli_train_runs_with_the_built_model_and_eval(tmp_path, data, capsys, mo
     assert built == ["hclsm"]
     assert f"run: {tmp_path / 'runs' / 'r'}" in out and "4 steps" in out and "val: windows" in out
     assert (tmp_path / "runs" / "r" / "summary.json").is_file()
+
+
+def test_default_threads_follow_omp_num_threads_and_the_load(monkeypatch):
+    from hclsm.train import distributed
+
+    monkeypatch.setattr(distributed, "available_cpus", lambda: 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.default_threads() == 3  # the user's setting wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert distributed.default_threads() == 4 and distributed.default_threads(local_world=2) == 2
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (2.8, 0.0, 0.0))  # ~3 cores busy elsewhere
+    assert distributed.default_threads() == 1
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert distributed.default_threads() == 1  # never fewer than one

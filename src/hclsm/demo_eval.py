@@ -290,8 +290,13 @@ def demo_planning(model: HCLSM, source: LeRobotSource, val_eps: list[int], out: 
                            f"actions ahead)"}
     cfg = PlannerConfig(samples=PLAN_SAMPLES, iterations=PLAN_ITERATIONS,
                         elites=min(PlannerConfig.elites, PLAN_SAMPLES))
-    policies = planning_policies(model, ["mppi"], cfg, PLAN_REPLAN, seed) + [RandomPolicy(seed)]
+    mppi, = planning_policies(model, ["mppi"], cfg, PLAN_REPLAN, seed)
+    # the same planner with the proprioception term off: what the predicted slots alone are worth
+    slots_only, = planning_policies(model, ["mppi"], cfg, PLAN_REPLAN, seed)
+    slots_only.name, slots_only.proprio_weight = "mppi_slots_only", 0.0
     budget = BUDGET if budget is None else budget
-    results = plan_tasks(source, tasks, policies, out, gifs=1, budget=budget, progress=progress)
+    results = plan_tasks(source, tasks, [mppi, slots_only, RandomPolicy(seed)], out, gifs=1, budget=budget,
+                         progress=progress)
     return {"results": results, "starts": [[t.episode, t.frame] for t in tasks], "budget": budget,
-            "replan_every": PLAN_REPLAN, "planner": asdict(cfg), "gifs": sorted(p.name for p in out.glob("*.gif"))}
+            "replan_every": PLAN_REPLAN, "planner": asdict(cfg), "gifs": sorted(p.name for p in out.glob("*.gif")),
+            "cost_weights": {"slot_positions": mppi.position_weight, "proprio": mppi.proprio_weight}}

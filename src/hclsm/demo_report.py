@@ -53,12 +53,18 @@ def _planning_section(p: dict) -> str:
                      for name, r in p["results"].items())
     starts = "; ".join(f"episode {e}, frame {t}" for e, t in p["starts"])
     pc = p["planner"]
+    w = p.get("cost_weights", {"slot_positions": 2.0, "proprio": 1.0})
     gifs = "\n\n".join(f"![{g}](plan/{g})" for g in p["gifs"])
     return head + f"""From {len(p['starts'])} held-out start states ({starts}) the goal is the state after
 replaying the next 25 recorded actions in the simulator; each policy has {p['budget']} env steps, and succeeds once the agent and
 block positions are within 20 px of the goal's and the block angle within 20°. `mppi` plans with the trained
 model ({pc['samples']} candidates x {pc['iterations']} refits over {pc['horizon']} steps, re-planning every
-{p['replan_every']} steps; cost: the predicted object slots matched to the goal frame's), `random` acts at random.
+{p['replan_every']} steps). Its cost has two terms: the predicted object slots of the last planned step matched to
+the goal frame's by optimal transport (squared distance of unit-norm slot contents and of positions scaled by
+{w['slot_positions']:g}), and a proprioception
+term ({w['proprio']:g} x the squared distance between the last planned agent target and the goal's agent position).
+`mppi_slots_only` is the same planner with the proprioception term off: only what the model predicts for the
+objects guides it. `random` acts at random.
 {len(p["starts"])} start states say little: `hclsm bench planning` measures 50 (with the scripted pusher and a
 true-simulator oracle beside them).
 

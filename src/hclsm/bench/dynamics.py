@@ -4,7 +4,9 @@
   steps (``STEPS``); a flat (no-slot) SSM with a matched number of trainable parameters trains as many steps.
   On held-out clips both roll out ``HORIZON`` frames autoregressively from ``CONTEXT`` frames; the table
   gives pixel MSE (decoder resolution) against the truth beside the copy-last-frame baseline, and the
-  latent error of the predicted slots beside copying the last context slots.
+  latent error of the predicted slots beside copying the last context slots. A PushT row: the same two stages
+  with the PushT recipe on scripted-pusher episodes of the real simulator, rolled out from the recorded actions
+  (``pusht_ratio_vs_copy_last``).
 * ``events``: the same HCLSM training; the dynamics' event gate on held-out clips against the simulator's
   contact events (tolerance +-1 step): precision, recall, F1, events per 16-frame clip.
 
@@ -19,6 +21,7 @@ import platform
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -26,10 +29,11 @@ from torch.nn import functional as F
 from hclsm import keys
 from hclsm.bench import BenchResult, register
 from hclsm.bench.objects import val_clips
-from hclsm.config import Config, load_config
-from hclsm.config.data import PhysicsDataConfig
+from hclsm.config import PUSHT_RECIPE, Config, load_config
+from hclsm.config.data import PhysicsDataConfig, PushTDataConfig
 from hclsm.data.memory import MemoryClips
 from hclsm.data.physics import generate_physics_dataset
+from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.eval.dynamics import event_metrics, rollout_metrics
 from hclsm.models.flat import flat_config_matching
 from hclsm.train import train, train_two_stages
@@ -107,6 +111,24 @@ def flat_rollout_mse(model: torch.nn.Module, clips: MemoryClips) -> dict[str, fl
     return {"frame_mse": float(e.mean()), "frame_mse_per_step": e.mean(0).tolist()}
 
 
+PUSHT_EPISODES = {False: 40, True: 6}  # PushT episodes of 100 (quick: 40) scripted-pusher steps for the PushT row
+
+
+def _pusht_rollouts(quick: bool, seed: int) -> tuple[dict[str, Any], dict]:
+    """The PushT row: the tiny HCLSM with the PushT recipe (``hclsm.config.PUSHT_RECIPE``) trains both stages on
+    scripted-pusher episodes of the real simulator, then rolls out held-out clips open loop from the recorded
+    actions (``CONTEXT`` frames given, ``HORIZON`` predicted); the rollout metrics and the training facts."""
+    keep = os.environ.get("HCLSM_BENCH_KEEP")
+    with tempfile.TemporaryDirectory(prefix="hclsm-bench-dynamics-pusht-") as tmp:
+        root = Path(tmp) / "pusht"
+        generate_pusht_dataset(root, PushTDataConfig(episodes=PUSHT_EPISODES[quick], max_steps=40 if quick else 100,
+                                                     seed=seed), progress=False)
+        model, info = train_hclsm(root, Path(keep) / "pusht" if keep else Path(tmp) / "runs",
+                                  STEPS_QUICK if quick else STEPS, seed, not quick, PUSHT_RECIPE)
+        clips = val_clips(root, _train_config(1, seed, STAGE2_CLIP, *PUSHT_RECIPE), CONTEXT + HORIZON)
+        return rollout_metrics(model.cpu().eval(), clips.batches(16), CONTEXT, HORIZON), info
+
+
 @register("dynamics")
 def bench_dynamics(quick: bool, seed: int) -> BenchResult:
     with trained_hclsm("dynamics", quick, seed) as (root, runs, data, model, info):
@@ -120,13 +142,18 @@ def bench_dynamics(quick: bool, seed: int) -> BenchResult:
         flat = train(dataclasses.replace(base, model=flat_cfg), root, run_dir=runs / "flat-ssm", progress=not quick)
         f = flat_rollout_mse(flat.model.cpu(), clips)
         flat_params = sum(p.numel() for p in flat.model.parameters() if p.requires_grad)
+    pusht, pusht_info = _pusht_rollouts(quick, seed)
     copy = m["frame_mse_copy_last"]
     metrics = {"frame_mse": m["frame_mse"], "frame_mse_copy_last": copy, "ratio_vs_copy_last": m["frame_mse"] / copy,
                "flat_frame_mse": f["frame_mse"], "ratio_vs_flat": m["frame_mse"] / f["frame_mse"],
                "latent_mse": m["latent_mse"], "latent_mse_copy_last": m["latent_mse_copy_last"],
                "event_f1": ev.get("event_f1"), "events_per_clip": ev["events_per_clip"],
                "hclsm_params": n_params, "flat_params": flat_params, "clips": m["clips"],
-               "flat_steps": flat.steps, **info}
+               "flat_steps": flat.steps, **info,
+               "pusht_frame_mse": pusht["frame_mse"], "pusht_frame_mse_copy_last": pusht["frame_mse_copy_last"],
+               "pusht_ratio_vs_copy_last": pusht["frame_mse"] / pusht["frame_mse_copy_last"],
+               "pusht_latent_mse": pusht["latent_mse"], "pusht_latent_mse_copy_last": pusht["latent_mse_copy_last"],
+               "pusht_clips": pusht["clips"], **{f"pusht_{k}": v for k, v in pusht_info.items()}}
     rows = [{"model": "hclsm (objects + hierarchical dynamics)", "params": n_params,
              "frame_mse": m["frame_mse"], "latent_mse": m["latent_mse"],
              "frame_mse_t+1": m["frame_mse_per_step"][0], f"frame_mse_t+{HORIZON}": m["frame_mse_per_step"][-1]},
@@ -134,8 +161,14 @@ def bench_dynamics(quick: bool, seed: int) -> BenchResult:
              "frame_mse_t+1": f["frame_mse_per_step"][0], f"frame_mse_t+{HORIZON}": f["frame_mse_per_step"][-1]},
             {"model": "copy last frame / last slots", "frame_mse": copy, "latent_mse": m["latent_mse_copy_last"],
              "frame_mse_t+1": m["frame_mse_copy_last_per_step"][0],
-             f"frame_mse_t+{HORIZON}": m["frame_mse_copy_last_per_step"][-1]}]
-    config = {"physics_episodes": data.episodes, "context": CONTEXT, "horizon": HORIZON,
+             f"frame_mse_t+{HORIZON}": m["frame_mse_copy_last_per_step"][-1]},
+            {"model": "PushT: hclsm (PushT recipe, action-conditioned)", "frame_mse": pusht["frame_mse"],
+             "latent_mse": pusht["latent_mse"], "frame_mse_t+1": pusht["frame_mse_per_step"][0],
+             f"frame_mse_t+{HORIZON}": pusht["frame_mse_per_step"][-1]},
+            {"model": "PushT: copy last frame / last slots", "frame_mse": pusht["frame_mse_copy_last"],
+             "latent_mse": pusht["latent_mse_copy_last"], "frame_mse_t+1": pusht["frame_mse_copy_last_per_step"][0],
+             f"frame_mse_t+{HORIZON}": pusht["frame_mse_copy_last_per_step"][-1]}]
+    config = {"physics_episodes": data.episodes, "pusht_episodes": PUSHT_EPISODES[quick], "context": CONTEXT, "horizon": HORIZON,
               "steps": [info["stage1_steps"], info["stage2_steps"]], "flat_steps": flat.steps,
               "clip_lengths": [STAGE1_CLIP, STAGE2_CLIP], "preset": "tiny", **_machine()}
     title = (f"dynamics: held-out physics clips, {CONTEXT} context frames -> {HORIZON}-frame rollout; pixel MSE at "

@@ -1,14 +1,14 @@
 """``hclsm bench objects``: does the object layer find the objects, and count them?
 
-Physics scenes (3-6 balls, 64x64): train the tiny HCLSM's stage 1 for a fixed wall-clock budget, then
+Physics scenes (3-6 balls, 64x64): train the tiny HCLSM's stage 1 for a fixed number of steps, then
 on held-out episodes report video-level FG-ARI, mIoU (Hungarian) and how often the number of alive
 slots equals the number of visible balls (per frame, and on every frame of a clip). Birth and death
 are measured on the counterfactual twins where one ball is *removed* at step t: death = the count
 drops on the removal and a slot dies; birth = the same clip played backwards (a ball appears).
 A fixed-slot baseline (existence gating never on in training: all N_max slots stay alive) gets the
-same budget. PushT: stage 1 on simulator episodes; mIoU of the agent and block masks against the
-simulator's, the SBD and diversity losses beside the seed's indicators (< 0.01, < 0.15), and how
-far the alpha maps are from uniform.
+same budget. PushT: stage 1 on simulator episodes with the PushT recipe (``hclsm.config.PUSHT_RECIPE``), and
+the same without the agent's proprioception cue; IoU of the agent and block masks against the simulator's,
+the fraction of frames with exactly two alive object slots, and how far the alpha maps are from uniform.
 
 The trained runs (config, logs, final checkpoint) are written to a temporary directory and deleted,
 unless the environment variable ``HCLSM_BENCH_KEEP`` names a directory to keep them in.
@@ -25,7 +25,7 @@ import torch
 
 from hclsm import keys
 from hclsm.bench import BenchResult, register
-from hclsm.config import Config, load_config
+from hclsm.config import PUSHT_RECIPE, Config, load_config
 from hclsm.config.data import ClipConfig, PhysicsDataConfig, PushTDataConfig
 from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.data.physics import PhysicsSource, generate_physics_dataset
@@ -96,13 +96,16 @@ def birth_death(model: torch.nn.Module, root: Path, episodes: list[int], frames:
 
 @torch.no_grad()
 def pusht_metrics(model: torch.nn.Module, clips: MemoryClips) -> dict[str, float]:
-    """IoU of the agent (id 1) and block (id 2) masks with their best-matching slot (one-to-one), and
-    how peaked the alpha maps are (1 - mean normalised entropy over alive slots; 0 = uniform)."""
+    """IoU of the agent (id 1) and block (id 2) masks with their best-matching slot (one-to-one, per clip), how
+    peaked the alpha maps are (1 - mean normalised entropy over alive slots; 0 = uniform), and the fraction of frames
+    with exactly two alive object slots (``count2_frames``: PushT's objects are the agent and the block; the goal T
+    is scenery)."""
     net = decomposer(model).eval()
     ious: dict[int, list[float]] = {1: [], 2: []}
-    peak = []
+    peak, counts = [], []
     for batch in clips.batches(16):
         out = net(batch[keys.VIDEO], cue=agent_cue(batch, net.cfg))
+        counts.append(out.count.flatten())
         mask = batch[keys.MASK].long()
         seg = out.segmentation(mask.shape[-1])
         for b in range(mask.shape[0]):
@@ -118,7 +121,9 @@ def pusht_metrics(model: torch.nn.Module, clips: MemoryClips) -> dict[str, float
         ent = -(a * a.log()).sum(2) / np.log(max(int(out.alive.sum(-1).max()), 2))
         peak.append(float(1 - ent.mean()))
     return {"agent_iou": float(np.mean(ious[1])), "block_iou": float(np.mean(ious[2])),
-            "agent_block_miou": float((np.mean(ious[1]) + np.mean(ious[2])) / 2), "alpha_peakedness": float(np.mean(peak))}
+            "agent_block_miou": float((np.mean(ious[1]) + np.mean(ious[2])) / 2), "alpha_peakedness": float(np.mean(peak)),
+            "count2_frames": float((torch.cat(counts) == 2).float().mean()),
+            "alive_mean": float(torch.cat(counts).float().mean())}
 
 
 def _row(name: str, m: dict[str, float], minutes: float, steps: int) -> dict:
@@ -163,16 +168,21 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
 
         proot = Path(tmp) / "pusht"
         generate_pusht_dataset(proot, pusht, progress=False)
-        cfg = _config(pusht_steps, seed)
-        run = train(cfg, proot, run_dir=runs / "objects-pusht", progress=not quick)
-        p = pusht_metrics(run.model, val_clips(proot, cfg, length=8))
-        p |= {"sbd": run.losses.get("sbd"), "diversity": run.losses.get("diversity")}
-        metrics |= {f"pusht_{k}": v for k, v in p.items()}
-        rows.append({"model": "hclsm on PushT", "minutes": round(run.seconds / 60, 1), "steps": run.steps,
-                     "agent_iou": p["agent_iou"], "block_iou": p["block_iou"], "sbd (seed < 0.01)": p["sbd"],
-                     "diversity (seed < 0.15)": p["diversity"], "alpha_peakedness": p["alpha_peakedness"]})
+        # the PushT recipe (hclsm.config.PUSHT_RECIPE), and the same without the agent's proprioception cue
+        no_cue = (*(o for o in PUSHT_RECIPE if not o.startswith("model.slots.cue_scale")), "model.slots.cue_scale=0")
+        for prefix, label, recipe in (("pusht", "hclsm on PushT (recipe)", PUSHT_RECIPE),
+                                      ("pusht_nocue", "hclsm on PushT (recipe, no proprioception cue)", no_cue)):
+            cfg = _config(pusht_steps, seed, *recipe)
+            run = train(cfg, proot, run_dir=runs / f"objects-{prefix}", progress=not quick)
+            p = pusht_metrics(run.model, val_clips(proot, cfg, length=8))
+            p |= {"sbd": run.losses.get("sbd"), "train_minutes": run.seconds / 60, "train_steps": run.steps}
+            metrics |= {f"{prefix}_{k}": v for k, v in p.items()}
+            rows.append({"model": label, "minutes": round(run.seconds / 60, 1), "steps": run.steps,
+                         "agent_iou": p["agent_iou"], "block_iou": p["block_iou"],
+                         "count2_frames": p["count2_frames"], "alpha_peakedness": p["alpha_peakedness"]})
     config = {"physics_episodes": physics.episodes, "val_fraction": cfg.train.val_fraction, "steps": steps,
-              "pusht_episodes": pusht.episodes, "pusht_steps": pusht_steps, "preset": "tiny",
+              "pusht_episodes": pusht.episodes, "pusht_steps": pusht_steps, "pusht_recipe": list(PUSHT_RECIPE),
+              "preset": "tiny",
               "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     title = (f"objects: tiny HCLSM stage 1, {steps} steps per physics model and {pusht_steps} on PushT, on "
              f"{os.cpu_count()} CPUs; held-out physics episodes (3-6 balls, 64 px) and PushT")

@@ -6,7 +6,11 @@ steps). Start states are drawn from the held-out episodes (the training loop's o
 replaying the next 25 recorded actions (``hclsm.planning.env_loop``), 50 env steps per episode, re-planning every
 5 steps. The table compares, on the same start states:
 
-* ``cem`` / ``mppi``: the planners over the learned model (batched latent rollouts, slot-matching goal cost);
+* ``cem`` / ``mppi``: the planners over the learned model (the PushT recipe, ``hclsm.config.PUSHT_RECIPE``; batched
+  latent rollouts; cost: slot matching against the goal frame's slots plus the proprioception term);
+* ``cem_slots_only``: CEM over the same model with the proprioception term off (the predicted slots alone);
+* ``flat_cem``: CEM over a flat world model (the flat SSM: one latent per frame, no slots, DINO-WM-like) with as many
+  parameters and training steps, cost: distance to the goal frame's latent plus the same proprioception term;
 * ``random``: uniform random actions (the floor);
 * ``scripted``: the data-generating scripted pusher, aimed at the goal's block position;
 * ``oracle``: CEM with the true simulator as its model (each planned action held for 5 env steps; the ceiling).
@@ -17,6 +21,7 @@ step. The issue's target: the model planners' success >= 3x random and >= 50 %.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -25,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from hclsm.bench import BenchResult, register
-from hclsm.bench.dynamics import STEPS, STEPS_QUICK, _machine, train_hclsm
+from hclsm.bench.dynamics import STAGE2_CLIP, STEPS, STEPS_QUICK, _machine, _train_config, train_hclsm
+from hclsm.config import PUSHT_RECIPE
 from hclsm.config.data import PushTDataConfig
 from hclsm.data.clips import split_episodes
 from hclsm.data.lerobot_read import LeRobotSource
@@ -41,7 +47,9 @@ from hclsm.planning.env_loop import (
     evaluate,
     make_tasks,
 )
+from hclsm.models.flat import flat_config_matching
 from hclsm.planning.planners import PlannerConfig, make_planner
+from hclsm.train import train
 
 REPLAN_EVERY = 5
 VAL_FRACTION = 0.1  # the tiny preset's train.val_fraction: the held-out episodes are the training loop's own
@@ -68,15 +76,30 @@ def bench_planning(quick: bool, seed: int) -> BenchResult:
         data = generate_pusht_dataset(root, PushTDataConfig(episodes=s["episodes"], max_steps=s["max_steps"],
                                                             seed=seed), progress=False)
         seconds["data"] = time.perf_counter() - t0
-        model, facts = train_hclsm(root, Path(keep) if keep else Path(tmp) / "runs", s["steps"], seed, False,
-                                   [f"train.val_fraction={VAL_FRACTION}", *s["train"]])
+        runs = Path(keep) if keep else Path(tmp) / "runs"
+        overrides = [*PUSHT_RECIPE, f"train.val_fraction={VAL_FRACTION}", *s["train"]]
+        model, facts = train_hclsm(root, runs, s["steps"], seed, False, overrides)
         model = model.cpu().eval()
+        # the flat world model (one latent per frame, no slots) with as many trainable parameters and optimizer
+        # steps as HCLSM's two stages, on the stage-2 clips
+        base = _train_config(sum(s["steps"]), seed, STAGE2_CLIP, f"train.val_fraction={VAL_FRACTION}", *s["train"])
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flat = train(dataclasses.replace(base, model=flat_config_matching(base.model, n_params)), root,
+                     run_dir=runs / "flat-ssm", progress=False)
+        facts |= {"flat_steps": flat.steps, "flat_minutes": flat.seconds / 60,
+                  "flat_params": sum(p.numel() for p in flat.model.parameters() if p.requires_grad)}
         seconds["train"] = time.perf_counter() - t0 - seconds["data"]
         source = LeRobotSource(root)
         val = split_episodes(len(source), VAL_FRACTION, seed)[1]
         tasks = make_tasks(source, val, s["states"], seed)
         policies = [ModelPlanner(model, make_planner(name, s["model"], low, high, seed), name, REPLAN_EVERY)
                     for name in ("cem", "mppi")]
+        # the object model with the proprioception term off (only the predicted slots guide the plan), and the flat
+        # world model with the same planner, cost terms and budget
+        policies += [ModelPlanner(model, make_planner("cem", s["model"], low, high, seed), "cem_slots_only",
+                                  REPLAN_EVERY, proprio_weight=0.0),
+                     ModelPlanner(flat.model.cpu().eval(), make_planner("cem", s["model"], low, high, seed),
+                                  "flat_cem", REPLAN_EVERY)]
         policies += [RandomPolicy(seed), ScriptedPolicy(seed),
                      OraclePlanner(make_planner("cem", s["oracle"], low, high, seed), REPLAN_EVERY, action_repeat=5)]
         env = make_env(source.frame_size[0] if source.frame_size else 96)
@@ -93,6 +116,8 @@ def bench_planning(quick: bool, seed: int) -> BenchResult:
     best = max(results["cem"]["success_rate"], results["mppi"]["success_rate"])
     rand = results["random"]["success_rate"]
     metrics["model_best_success_rate"] = best
+    metrics["slots_only_success_rate"] = results["cem_slots_only"]["success_rate"]
+    metrics["flat_success_rate"] = results["flat_cem"]["success_rate"]
     metrics["model_best_over_random"] = best / rand if rand > 0 else None
     title = (f"planning: PushT goal reaching, {len(tasks)} held-out start states, goal = replay of 25 recorded "
              f"actions, {BUDGET} env steps, re-plan every {REPLAN_EVERY}; tiny HCLSM trained "

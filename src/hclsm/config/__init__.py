@@ -32,11 +32,12 @@ from hclsm.config.model import (
     PerceptionConfig,
     SlotConfig,
 )
-from hclsm.config.presets import PRESETS, Config, diff_from_preset, get_preset
+from hclsm.config.presets import PRESETS, PUSHT_RECIPE, Config, diff_from_preset, get_preset
 from hclsm.config.train import PRECISIONS, LossWeights, TrainConfig
 from hclsm.errors import ConfigError
 
 __all__ = [
+    "PUSHT_RECIPE",
     "ConfigError", "Config", "ModelConfig", "TrainConfig", "DataConfig", "PushTDataConfig", "PhysicsDataConfig", "ClipConfig",
     "PerceptionConfig", "SlotConfig", "DecoderConfig", "DynamicsConfig", "L0Config", "L1Config", "L2Config",
     "GNNConfig", "CausalConfig", "MemoryConfig", "LossWeights",

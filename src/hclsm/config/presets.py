@@ -32,6 +32,16 @@ from hclsm.errors import ConfigError
 
 PRESETS = ("tiny", "small", "base", "large")
 
+# The object layer's settings for PushT (dotted overrides on the tiny preset; the ball scenes keep the defaults).
+# PushT is a white field with a fixed goal T, a small agent disc and a grey T block: the background slot paints the
+# training frames' per-pixel median (static_background), the reconstruction weighs pixels that differ from it 30x
+# (foreground_weight), the decoder reads Fourier features of its coordinates (5 octaves) to draw small sharp shapes,
+# the first object slot follows the agent's proprioception (cue_scale: the state's xy on PushT's 512-px canvas), and
+# three object proposals cover agent, block and one spare. No masks or object states are used in training.
+# Measured in BENCHMARKS.md (objects: PushT rows) and docs/benchmarks/history.md (the recipe's ablation).
+PUSHT_RECIPE = ("model.decoder.static_background=true", "model.decoder.foreground_weight=30",
+                "model.decoder.fourier_octaves=5", "model.slots.cue_scale=512", "model.slots.num_slots=3")
+
 
 @dataclass
 class Config:

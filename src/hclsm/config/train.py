@@ -92,7 +92,9 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # checkpoints kept on disk
     num_workers: int = 0  # DataLoader worker processes
-    threads: int = 0  # intra-op CPU threads per process; 0 = this process's CPUs / processes on the machine
+    # intra-op CPU threads per process; 0 = OMP_NUM_THREADS when set, else this process's share of the CPUs less
+    # the cores other processes keep busy (1-minute load average), at least 1 (hclsm.train.distributed)
+    threads: int = 0
     out_dir: str = "runs"  # runs are written to out_dir/run_name
     run_name: str | None = None  # None = derived from the model, preset and time
     max_minutes: float = 0.0  # wall-clock budget of the training loop; 0 = off (stop at `steps` only)

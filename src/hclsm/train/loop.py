@@ -256,7 +256,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
            ewc: EWC | None = None, restart: bool = False) -> TrainResult:
     t = cfg.train
     seed_everything(t.seed)
-    torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
+    torch.set_num_threads(t.threads or distributed.default_threads(world.local_world))  # 0: load-aware choice
     keep_freed_memory()  # no page faults on every step's activations (hclsm.utils.allocator)
 
     # data: every chosen episode in memory, at the model's frame size, or streamed when it would not fit (data.streaming)
