@@ -41,7 +41,8 @@ CAUSAL = {"off": (), "causal graph": ("model.causal.enabled=true",), "memory": M
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_every_trainable_parameter_gets_a_gradient_in_a_stage2_step(causal):
     torch.manual_seed(0)
-    model = build_model(small_cfg(*CAUSAL[causal]).model).train()
+    # a low birth threshold: the untrained slots' residuals on random frames must form seeds for the birth seeder
+    model = build_model(small_cfg(*CAUSAL[causal], "model.slots.birth_threshold=0.001").model).train()
     batch = {"video": torch.rand(4, 6, 3, 32, 32), "action": torch.randn(4, 6, 2)}
     out = model(batch, progress=0.8, stage=2)
     assert {"sbd", "diversity", "existence", "object_area", "jepa", "obj", "frame", "event", "rollout"} <= set(out.losses)

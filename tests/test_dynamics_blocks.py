@@ -321,3 +321,61 @@ def test_goal_compressor_pools_alive_objects():
     alive[:, :, 3] = 0.0
     pooled = x[:, :, [i for i in range(N) if i != 3]].mean(2)  # (B, T, D)
     assert torch.allclose(l2(x, g, alive=alive), l2(pooled, g), atol=ATOL)
+
+
+# ---- odd tensors: public functions on non-contiguous and empty inputs (issue 31's neighbours) ---------------
+
+def _nc(*shape: int) -> torch.Tensor:
+    """A non-contiguous tensor of ``shape`` (stored with its dims reversed)."""
+    return torch.randn(*reversed(shape)).permute(*reversed(range(len(shape))))
+
+
+def _odd_cases():
+    from hclsm.nn.attention import inverted_attention_weights
+    from hclsm.nn.causal import acyclicity, pair_geometry
+    from hclsm.nn.matching import pairwise_cost, permute, sinkhorn, sinkhorn_match
+    from hclsm.nn.memory import cosine, hopfield_weights, scene_center
+
+    perm = torch.tensor([[2, 0, 1], [1, 2, 0]])
+    return {  # name: (function, non-contiguous args, empty-size args, expected empty shape)
+        "pairwise_cost": (pairwise_cost, (_nc(2, 3, 4), _nc(2, 3, 4)), (torch.randn(2, 0, 4), torch.randn(2, 0, 4)),
+                          (2, 0, 0)),
+        "sinkhorn": (sinkhorn, (_nc(2, 3, 3).abs(),), (torch.rand(0, 3, 3),), (0, 3, 3)),
+        "sinkhorn_match": (sinkhorn_match, (_nc(2, 3, 4), _nc(2, 3, 4)), (torch.randn(2, 0, 4), torch.randn(2, 0, 4)),
+                           (2, 0)),
+        "permute": (permute, (_nc(2, 3, 4), perm), (torch.randn(0, 3, 4), torch.zeros(0, 3, dtype=torch.long)),
+                    (0, 3, 4)),
+        "inverted_attention_weights": (inverted_attention_weights, (_nc(2, 3, 5),), (torch.randn(2, 3, 0),),
+                                       (2, 3, 0)),
+        "cosine": (cosine, (_nc(2, 3, 4), _nc(2, 5, 4)), (torch.randn(2, 0, 4), torch.randn(2, 0, 4)), (2, 0, 0)),
+        "scene_center": (scene_center, (_nc(2, 4, 6), torch.ones(2, 4)), (torch.randn(2, 0, 6), torch.zeros(2, 0)),
+                         (2, 1, 6)),
+        "hopfield_weights": (hopfield_weights, (_nc(2, 3, 5), 2.0, torch.ones(2, 3, 5, dtype=torch.bool)),
+                             (torch.randn(2, 3, 0), 2.0, torch.zeros(2, 3, 0, dtype=torch.bool)), (2, 3, 0)),
+        "pair_geometry": (pair_geometry, (_nc(2, 3, 4, 6), _nc(2, 3, 4, 6), 2),
+                          (torch.randn(2, 3, 0, 6), torch.randn(2, 3, 0, 6), 2), (2, 3, 0, 0, 6)),
+        "acyclicity": (acyclicity, (_nc(2, 3, 3).abs(),), (torch.rand(2, 0, 0),), (2,)),
+    }
+
+
+@pytest.mark.parametrize("name", ["pairwise_cost", "sinkhorn", "sinkhorn_match", "permute", "inverted_attention_weights",
+                                  "cosine", "scene_center", "hopfield_weights", "pair_geometry", "acyclicity"])
+def test_public_functions_on_odd_tensors(name):
+    """Non-contiguous inputs give what their contiguous copies give; empty sizes give empty (or zero) results of
+    the documented shape, never an error."""
+    fn, args, empty, empty_shape = _odd_cases()[name]
+    contiguous = [a.contiguous() if torch.is_tensor(a) else a for a in args]
+    got, want = fn(*args), fn(*contiguous)
+    assert torch.equal(got, want) if not got.is_floating_point() else torch.allclose(got, want, atol=1e-6)
+    out = fn(*empty)
+    assert tuple(out.shape) == empty_shape
+    assert not out.is_floating_point() or torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("chunk_size", [0, 2])
+def test_relation_gnn_with_no_slots_and_strided_slots(chunk_size):
+    gnn = RelationGNN(8, GNNConfig(d_edge=8, rounds=1, chunk_size=chunk_size))
+    out = gnn(torch.randn(2, 0, 8, requires_grad=True), torch.ones(2, 0))
+    assert out.shape == (2, 0, 8)
+    x = _nc(2, 5, 8)
+    assert torch.allclose(gnn(x, torch.ones(2, 5)), gnn(x.contiguous(), torch.ones(2, 5)), atol=1e-6)

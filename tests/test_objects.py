@@ -36,7 +36,9 @@ def small_cfg(*extra: str):
                                     "model.decoder.foreground_weight=30", "model.decoder.upsample=transposed")])
 def test_every_trainable_parameter_gets_a_gradient_in_a_stage1_step(extra):
     torch.manual_seed(0)
-    cfg = small_cfg(*extra)
+    # a low birth threshold: on random frames the untrained slots leave residuals under the default, and the birth
+    # seeder only gets its gradient when some residual forms a seed
+    cfg = small_cfg(*extra, "model.slots.birth_threshold=0.001")
     model = build_model(cfg.model).train()
     video = torch.rand(8, 4, 3, 32, 32)
     out = model({"video": video}, progress=0.6, stage=1)  # past existence_start: gates and prior are on
@@ -118,6 +120,34 @@ def test_object_content_is_bounded_like_the_pixels_it_draws():
     assert content[:, 0].abs().max() > 1  # the background is a plain linear map
     free = ObjectDecomposer(small_cfg("model.decoder.bounded_content=false").model)
     assert not free.decoder.bounded
+
+
+def test_the_agent_cue_pins_the_first_object_slot_where_the_agent_is_and_keeps_it_alive():
+    """``model.slots.cue_scale``: the first object slot's position is the agent's (from the state's xy), on every
+    frame, and it stays alive; the cue comes from the batch (``agent_cue``), a model with a cue refuses to run without
+    one, and a dataset without states is named."""
+    from hclsm.errors import DataError
+    from hclsm.models.objects import agent_cue
+
+    torch.manual_seed(0)
+    cfg = small_cfg("model.slots.cue_scale=512")
+    model = build_model(cfg.model).eval()
+    state = torch.rand(2, 4, 2) * 512  # the agent's xy on PushT's 512-px canvas
+    batch = {"video": torch.rand(2, 4, 3, 32, 32), "state": state}
+    cue = agent_cue(batch, cfg.model)
+    torch.testing.assert_close(cue, state / 256 - 1)
+    with torch.no_grad():
+        out = model.objects(batch["video"], cue=cue)
+    torch.testing.assert_close(out.positions[:, :, 1], cue)
+    assert out.alive[:, :, :2].all()  # the background and the agent's slot
+    with pytest.raises(ValueError, match="cue"):
+        model.objects(batch["video"])
+    with pytest.raises(DataError, match="no state"):
+        agent_cue({"video": batch["video"]}, cfg.model)
+    assert agent_cue(batch, small_cfg().model) is None
+    model.train()
+    losses = model(batch, progress=0.7, stage=2).losses  # training reads the cue from the batch
+    assert torch.isfinite(sum(losses.values()))
 
 
 def test_model_output_shapes_counts_and_background_is_always_alive():

@@ -255,7 +255,7 @@ class Replay:
     def reset(self, env, goal):
         self.i = 0
 
-    def act(self, env, frames, actions):
+    def act(self, env, frames, actions, proprio):
         self.i += 1
         return self.task.actions[self.i - 1:self.i]
 
@@ -291,7 +291,7 @@ class Hold:
     def reset(self, env, goal):
         self.calls = 0
 
-    def act(self, env, frames, actions):
+    def act(self, env, frames, actions, proprio):
         self.calls += 1
         return np.asarray(env.unwrapped.agent.position)[None].repeat(2, 0)
 

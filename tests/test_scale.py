@@ -68,7 +68,7 @@ def test_resume_after_an_interruption_ends_bit_identical(tmp_path, data, monkeyp
 
 
 def test_resume_needs_a_checkpoint(tmp_path, data):
-    with pytest.raises(HclsmError, match="holds no checkpoint"):
+    with pytest.raises(HclsmError, match="does not exist; pass the OUT/NAME directory"):
         train(small_cfg(), data, run_dir=tmp_path / "nothing", progress=False, resume=True)
 
 

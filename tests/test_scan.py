@@ -195,3 +195,60 @@ def test_bench_textbook_loop_is_the_same_scan():
     xs = {k: v.detach() for k, v in inputs(2, 5, 4, 3).items() if k != "initial_state"}
     y, _ = selective_scan_reference(**xs)
     assert torch.allclose(_textbook_loop(**xs), y, rtol=1e-5, atol=1e-6)
+
+
+# ---- odd tensors: the public function takes any strides and empty sizes ---------------------------------
+
+def _strided(x: torch.Tensor | None, how: str) -> torch.Tensor | None:
+    """The same values as ``x`` in a non-contiguous layout (a leaf, so its gradient is checked too)."""
+    if x is None:
+        return None
+    if how == "transposed":  # stored (..., last, middle) and viewed back
+        y = x.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:  # every other element of a twice-as-wide buffer
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x.detach()
+        y = wide[..., ::2]
+    assert not y.is_contiguous()
+    return y.requires_grad_()
+
+
+@pytest.mark.parametrize("backend_name", ["chunked", "reference"])
+@pytest.mark.parametrize("how", ["transposed", "sliced"])
+def test_non_contiguous_inputs(backend_name, how):
+    """Issue 31: the chunked backend (the CPU default) failed in backward on a non-contiguous delta (a ``view``
+    of its tiles). Every input non-contiguous: the same values and gradients as contiguous inputs."""
+    want = run(inputs(3, 11, 5, 4), "reference")
+    xs = {k: _strided(v, how) for k, v in inputs(3, 11, 5, 4).items()}
+    assert_close(run(xs, backend_name), want, 1e-5)
+    xs = inputs(3, 11, 5, 4)
+    xs["delta"] = _strided(xs["delta"], how)  # the reported case: delta alone
+    assert_close(run(xs, backend_name), want, 1e-5)
+
+
+@pytest.mark.parametrize("backend_name", ["chunked", "reference", "auto"])
+@pytest.mark.parametrize("shape", [(0, 5, 4, 3), (2, 0, 4, 3), (2, 5, 0, 3), (2, 5, 4, 0)],
+                         ids=["no-batch", "no-steps", "no-channels", "no-state"])
+def test_empty_sizes(backend_name, shape):
+    """Empty batch, sequence, channels or state: the right shapes (an empty sequence returns the initial state),
+    gradients that flow, and no error."""
+    for h0 in (True, False):
+        xs = inputs(*shape, h0=h0)
+        y, h = selective_scan(**xs, return_state=True, backend=backend_name)
+        b, length, d, n = shape
+        assert y.shape == (b, length, d) and h.shape == (b, d, n)
+        if length == 0:
+            want = xs["initial_state"] if h0 else torch.zeros(b, d, n)
+            assert torch.equal(h.detach(), want.detach())
+        (y.sum() + h.sum()).backward() if (y.requires_grad or h.requires_grad) else None
+        if h0 and length == 0 and b * d * n:
+            assert torch.equal(xs["initial_state"].grad, torch.ones(b, d, n))
+
+
+def test_ssm_block_on_an_empty_sequence():
+    ssm = SelectiveSSM(8, 4)
+    y, (conv, h) = ssm(torch.randn(2, 0, 8), return_state=True)
+    assert y.shape == (2, 0, 8) and conv.shape == (2, ssm.d_inner, ssm.d_conv - 1) and h.shape == (2, ssm.d_inner, 4)
+    assert torch.equal(h, torch.zeros_like(h))
+    x = torch.randn(2, 6, 8).transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous (B, L, d)
+    assert torch.allclose(ssm(x), ssm(x.contiguous()), atol=1e-6)

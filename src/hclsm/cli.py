@@ -7,7 +7,10 @@ Every subcommand accepts ``--preset``, ``--config FILE.yaml`` and dotted overrid
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +18,9 @@ from pathlib import Path
 from hclsm.cli_cjepa import add_cjepa_parser
 from hclsm.cli_train import cmd_train
 from hclsm.config import MODEL_NAMES, PRESETS, Config, load_config
+from hclsm.config.model import INT64_MAX, SEED_MAX, show
 from hclsm.errors import HclsmError
+from hclsm.utils.interrupt import handle_sigint
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
@@ -44,8 +49,8 @@ def _split_dotted(extra: list[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
-def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
-    return load_config(args.preset, args.config, [*args.overrides, *extra])
+def _config(args: argparse.Namespace, extra: Sequence[str] = (), values: dict | None = None) -> Config:
+    return load_config(args.preset, args.config, [*args.overrides, *extra], values=values)
 
 
 def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
@@ -54,9 +59,8 @@ def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
         flags |= {"max_steps": args.max_steps, "codec": args.codec, "image_size": args.image_size}
     else:
         flags |= {"frames": args.frames, "min_objects": args.min_objects, "max_objects": args.max_objects,
-                  "counterfactual": None if args.counterfactual is None else str(args.counterfactual).lower()}
-    extra = extra + [f"data.{args.kind}.{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = _config(args, extra)
+                  "counterfactual": args.counterfactual}
+    cfg = _config(args, extra, {f"data.{args.kind}.{k}": v for k, v in flags.items() if v is not None})
     if args.kind == "pusht":
         from hclsm.data.pusht import DISPLACEMENT_PX, generate_pusht_dataset
 
@@ -74,12 +78,24 @@ def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _check_range(option: str, value: int, low: int, high: int, why: str = "") -> None:
+    """A plain integer option (one no config field checks) must lie in [low, high]; ``why`` says why the bound."""
+    if not low <= value <= high:
+        because = f" ({why})" if why else ""
+        raise HclsmError(f"{option} must be in [{low}, {high}]{because}, got {show(value)}")
+
+
+def _check_seed(value: int) -> None:
+    _check_range("--seed", value, 0, SEED_MAX, "seeds are 32-bit, NumPy's range")
+
+
 def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     from hclsm.bench import available, run_bench
 
     if extra:
         raise HclsmError(f"hclsm bench takes no config overrides (got {extra[0]}); each benchmark fixes its own "
                          f"config, see --help")
+    _check_seed(args.seed)
     if args.list or args.name is None:
         print("\n".join(available()))
         return 0
@@ -117,6 +133,8 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise HclsmError(f"hclsm eval takes no config overrides (got --{extra[0]}); it evaluates a run with its own "
                          f"config.yaml")
+    for option, value in (("--context", args.context), ("--horizon", args.horizon), ("--clips", args.clips)):
+        _check_range(option, value, 0 if option == "--clips" else 1, INT64_MAX, "a 64-bit integer")
     cfg, model, state = load_run(args.run_dir)
     out = Path(args.out) if args.out is not None else Path(args.run_dir) / "eval"
     model.to(resolve_device("auto"))
@@ -138,6 +156,8 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if "event_f1" in ev:
         line += (f" (true {fmt(ev['true_events_per_clip'])}); F1 ±1 step {fmt(ev['event_f1'])}, precision "
                  f"{fmt(ev['event_precision'])}, recall {fmt(ev['event_recall'])}")
+    else:
+        line += " (the dataset has no true events, no contact column: precision, recall and F1 are skipped)"
     print(line)
     if "counterfactual" in m:
         cf = m["counterfactual"]
@@ -181,6 +201,13 @@ def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise HclsmError(f"hclsm plan takes no config overrides (got --{extra[0]}); it plans with a run's own "
                          f"config.yaml (use --samples, --iterations, --horizon for the planner)")
+    _check_seed(args.seed)
+    _check_range("--episodes", args.episodes, 1, 100_000, "each start state is a closed-loop episode in the simulator")
+    _check_range("--samples", args.samples, 1, 1 << 16, "the candidates of one refit are rolled out as one batch")
+    for option, value in (("--iterations", args.iterations), ("--horizon", args.horizon),
+                          ("--replan-every", args.replan_every)):
+        _check_range(option, value, 1, 1000, "an episode has 50 env steps")
+    _check_range("--gifs", args.gifs, 0, 100_000)
     try:
         pcfg = PlannerConfig(horizon=args.horizon, samples=args.samples, iterations=args.iterations,
                              elites=max(1, min(args.samples, args.samples // 8)))
@@ -332,7 +359,39 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_args(m)
     m.set_defaults(func=_cmd_demo)
+    _strict(p)
     return p
+
+
+def _strict(parser: argparse.ArgumentParser) -> None:
+    """No abbreviated options anywhere (``--ep 2`` is not ``--episodes 2``), and every command's parser named in
+    its defaults (``leaf_parser``), so that an unknown option is reported with that command's usage."""
+    parser.allow_abbrev = False
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.set_defaults(leaf_parser=parser)
+    for action in subs:
+        for child in action.choices.values():
+            _strict(child)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """argparse's usage error for unknown arguments, from the command's own parser, with a "did you mean"."""
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = {}
+    for tok in extra:
+        name = tok.split("=")[0]
+        if not name.startswith("--"):
+            continue
+        prefixed = [o for o in options if o.startswith(name)]  # an abbreviation: argparse no longer expands them
+        close = prefixed if len(prefixed) == 1 else difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        if close:
+            hints[name] = close[0]
+    if len(hints) == 1:
+        hint = f" (did you mean {next(iter(hints.values()))}?)"
+    else:
+        hint = f" (did you mean {', '.join(f'{v} for {k}' for k, v in hints.items())}?)" if hints else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,14 +400,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides, rest = _split_dotted(list(sys.argv[1:] if argv is None else argv))
         args, extra = parser.parse_known_args(rest)
         if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return args.func(args, overrides)
+            _unrecognized(getattr(args, "leaf_parser", parser), extra)
+        with handle_sigint():  # Ctrl-C stops the command even where Python alone would drop it (hclsm.utils.interrupt)
+            code = args.func(args, overrides)
+            sys.stdout.flush()  # a closed stdout fails here, inside the try, not at exit
+        return code
     except HclsmError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (``hclsm ... | head``): stop quietly, as a shell tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not fail again
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

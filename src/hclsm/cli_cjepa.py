@@ -40,7 +40,9 @@ def cmd_cjepa(args: argparse.Namespace, overrides: list[str]) -> int:
         from hclsm.assets import pretrained_decomposer
         from hclsm.data.physics import PhysicsSource
         from hclsm.eval.cjepa import encode_episodes
+        from hclsm.utils.atomic import check_file_out
 
+        check_file_out(args.out, "--out", "slots.npz")  # before the encoding, not after it
         source = PhysicsSource(args.data, counterfactual=args.counterfactual)
         episodes = list(range(len(source.episode_lengths)))
         seqs, _ = encode_episodes(pretrained_decomposer(), source, episodes, args.counterfactual,
@@ -52,8 +54,8 @@ def cmd_cjepa(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
 
     import torch
-    from safetensors.torch import save_file
 
+    from hclsm.train.checkpoint import save_tensors
     from hclsm.train.cjepa import train_cjepa
 
     cfg = _cjepa_config(overrides)
@@ -61,7 +63,7 @@ def cmd_cjepa(args: argparse.Namespace, overrides: list[str]) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         run = train_cjepa(seqs, cfg, device=device, progress=not args.quiet)
-        save_file({k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()},
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(yaml.safe_dump({"cjepa": config_to_dict(cfg)}, sort_keys=False))
         (tmp / "losses.json").write_text(json.dumps(run.history, indent=1) + "\n")

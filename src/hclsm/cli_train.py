@@ -4,7 +4,6 @@ change it are refused), and the run's summary printed. ``hclsm.cli`` parses and 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from hclsm.config import Config, load_config
@@ -14,7 +13,7 @@ from hclsm.errors import HclsmError
 def resume_target(args: argparse.Namespace, extra: list[str]) -> tuple[Config, str, Path]:
     """The run ``--resume`` continues: its own config, its dataset (``--data`` or the one it was
     trained on) and its directory. Options that would change the run are refused."""
-    from hclsm.train import latest_checkpoint
+    from hclsm.train.rundir import resume_checkpoint, run_data_root
 
     changed = [flag for flag, value in (("--model", args.model), ("--stage", args.stage), ("--steps", args.steps),
                                         ("--name", args.name), ("--out", args.out), ("--minutes", args.minutes),
@@ -35,15 +34,12 @@ def resume_target(args: argparse.Namespace, extra: list[str]) -> tuple[Config, s
         return cfg, None, run
     if args.data is not None and len(args.data) > 1:
         raise HclsmError(f"--resume {run}: --data was given {len(args.data)} times; a run trains on one dataset")
-    data = args.data[0] if args.data is not None else None
+    ckpt = resume_checkpoint(run)  # a damaged newest checkpoint is named here, whatever --data says
+    data = args.data[0] if args.data is not None else run_data_root(run)
     if data is None:
-        ckpt = latest_checkpoint(run)
-        try:
-            data = json.loads((ckpt / "state.json").read_text())["extra"]["data_root"] if ckpt else None
-        except (OSError, ValueError, KeyError, TypeError):
-            data = None
-        if data is None:
-            raise HclsmError(f"--resume {run}: its checkpoint does not name its dataset; pass --data DIR")
+        which = f"its checkpoint {ckpt.name}" if ckpt is not None else "it (stopped before its first checkpoint)"
+        raise HclsmError(f"--resume {run}: {which} does not record the dataset it trains on (a run from an "
+                         f"earlier hclsm); pass --data DIR")
     return cfg, data, run
 
 
@@ -56,9 +52,6 @@ def print_result(result, prefix: str = "") -> None:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from hclsm.train import train
-    from hclsm.train.distributed import env_world
-
     if args.resume is not None:
         cfg, data, run_dir = resume_target(args, extra)
         continual = data is None
@@ -73,9 +66,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
                  "train.run_name": args.name, "train.out_dir": args.out, "train.max_minutes": args.minutes}
         if args.stage == 1:  # stage 1 only: the whole run is stage 1
             flags["train.stage1_fraction"] = 1.0
-        given = [f"{k}={v}" for k, v in flags.items() if v is not None]
-        cfg = load_config(args.preset, args.config, [*args.overrides, *extra, *given])
+        given = {k: v for k, v in flags.items() if v is not None}  # typed values: --name "exp #2" stays that string
+        cfg = load_config(args.preset, args.config, [*args.overrides, *extra], values=given)
         data, run_dir = (args.data if continual else args.data[0]), None
+    from hclsm.train import train  # torch: imported once the options and config are known to be right
+    from hclsm.train.distributed import env_world
+
     eval_fn = None
     if cfg.model.name == "hclsm":  # the object metrics (FG-ARI, mIoU of the slot masks) need slots
         from hclsm.eval.objects import make_eval_fn

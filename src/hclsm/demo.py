@@ -43,6 +43,7 @@ import torch
 
 from hclsm import keys
 from hclsm.config import Config, save_config
+from hclsm.config.model import INT64_MAX, show
 from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.demo_eval import (
@@ -86,9 +87,10 @@ def demo_steps(steps: tuple[int, int] | None = None) -> tuple[int, int]:
     """The (stage-1, stage-2) training steps: ``steps``, else ``DEFAULT_STEPS``."""
     if steps is None:
         return DEFAULT_STEPS
-    if len(steps) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps):
-        raise HclsmError(f"--steps needs two positive step counts (stage 1, stage 2), e.g. --steps 300 100; got "
-                         f"{' '.join(map(str, steps))}")
+    if len(steps) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= INT64_MAX
+                                  for n in steps):
+        raise HclsmError(f"--steps needs two positive step counts below 2^63 (stage 1, stage 2), e.g. --steps 300 "
+                         f"100; got {' '.join(map(show, steps))}")
     return int(steps[0]), int(steps[1])
 
 

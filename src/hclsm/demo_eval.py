@@ -25,6 +25,7 @@ from hclsm.data.memory import MemoryClips
 from hclsm.eval.dynamics import clip_dynamics, rollout_errors, rollout_metrics, score_events, true_events
 from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
 from hclsm.models.hclsm import HCLSM
+from hclsm.models.objects import agent_cue
 from hclsm.viz import (
     alive_count_figure,
     alpha_heatmaps,
@@ -64,6 +65,10 @@ class _Memo:
     def training(self) -> bool:
         return self.net.training
 
+    @property
+    def cfg(self):
+        return self.net.cfg
+
     def eval(self) -> _Memo:
         self.net.eval()
         return self
@@ -72,11 +77,11 @@ class _Memo:
         self.net.train(mode)
         return self
 
-    def __call__(self, video: torch.Tensor):
-        for seen, out in self._seen:
+    def __call__(self, video: torch.Tensor, cue: torch.Tensor | None = None):
+        for seen, out in self._seen:  # a batch's cue comes with its video
             if seen.shape == video.shape and torch.equal(seen, video):
                 return out
-        out = self.net(video)
+        out = self.net(video, cue=cue)
         self._seen.append((video, out))
         return out
 
@@ -92,7 +97,7 @@ def heldout_metrics(model: torch.nn.Module, clips: MemoryClips) -> dict[str, flo
     m |= pusht_metrics(memo, clips)
     sums, clips_seen, frames = {"sbd": 0.0, "diversity": 0.0, "alive": 0.0, "true": 0.0}, 0, 0
     for batch in clips.batches(EVAL_BATCH):
-        out = memo(batch[keys.VIDEO])
+        out = memo(batch[keys.VIDEO], cue=agent_cue(batch, net.cfg))
         losses = net.losses(out, progress=1.0)
         b = batch[keys.VIDEO].shape[0]
         sums["sbd"] += float(losses["sbd"]) * b
@@ -207,7 +212,7 @@ def draw_figures(model: HCLSM, source: LeRobotSource, cfg: Config, val_episodes:
     picks = _figure_windows(clips)
     batch = clips.get(picks)
     video, mask = batch[keys.VIDEO], batch[keys.MASK].long()
-    out = net(video)
+    out = net(video, cue=agent_cue(batch, net.cfg))
     seg = out.segmentation(video.shape[-1])
     shown: dict[str, object] = {"clips": [_where(batch, i) for i in range(len(picks))]}
     pixels = out.recon.shape[2] == 3  # a model that reconstructs features has no picture to show
@@ -237,7 +242,7 @@ def draw_figures(model: HCLSM, source: LeRobotSource, cfg: Config, val_episodes:
     stretches = heldout_clips(source, cfg, val_episodes, length=_longest_clip(source, cfg, val_episodes))
     onsets = true_events(stretches.get(torch.arange(len(stretches)))).sum(1)
     long = stretches.get([int(onsets.argmax())])
-    long_out = net(long[keys.VIDEO])
+    long_out = net(long[keys.VIDEO], cue=agent_cue(long, net.cfg))
     ep, frames = _where(long)["episode"], long[keys.FRAMES][0]
     count = long_out.count[0]
     truth_count = true_counts(long[keys.MASK].long())[0]

@@ -7,6 +7,7 @@ writes that object to a file. ``--quick`` is a smoke-size run (<= 60 s on 2 CPU 
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hclsm.errors import HclsmError
-from hclsm.utils.atomic import atomic_write_text
+from hclsm.utils.atomic import atomic_write_text, check_file_out, writing
 
 
 @dataclass
@@ -66,16 +67,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def check_out_path(out: str | Path) -> Path:
-    """Validate ``--out FILE`` up front: a file path whose parent is (or can be) a directory."""
-    out = Path(out)
-    if out.is_dir():
-        raise HclsmError(f"--out {out} is a directory; give a file path such as {out / 'result.json'}")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise HclsmError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
-            break
-    return out
+    """Validate ``--out FILE`` up front: a file path whose parent is (or can be) a writable directory."""
+    return check_file_out(out, "--out", "result.json")
 
 
 def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | None = None) -> dict:
@@ -84,7 +77,9 @@ def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | N
         check_out_path(out)  # fail before the benchmark runs, not after
     names = available()
     if name not in names:
-        raise HclsmError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise HclsmError(f"unknown benchmark {name!r}{hint}; available: {', '.join(names)}")
     t0 = time.perf_counter()
     result = _REGISTRY[name](quick, seed)
     seconds = time.perf_counter() - t0
@@ -99,7 +94,8 @@ def run_bench(name: str, quick: bool = False, seed: int = 0, out: str | Path | N
     line = json.dumps(record, sort_keys=False)
     if out is not None:
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, line + "\n")
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, line + "\n")
     print(line, flush=True)
     return record

@@ -31,6 +31,7 @@ from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.data.physics import PhysicsSource, generate_physics_dataset
 from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
+from hclsm.models.objects import agent_cue
 from hclsm.metrics import hungarian_match
 from hclsm.train import train
 from hclsm.train.data import run_split
@@ -101,7 +102,7 @@ def pusht_metrics(model: torch.nn.Module, clips: MemoryClips) -> dict[str, float
     ious: dict[int, list[float]] = {1: [], 2: []}
     peak = []
     for batch in clips.batches(16):
-        out = net(batch[keys.VIDEO])
+        out = net(batch[keys.VIDEO], cue=agent_cue(batch, net.cfg))
         mask = batch[keys.MASK].long()
         seg = out.segmentation(mask.shape[-1])
         for b in range(mask.shape[0]):

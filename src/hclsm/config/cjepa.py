@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hclsm.config.model import CausalConfig, check, check_heads, check_min, check_one_of
+from hclsm.config.model import CausalConfig, check, check_heads, check_max, check_min, check_one_of, check_seed
 
 GRAPHS = ("attention", "learned")  # where the CTT losses take their graph from (see hclsm.models.cjepa)
 
@@ -83,10 +83,15 @@ class CJEPAConfig:
             self.ctt = CTTConfig(**self.ctt)
         check_min(self, p, 1, "d_model", "depth", "heads", "mlp", "history", "future", "epochs", "batch_size",
                   "d_edge")
-        check_min(self, p, 0, "masked", "position_dims", "action_dim", "proprio_dim", "warmup_steps", "seed")
+        check_min(self, p, 0, "masked", "position_dims", "action_dim", "proprio_dim", "warmup_steps")
+        check_seed(self, p)
+        check_max(self, p, 2**24, "the windows of one step are held in memory at once", "batch_size")
         check_min(self, p, 0.0, "dropout", "weight_decay", "grad_clip")
         check(self.dropout < 1.0, f"{p}.dropout", f"must be < 1, got {self.dropout}")
+        check_min(self, p, 0.0, "lr")
         check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        check_max(self, p, 10.0, "AdamW moves every weight by about lr per step; far below this a run diverges",
+                  "lr")
         check_heads(self.d_model, self.heads, p)
         check_min(self, p, 1, "visible")
         check(self.history > self.visible or self.masked == 0, f"{p}.history",

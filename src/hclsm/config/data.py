@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hclsm.config.model import check_max, check_min, check_seed
 from hclsm.errors import ConfigError
 
 VIDEO_CODECS = ("h264", "av1")
+MAX_EPISODES = 1_000_000  # episode files are numbered with six digits (episode_000000)
+MAX_EPISODE_FRAMES = 10_000  # an episode's frames (and masks) are held in memory until it is written
+_EPISODES_WHY = "episode files are numbered with six digits"
+_FRAMES_WHY = "an episode's frames are held in memory until it is written"
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -29,12 +34,15 @@ class PushTDataConfig:
     codec: str = "h264"  # mp4 codec for observation.image: h264 (libx264) or av1 (SVT-AV1, as lerobot)
 
     def __post_init__(self) -> None:
-        _check(self.episodes >= 1, "data.pusht.episodes", f"must be >= 1, got {self.episodes}")
-        _check(self.max_steps >= 2, "data.pusht.max_steps", f"must be >= 2, got {self.max_steps}")
+        p = "data.pusht"
+        check_max(self, p, MAX_EPISODES, _EPISODES_WHY, "episodes")
+        check_min(self, p, 1, "episodes")
+        check_max(self, p, MAX_EPISODE_FRAMES, _FRAMES_WHY, "max_steps")
+        check_min(self, p, 2, "max_steps")
+        check_min(self, p, 0.0, "action_noise")
+        check_seed(self, p)
         _check(16 <= self.image_size <= 512 and self.image_size % 2 == 0, "data.pusht.image_size",
                f"must be an even number in [16, 512], got {self.image_size}")
-        _check(self.action_noise >= 0, "data.pusht.action_noise", f"must be >= 0, got {self.action_noise}")
-        _check(self.seed >= 0, "data.pusht.seed", f"must be >= 0, got {self.seed}")
         _check(self.codec in VIDEO_CODECS, "data.pusht.codec", f"must be one of {VIDEO_CODECS}, got {self.codec!r}")
 
 
@@ -56,23 +64,27 @@ class PhysicsDataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.episodes >= 1, "data.physics.episodes", f"must be >= 1, got {self.episodes}")
-        _check(self.frames >= 2, "data.physics.frames", f"must be >= 2, got {self.frames}")
+        p = "data.physics"
+        check_max(self, p, MAX_EPISODES, _EPISODES_WHY, "episodes")
+        check_min(self, p, 1, "episodes")
+        check_max(self, p, MAX_EPISODE_FRAMES, _FRAMES_WHY, "frames")
+        check_min(self, p, 2, "frames")
+        check_max(self, p, 1000, "physics integration steps per rendered frame; 10 is already smooth", "substeps")
+        check_min(self, p, 1, "substeps")
+        check_seed(self, p)
         _check(16 <= self.image_size <= 256, "data.physics.image_size", f"must be in [16, 256], got {self.image_size}")
         _check(1 <= self.min_objects <= 10, "data.physics.min_objects", f"must be in [1, 10], got {self.min_objects}")
         _check(self.min_objects <= self.max_objects <= 10, "data.physics.max_objects",
                f"must be in [min_objects={self.min_objects}, 10], got {self.max_objects}")
         for name in ("spring_prob", "follow_prob"):
-            p = getattr(self, name)
-            _check(0.0 <= p <= 1.0, f"data.physics.{name}", f"must be a probability in [0, 1], got {p}")
+            prob = getattr(self, name)
+            _check(0.0 <= prob <= 1.0, f"data.physics.{name}", f"must be a probability in [0, 1], got {prob}")
         _check(isinstance(self.follow_strength, (int, float)) and 0.0 < self.follow_strength <= 10.0,
                "data.physics.follow_strength", f"must be a number in (0, 10], got {self.follow_strength!r}")
         bg = self.background
         _check(isinstance(bg, (list, tuple)) and len(bg) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in bg),
                "data.physics.background", f"must be three integers in [0, 255] (RGB), got {bg!r}")
         self.background = tuple(bg)
-        _check(self.substeps >= 1, "data.physics.substeps", f"must be >= 1, got {self.substeps}")
-        _check(self.seed >= 0, "data.physics.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -85,9 +97,8 @@ class ClipConfig:
     seed: int = 0  # shuffling seed
 
     def __post_init__(self) -> None:
-        _check(self.length >= 1, "data.clip.length", f"must be >= 1, got {self.length}")
-        _check(self.frame_skip >= 1, "data.clip.frame_skip", f"must be >= 1, got {self.frame_skip}")
-        _check(self.stride >= 1, "data.clip.stride", f"must be >= 1, got {self.stride}")
+        check_min(self, "data.clip", 1, "length", "frame_skip", "stride")
+        check_seed(self, "data.clip")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from hclsm.config.model import check_int64, show
 from hclsm.config.presets import Config, get_preset
 from hclsm.errors import ConfigError
 from hclsm.utils.atomic import atomic_write_text
@@ -59,7 +60,19 @@ def _type_name(tp: Any) -> str:
 
 
 def _wrong_type(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {show(value) if isinstance(value, int) else repr(value)} "
+                       f"({type(value).__name__})")
+
+
+def _unquote(text: str) -> str:
+    """A string override as typed, without the quotes of a quoted YAML scalar (``'a b'`` or ``"a b"``)."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        return value if isinstance(value, str) else text
+    return text
 
 
 def _unknown_key(path: str, key: object, valid: list[str]) -> ConfigError:
@@ -103,7 +116,7 @@ def _coerce(value: Any, tp: Any, key: str, current: Any) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return value  # its range: the dataclass's own checks, then 64 bits (config_from_dict)
     elif tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -115,10 +128,11 @@ def _coerce(value: Any, tp: Any, key: str, current: Any) -> Any:
                 raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return number
     elif tp is str:
+        if raw is not None and value is not None and not isinstance(value, (list, dict)):
+            # the text as typed: train.run_name=001 stays "001", and "exp #2" is not cut at a YAML comment
+            return _unquote(raw.text.strip())
         if isinstance(value, str):
             return value
-        if raw is not None and value is not None and not isinstance(value, (list, dict)):
-            return raw.text.strip()  # train.run_name=001 stays "001"
     elif tp is Any:
         return value
     else:
@@ -151,7 +165,11 @@ def config_from_dict(cls: type, d: Mapping[str, Any], path: str = "", base: Any 
             kwargs[f.name] = config_from_dict(tp, {}, key, current)  # fresh copy, validated again
         else:
             kwargs[f.name] = current
-    return cls(**kwargs)
+    obj = cls(**kwargs)  # validates: the field's own bounds, with their reasons, come first
+    for f in fields:
+        if hints[f.name] is int:  # then every int, bounded or not, must fit in the 64 bits torch counts in
+            check_int64(getattr(obj, f.name), _join(path, f.name))
+    return obj
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -183,17 +201,33 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             parsed = yaml.safe_load(val)
         except yaml.YAMLError:
             parsed = val  # not YAML: keep the text (fine for str fields, a type error elsewhere)
-        node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if isinstance(nxt, _Raw) and isinstance(nxt.value, dict):
-                nxt = dict(nxt.value)  # a whole-section override followed by one of its keys
-            if not isinstance(nxt, dict):
-                nxt = {}
-            node[p] = nxt
-            node = nxt
-        node[parts[-1]] = _Raw(val, parsed)
+        _set_dotted(out, parts, _Raw(val, parsed))
     return out
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], leaf: Any) -> None:
+    """``tree[a][b][c] = leaf`` for ``parts = [a, b, c]``, making (or opening up) the sections on the way."""
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if isinstance(nxt, _Raw) and isinstance(nxt.value, dict):
+            nxt = dict(nxt.value)  # a whole-section override followed by one of its keys
+        if not isinstance(nxt, dict):
+            nxt = {}
+        node[p] = nxt
+        node = nxt
+    node[parts[-1]] = leaf
+
+
+def _names(tree: Any, *path: str) -> bool:
+    """Whether the nested overlay ``tree`` (a YAML document or parsed overrides) sets the key at ``path``."""
+    for key in path:
+        if isinstance(tree, _Raw):
+            tree = tree.value
+        if not isinstance(tree, Mapping) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
@@ -228,13 +262,20 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(preset: str | None = None, yaml_path: str | os.PathLike | None = None,
-                overrides: Iterable[str] = ()) -> Config:
-    """Resolve a config: preset < YAML overlay < dotted overrides.
+                overrides: Iterable[str] = (), values: Mapping[str, Any] | None = None) -> Config:
+    """Resolve a config: preset < YAML overlay < dotted overrides < ``values``.
 
     The base preset is, in order of precedence, a ``preset=NAME`` override, the ``preset`` argument,
-    the YAML file's top-level ``preset:`` key, and otherwise ``"tiny"``.
+    the YAML file's top-level ``preset:`` key, and otherwise ``"tiny"``. ``values`` maps dotted keys to
+    values that are already typed (command-line options): they are checked like any other, but never parsed
+    as YAML, so a string stays exactly the string given (``--name "exp #2"``, ``--name null``).
+
+    ``train.warmup_steps`` follows ``train.steps`` unless the YAML or an override sets it: the preset's
+    warmup, capped at the step count (so a smoke run of a few steps needs no warmup setting).
     """
     over = parse_overrides(overrides)
+    for key, value in (values or {}).items():
+        _set_dotted(over, key.split("."), value)
     doc = read_yaml(yaml_path) if yaml_path is not None else {}
     over_preset = over.pop("preset", None)
     yaml_preset = doc.pop("preset", None)
@@ -247,6 +288,10 @@ def load_config(preset: str | None = None, yaml_path: str | os.PathLike | None =
     else:
         name = preset if preset is not None else yaml_preset if yaml_preset is not None else "tiny"
     cfg = get_preset(name)
+    warmup = None if _names(doc, "train", "warmup_steps") or _names(over, "train", "warmup_steps") \
+        else cfg.train.warmup_steps  # not set by the user: it follows the step count
+    if warmup is not None:  # 0 while the overlays are checked, so that a short train.steps is not refused
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=0))
     if doc:
         try:
             cfg = config_from_dict(Config, doc, base=cfg)
@@ -254,6 +299,8 @@ def load_config(preset: str | None = None, yaml_path: str | os.PathLike | None =
             raise ConfigError(f"config file {yaml_path}: {e}") from None
     if over:
         cfg = config_from_dict(Config, over, base=cfg)
+    if warmup is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=min(warmup, cfg.train.steps)))
     return cfg
 
 

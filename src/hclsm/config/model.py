@@ -21,29 +21,67 @@ UPSAMPLERS = ("subpixel", "smooth", "transposed")  # how the decoder reaches its
 MODEL_NAMES = ("hclsm", "flat_ssm", "slotssm", "oc_slotssm", "cjepa")  # flat_ssm: the no-slot baseline
 
 
+INT64_MAX = 2**63 - 1  # torch and NumPy count in 64-bit integers
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+
+
 def check(cond: bool, key: str, msg: str) -> None:
     """Raise ``ConfigError("key: msg")`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
+def show(v: object) -> str:
+    """A value for an error message: huge integers by their size, not their 400 digits."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10**18:
+        return f"a {len(str(abs(v)))}-digit number"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check_number(v: object, key: str) -> None:
+    """``v`` must be a finite int or float (an int is compared exactly: never converted to a float)."""
+    check(isinstance(v, (int, float)) and not isinstance(v, bool), key, f"must be a number, got {v!r}")
+    if isinstance(v, float):
+        check(math.isfinite(v), key, f"must be a finite number, got {v}")
+
+
+def check_int64(v: object, key: str) -> None:
+    """An int must fit in 64 bits: Python's are unbounded, torch and NumPy count in int64."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        check(-INT64_MAX - 1 <= v <= INT64_MAX, key, f"must fit in a 64-bit integer (|v| < 2^63), got {show(v)}")
+
+
 def check_min(obj: object, prefix: str, minimum: float, *names: str) -> None:
-    """Each named field of ``obj`` must be >= ``minimum``."""
+    """Each named field of ``obj`` must be a number >= ``minimum`` (and an int within 64 bits). A field with an
+    upper bound too is checked against it first (``check_max``), so that its message says why."""
     for name in names:
         v = getattr(obj, name)
-        check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{prefix}.{name}",
-              f"must be a number, got {v!r}")
-        check(math.isfinite(v), f"{prefix}.{name}", f"must be a finite number, got {v}")
-        check(v >= minimum, f"{prefix}.{name}", f"must be >= {minimum}, got {v}")
+        check_number(v, f"{prefix}.{name}")
+        check(v >= minimum, f"{prefix}.{name}", f"must be >= {minimum}, got {show(v)}")
+        check_int64(v, f"{prefix}.{name}")
+
+
+def check_max(obj: object, prefix: str, maximum: float, why: str, *names: str) -> None:
+    """Each named field of ``obj`` must be a number <= ``maximum``; ``why`` says what the bound protects."""
+    for name in names:
+        v = getattr(obj, name)
+        check_number(v, f"{prefix}.{name}")
+        check(v <= maximum, f"{prefix}.{name}", f"must be <= {maximum} ({why}), got {show(v)}")
+
+
+def check_seed(obj: object, prefix: str, name: str = "seed") -> None:
+    """A seed: an integer in [0, 2^32 - 1], NumPy's range."""
+    v = getattr(obj, name)
+    check(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX, f"{prefix}.{name}",
+          f"must be an integer in [0, {SEED_MAX}] (seeds are 32-bit, NumPy's range), got {show(v)}")
 
 
 def check_prob(obj: object, prefix: str, *names: str) -> None:
     """Each named field of ``obj`` must be a probability in [0, 1]."""
     for name in names:
         v = getattr(obj, name)
-        check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{prefix}.{name}",
-              f"must be a number, got {v!r}")
-        check(0.0 <= v <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {v}")
+        check_number(v, f"{prefix}.{name}")
+        check(0.0 <= v <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {show(v)}")
 
 
 def check_one_of(value: object, key: str, choices: tuple) -> None:
@@ -81,6 +119,8 @@ class PerceptionConfig:
         check_one_of(self.encoder, f"{p}.encoder", ENCODERS)
         check_one_of(self.stem, f"{p}.stem", STEMS)
         self._check_pretrained(p)
+        check_max(self, p, 2048, "every frame is resized to image_size x image_size when the data is loaded; the "
+                  "largest preset uses 224", "image_size")
         check_min(self, p, 1, "image_size", "channels", "patch_size", "d_model", "layers", "heads", "d_world",
                   "max_frames")
         check(self.channels == 3, f"{p}.channels",
@@ -152,13 +192,18 @@ class SlotConfig:
     existence_sparsity: float = 0.02  # weight of the prior -log(1 - p_alive), averaged over the object slots
     existence_start: float = 0.5  # training progress at which existence gating and its prior switch on
     existence_ramp: float = 0.2  # progress over which the prior's weight ramps from 0 to existence_sparsity
+    # a proprioception cue for the agent: the first object slot sits, on every frame, where the state's first two
+    # dims put the agent (scaled by this to [-1, 1]; PushT: 512, its canvas) and stays alive; 0 = no cue
+    cue_scale: float = 0.0
 
     def __post_init__(self) -> None:
         p = "model.slots"
+        check_max(self, p, 100, "each iteration is one attention pass over every frame's tokens; slot attention "
+                  "settles in 3 to 7", "iterations", "video_iterations", "settle_rounds")
         check_min(self, p, 1, "num_slots", "d_slot", "iterations", "video_iterations", "mlp_hidden")
         check_prob(self, p, "alive_threshold", "birth_threshold", "birth_min_new", "min_area", "noise_anneal",
                    "existence_start", "existence_ramp")
-        check_min(self, p, 0.0, "existence_sparsity", "query_noise", "settle_rounds")
+        check_min(self, p, 0.0, "existence_sparsity", "query_noise", "settle_rounds", "cue_scale")
 
 
 @dataclass

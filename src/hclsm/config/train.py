@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from hclsm.config.model import check, check_min, check_one_of, check_prob
+from hclsm.config.model import check, check_max, check_min, check_one_of, check_prob, check_seed
 
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")  # how a torchrun job spreads the model: full copies, or sharded (FSDP2)
@@ -18,6 +18,10 @@ STAGES = (1, 2)
 LOSS_NAMES = ("sbd", "diversity", "existence", "object_area", "jepa", "obj", "causal", "acyclicity", "event",
               "frame", "rollout", "ewc")  # what models may return (ewc: the training loop's, see hclsm.train.ewc)
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MAX_BATCH = 2**24  # clips per optimizer step
+MAX_THREADS = 1024  # intra-op threads, or data-loader workers, per process
+MAX_LR = 10.0
+MAX_MINUTES = 1e6
 
 
 @dataclass
@@ -102,14 +106,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p = "train"
         check(self.stage in STAGES, f"{p}.stage", f"must be 1 or 2, got {self.stage!r}")
+        check_max(self, p, MAX_BATCH, "the clips of one step are held in memory at once", "batch_size")
+        check_max(self, p, MAX_THREADS, "threads beyond the machine's CPUs only slow training down; 0 picks them",
+                  "threads")
+        check_max(self, p, MAX_THREADS, "each worker is a process of its own", "num_workers")
         check_min(self, p, 1, "steps", "batch_size", "accumulate", "log_every", "keep_last", "ewc_samples")
-        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads", "seed")
+        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads")
+        check_seed(self, p)
         check(self.batch_size % self.accumulate == 0, f"{p}.batch_size",
               f"must be a multiple of train.accumulate ({self.accumulate}), got {self.batch_size}")
         check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), f"{p}.lr",
               f"must be a number, got {self.lr!r}")
         check(self.lr > 0 and math.isfinite(self.lr), f"{p}.lr", f"must be > 0 and finite, got {self.lr}")
+        check_max(self, p, MAX_LR, "AdamW moves every weight by about lr per step; far below this a run diverges",
+                  "lr")
         check_min(self, p, 0.0, "weight_decay", "grad_clip", "max_minutes")
+        check_max(self, p, MAX_MINUTES, "about two years; 0 = no time limit", "max_minutes")
         check_prob(self, p, "min_lr_ratio", "ema_tau", "stage1_fraction", "val_fraction", "progress_start")
         check(self.warmup_steps <= self.steps, f"{p}.warmup_steps",
               f"must be <= train.steps ({self.steps}), got {self.warmup_steps}; lower it, e.g. "

@@ -105,8 +105,9 @@ class LeRobotSource:
             raise DataError(f"{path} is not a JSON object; the dataset is corrupt, {_FIX}")
         version = str(info.get("codebase_version", ""))
         if version.startswith("v2"):
-            raise DataError(f"{self.root} is a LeRobot {version} dataset; convert it with "
-                            f"`python -m lerobot.scripts.convert_dataset_v21_to_v30` first")
+            raise DataError(f"{self.root} is a LeRobot {version} dataset and hclsm reads v3.x; convert it with "
+                            f"LeRobot's converter (lerobot >= 0.4): `python -m "
+                            f"lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=OWNER/NAME --root={self.root}`")
         if not version.startswith("v3"):
             raise DataError(f"{path}: codebase_version {version!r} is not supported (need v3.x); {_FIX}")
         missing = [k for k in ("fps", "features") if k not in info]

@@ -29,6 +29,7 @@ from hclsm import keys
 from hclsm.config.data import ClipConfig
 from hclsm.data.clips import EpisodeSource, clip_windows
 from hclsm.errors import DataError
+from hclsm.utils.interrupt import interrupt_point
 
 # keys that describe a whole episode (no time axis), whatever their first dimension
 EPISODE_KEYS = frozenset({keys.OBJECTS, keys.GRAPH})
@@ -246,6 +247,7 @@ class MemoryClips(ClipWindows):
         row = 0
         for e in tqdm(self.episodes, desc=f"loading {Path(self.source.name).name}", unit="ep", disable=not progress,
                       leave=False):
+            interrupt_point()
             stored = load_episode(self.source, e, lengths[e], self.image_size)
             for k, dtype in stored.dtypes.items():
                 self._dtypes.setdefault(k, dtype)

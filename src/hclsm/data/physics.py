@@ -40,6 +40,7 @@ from hclsm.data.physics_sim import (
 )
 from hclsm.errors import DataError
 from hclsm.utils.atomic import atomic_output_dir
+from hclsm.utils.interrupt import interrupt_point
 
 FORMAT = "hclsm-physics"
 VERSION = 1
@@ -88,6 +89,7 @@ def generate_physics_dataset(out: str | os.PathLike, cfg: PhysicsDataConfig, ove
         if cfg.counterfactual:
             (tmp / "counterfactual").mkdir()
         for i in tqdm(range(cfg.episodes), desc="physics episodes", unit="ep", disable=not progress):
+            interrupt_point()
             factual, twin = simulate_episode(cfg, i)
             np.savez_compressed(tmp / "episodes" / episode_file(i), **factual)
             collided.append(bool(factual["events"].any()))

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from hclsm.config.data import PushTDataConfig
 from hclsm.data.lerobot_write import LeRobotV3Writer
 from hclsm.utils.atomic import atomic_output_dir
+from hclsm.utils.interrupt import interrupt_point, sigint_deferred
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless pygame
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -124,7 +125,8 @@ def _touching(u) -> bool:
 def record_episode(env, cfg: PushTDataConfig, index: int) -> dict[str, np.ndarray]:
     """Run one scripted episode; returns per-frame arrays (T, ...) incl. frames and masks."""
     rng = np.random.default_rng([cfg.seed, index])
-    obs, _ = env.reset(seed=cfg.seed * 100_003 + index)
+    with sigint_deferred():  # the simulator runs Python callbacks from C: Ctrl-C is taken after each call
+        obs, _ = env.reset(seed=cfg.seed * 100_003 + index)
     u = env.unwrapped
     policy = ScriptedPusher(rng, cfg.action_noise)
     goal_xy = np.asarray(u.goal_pose[:2], dtype=np.float64)
@@ -143,7 +145,8 @@ def record_episode(env, cfg: PushTDataConfig, index: int) -> dict[str, np.ndarra
         rec["coverage"].append(coverage)
         rec["positions"].append((np.array([agent_xy, block_xy, goal_xy]) * s).reshape(-1).astype(np.float32))
         action = policy.act(agent_xy, block_xy, goal_xy)
-        obs, reward, terminated, truncated, info = env.step(action)
+        with sigint_deferred():
+            obs, reward, terminated, truncated, info = env.step(action)
         coverage = float(info["coverage"])
         last = terminated or t == cfg.max_steps - 1
         rec["action"].append(action)
@@ -191,6 +194,7 @@ def generate_pusht_dataset(out: str | Path, cfg: PushTDataConfig, overwrite: boo
                                  video_keys={"observation.image": (cfg.image_size, cfg.image_size)},
                                  codec=cfg.codec, robot_type="pusht")
         for i in tqdm(range(cfg.episodes), desc="pusht episodes", disable=not progress, unit="ep"):
+            interrupt_point()
             ep = record_episode(env, cfg, i)
             stats.append(episode_stats(ep))
             frames = {"observation.state": ep["state"], "action": ep["action"], "next.reward": ep["reward"],

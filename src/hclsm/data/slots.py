@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hclsm.errors import DataError
+from hclsm.errors import DataError, HclsmError
+from hclsm.utils.atomic import atomic_file, writing
 
 LAYOUT = "an .npz with slots (N, T, S, D) float, optionally alive (N, T, S) bool, action (N, T, A), proprio (N, T, P)"
 
@@ -42,15 +43,20 @@ class SlotSequences:
 
 
 def save_slot_file(path: str | os.PathLike, seqs: SlotSequences) -> None:
-    """Write ``seqs`` as a slot file (complete or not at all: written beside, then renamed)."""
+    """Write ``seqs`` as a slot file, complete or not at all (written beside, then renamed; a failure leaves
+    no temporary behind). Missing parent directories are created; a filesystem fault (no space left, a
+    read-only directory) is an ``OutputError`` naming the file and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise HclsmError(f"slot file {path} is a directory; give a file path such as {path / 'slots.npz'}")
     arrays = {"slots": seqs.slots.float().numpy(), "alive": seqs.alive.bool().numpy()}
     for name in ("action", "proprio"):
         if getattr(seqs, name) is not None:
             arrays[name] = getattr(seqs, name).float().numpy()
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
 
 
 def load_slot_file(path: str | os.PathLike) -> SlotSequences:

@@ -39,6 +39,7 @@ from hclsm.data.slots import SlotSequences
 from hclsm.errors import DataError
 from hclsm.eval.counterfactual import model_frames
 from hclsm.metrics.segmentation import match_slots_to_objects
+from hclsm.utils.interrupt import interrupt_point
 
 MATCH_PX = 6.0  # a slot's centroid within this many pixels of an object's centre shows that object
 POSITION_TOL_PX = 4.0  # a "where" answer is right within this distance (about a ball's radius)
@@ -61,6 +62,7 @@ def encode_episodes(net: nn.Module, source: PhysicsSource, episodes: list[int], 
     data_size = float(source.meta["image_size"])
     slots, alive, centres = [], [], []
     for i in tqdm(range(0, len(episodes), batch), desc="encode slots", disable=not progress, leave=False):
+        interrupt_point()
         video = torch.cat([model_frames(source.load_episode(e, counterfactual)["video"], size)
                            for e in episodes[i:i + batch]]).to(device)
         out = net(video)

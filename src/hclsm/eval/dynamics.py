@@ -40,13 +40,14 @@ from hclsm.errors import DataError, HclsmError
 from hclsm.metrics.events import event_prf
 from hclsm.models.dynamics import DynamicsOutput
 from hclsm.models.hclsm import HCLSM, POSITION_MATCH_WEIGHT, Rollout
-from hclsm.models.objects import ObjectOutput
+from hclsm.models.objects import ObjectOutput, agent_cue
 from hclsm.nn.events import EventOutput
 from hclsm.nn.matching import permute, sinkhorn_match
 from hclsm.utils.atomic import atomic_output_dir
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import save_png
 from hclsm.viz_dynamics import counterfactual_figure, event_timeline, rollout_figure, slot_pca_figure
+from hclsm.utils.interrupt import interrupt_point
 
 EVAL_BATCH = 8
 TOLERANCE = 1  # steps an event prediction may be off the true event
@@ -120,8 +121,11 @@ def rollout_errors(model: nn.Module, batch: Mapping[str, torch.Tensor], context:
         raise ValueError(f"clips of {video.shape[1]} frames are too short for context {context} + horizon {horizon}")
     video = video[:, :n]
     action = batch.get(keys.ACTION) if model.cfg.d_action > 0 else None
-    roll = model.rollout(video[:, :context], horizon, None if action is None else action[:, :n - 1])
-    truth = model.objects(video)
+    cue = agent_cue(batch, model.cfg)
+    cue = None if cue is None else cue[:, :n]
+    roll = model.rollout(video[:, :context], horizon, None if action is None else action[:, :n - 1],
+                         cue=None if cue is None else cue[:, :context])
+    truth = model.objects(video, cue=cue)
     target = truth.target[:, context:].float()  # (B, H, C, R, R)
     last = truth.target[:, context - 1:context].float()
     copy_slots = roll.context.slots[:, -1:].expand_as(roll.slots)
@@ -146,6 +150,7 @@ def rollout_metrics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     parts: dict[str, list[np.ndarray]] = {}
     with _evaluating(model) as device:
         for batch in batches:
+            interrupt_point()
             errors, _, _ = rollout_errors(model, _to(batch, device), context, horizon)
             for name, v in errors.items():
                 parts.setdefault(name, []).append(v.cpu().numpy())
@@ -183,7 +188,7 @@ def clip_dynamics(model: nn.Module, batch: Mapping[str, torch.Tensor], truth: Ob
     """The dynamics run over whole clips, as in the stage-2 forward pass (zero actions for an action-conditioned
     model on a dataset without them), on ``truth``, the clips' object decomposition (computed when not given)."""
     video = batch[keys.VIDEO]
-    truth = model.objects(video) if truth is None else truth
+    truth = model.objects(video, cue=agent_cue(batch, model.cfg)) if truth is None else truth
     action = None
     if model.cfg.d_action > 0:
         action = batch.get(keys.ACTION)
@@ -216,6 +221,7 @@ def event_metrics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     fired, probs, truths = [], [], []
     with _evaluating(model) as device:
         for batch in batches:
+            interrupt_point()
             events = clip_events(model, _to(batch, device))
             fired.append((events.gate > 0.5).cpu())
             probs.append(events.prob.cpu())

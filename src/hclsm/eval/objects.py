@@ -3,17 +3,24 @@
 The predicted segmentation is the argmax of the decoder's alpha masks (resized to the ground-truth mask
 size); the background slot is label 0. The true object count of a frame is the number of distinct
 non-zero ids in its mask (objects actually visible).
+
+Datasets without ground-truth masks (any LeRobot dataset not written by ``hclsm data pusht``) get what can be
+measured without them: the alive slots per frame, births and deaths (``MASK_METRICS`` are skipped, and
+``make_eval_fn`` says so once).
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from hclsm import keys
 from hclsm.metrics import fg_ari, miou_hungarian
-from hclsm.models.objects import ObjectOutput
+from hclsm.models.objects import ObjectOutput, agent_cue
+from hclsm.utils.interrupt import interrupt_point
 
 
 def decomposer(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,6 +35,16 @@ def true_counts(mask: torch.Tensor) -> torch.Tensor:
     present = torch.zeros(*m.shape[:2], n, dtype=torch.bool, device=m.device)
     present.scatter_(2, m, True)
     return present[..., 1:].sum(-1)
+
+
+MASK_METRICS = ("fg_ari", "fg_ari_frame", "miou", "count_frame_acc", "count_clip_ok", "count_abs_err")
+
+
+def maskless_metrics(out: ObjectOutput) -> dict[str, np.ndarray]:
+    """Per-clip arrays that need no ground truth: alive_slots (mean per frame), births, deaths."""
+    return {"alive_slots": out.count.float().mean(1).cpu().numpy(),
+            "births": out.births.sum((1, 2)).float().cpu().numpy(),
+            "deaths": out.deaths.sum((1, 2)).float().cpu().numpy()}
 
 
 def clip_metrics(out: ObjectOutput, mask: torch.Tensor) -> dict[str, np.ndarray]:
@@ -51,31 +68,47 @@ def clip_metrics(out: ObjectOutput, mask: torch.Tensor) -> dict[str, np.ndarray]
 @torch.no_grad()
 def evaluate_objects(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                      device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean of ``clip_metrics`` over all clips of ``batches`` (each with video and mask)."""
+    """Mean of ``clip_metrics`` over all clips of ``batches`` (each with video and mask); batches without a
+    mask (a dataset without ground truth) give ``maskless_metrics`` instead."""
     net = decomposer(model)
     was_training = net.training
     net.eval()
     rows: dict[str, list[np.ndarray]] = {}
+    clips = 0
     try:
         for batch in batches:
-            out = net(batch[keys.VIDEO].to(device))
-            for name, v in clip_metrics(out, batch[keys.MASK]).items():
+            interrupt_point()
+            cue = agent_cue(batch, net.cfg)
+            out = net(batch[keys.VIDEO].to(device), cue=None if cue is None else cue.to(device))
+            mask = batch.get(keys.MASK)
+            metrics = clip_metrics(out, mask) if mask is not None else maskless_metrics(out)
+            for name, v in metrics.items():
                 rows.setdefault(name, []).append(v)
+            clips += len(batch[keys.VIDEO])
     finally:
         net.train(was_training)
     res = {}
     for name, parts in rows.items():
         v = np.concatenate(parts)
         res[name] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-    res["clips"] = float(sum(len(p) for p in rows.get("fg_ari", [])))
+    res["clips"] = float(clips)
     return res
 
 
 def make_eval_fn(cfg, batch_size: int = 32) -> Callable:
     """``eval_fn(model, val_clips) -> metrics`` for the training loop (val_clips: ``MemoryClips``)."""
 
+    warned = []
+
     def eval_fn(model: torch.nn.Module, val_clips) -> dict[str, float]:
         device = next(model.parameters()).device
-        return evaluate_objects(model, val_clips.batches(batch_size), device)
+        metrics = evaluate_objects(model, val_clips.batches(batch_size), device)
+        if "fg_ari" not in metrics and not warned:
+            warned.append(True)
+            name = getattr(getattr(val_clips, "source", None), "name", "the dataset")
+            tqdm.write(f"note: {name} has no ground-truth object masks, so the object metrics that need them "
+                       f"({', '.join(MASK_METRICS)}) are skipped; alive_slots, births and deaths are reported",
+                       file=sys.stderr)
+        return metrics
 
     return eval_fn

@@ -47,7 +47,7 @@ from hclsm import keys
 from hclsm.config.model import ModelConfig
 from hclsm.models.dynamics import DynamicsOutput, HierarchicalDynamics, fold, tile_batch
 from hclsm.models.interventions import Intervention, apply_to_state
-from hclsm.models.objects import ObjectDecomposer, ObjectOutput
+from hclsm.models.objects import ObjectDecomposer, ObjectOutput, agent_cue
 from hclsm.models.pretrained import Pretrained
 from hclsm.nn.chunks import map_chunks
 from hclsm.nn.events import gather_steps
@@ -139,7 +139,8 @@ class HCLSM(Pretrained, nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0, stage: int = 1) -> HCLSMOutput:
         video = batch[keys.VIDEO]
-        out = self.objects(video, progress)
+        cue = agent_cue(batch, self.cfg)  # the agent's position, when the model reads it (PushT)
+        out = self.objects(video, progress, cue=cue)
         with scope("loss/objects"):
             losses = self.objects.losses(out, progress)
         if stage == 1:
@@ -151,7 +152,8 @@ class HCLSM(Pretrained, nn.Module):
         self.target_objects.eval()  # deterministic targets: no sampled gates, no query noise
         with torch.no_grad(), scope("loss/jepa_targets"):
             # a frozen backbone's features are the same for both passes: computed once, by the online one
-            tgt_slots, tgt_alive = align_targets(out, self.target_objects(video, rules=False, features=out.features))
+            tgt_slots, tgt_alive = align_targets(out, self.target_objects(video, rules=False, features=out.features,
+                                                                      cue=cue))
         losses.update(self.prediction_losses(out, dyn, tgt_slots, tgt_alive))
         if dyn.graph is not None and self.dynamics.graph is not None:
             with scope("loss/causal"):
@@ -276,16 +278,17 @@ class HCLSM(Pretrained, nn.Module):
 
     @torch.no_grad()
     def rollout(self, video: torch.Tensor, horizon: int, action: torch.Tensor | None = None,
-                intervention: Intervention | None = None) -> Rollout:
+                intervention: Intervention | None = None, cue: torch.Tensor | None = None) -> Rollout:
         """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively
         (``predict_ahead``), decoded through the spatial broadcast decoder.
 
         ``action`` (B, C + horizon - 1, A) are the actions of every step that is run (the context frames
         and all predicted frames but the last); omitted for a model without action conditioning.
         ``intervention`` (``hclsm.models.interventions.Intervention``) acts on one slot at the last context
-        frame: the rollout is then the counterfactual "what if" prediction.
+        frame: the rollout is then the counterfactual "what if" prediction. ``cue`` (B, C, 2): the agent's
+        position on the context frames, for a model that reads it (``hclsm.models.objects.agent_cue``).
         """
-        context = self.objects(video)
+        context = self.objects(video, cue=cue)
         b = video.shape[0]
         alive = context.alive[:, -1]
         if intervention is not None and intervention.kind == "remove":

@@ -36,13 +36,16 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hclsm import keys
 from hclsm.config.model import ModelConfig
+from hclsm.errors import DataError
 from hclsm.nn.chunks import map_chunks
 from hclsm.nn.decoders import SpatialBroadcastDecoder
 from hclsm.nn.encoders import build_encoder, coord_grid
@@ -91,6 +94,21 @@ class ObjectOutput:
             a = F.interpolate(a, size=(size, size), mode="bilinear", align_corners=False)
         seg = a.argmax(dim=1).reshape(b, t, size, size)
         return seg if self.has_background else seg + 1
+
+
+def agent_cue(batch: Mapping[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor | None:
+    """The proprioception cue of a batch for a model with ``model.slots.cue_scale`` > 0: the agent's position
+    (B, T, 2) in [-1, 1], from the first two state dims (PushT: the agent's xy on its 512-px canvas); None for a
+    model without a cue. A dataset without states cannot serve such a model: ``DataError`` naming it."""
+    scale = cfg.slots.cue_scale
+    if scale <= 0:
+        return None
+    state = batch.get(keys.STATE)
+    if state is None or state.shape[-1] < 2:
+        raise DataError("this model follows the agent's position (model.slots.cue_scale > 0), but the data has no "
+                        "state (observation.state with the agent's xy); train it on PushT data or set "
+                        "model.slots.cue_scale=0")
+    return state[..., :2].float() / scale * 2 - 1
 
 
 class ObjectDecomposer(nn.Module):
@@ -142,15 +160,33 @@ class ObjectDecomposer(nn.Module):
                 features = self.target_encoder(video)  # (B, T, M, d_world)
         return features.transpose(2, 3).reshape(*features.shape[:2], features.shape[-1], r, r)
 
+    @property
+    def cue_slot(self) -> int | None:
+        """The slot that follows the agent's proprioception cue (the first object slot), or None without a cue."""
+        return int(self.cfg.slots.background) if self.cfg.slots.cue_scale > 0 else None
+
+    def _pin(self, pos: torch.Tensor, cue: torch.Tensor | None) -> torch.Tensor:
+        """Positions (B, K, 2) with the cue slot's set to ``cue`` (B, 2), when there is a cue."""
+        if cue is None:
+            return pos
+        c = self.cue_slot
+        return torch.cat([pos[:, :c], cue[:, None].to(pos.dtype), pos[:, c + 1:]], dim=1)
+
     def forward(self, video: torch.Tensor, progress: float = 1.0, rules: bool | None = None,
-                features: torch.Tensor | None = None) -> ObjectOutput:
+                features: torch.Tensor | None = None, cue: torch.Tensor | None = None) -> ObjectOutput:
         """The object decomposition of ``video`` (B, T, C, H, W) at training ``progress``.
 
         ``rules``: apply the evaluation-time rules (settle rounds on the first frame, the area and birth rules on
         the gate); default: in eval mode. HCLSM's EMA target runs in eval mode without them: its slots only
         need to be deterministic, and the rules would cost as much again as the target itself.
         ``features``: a frozen backbone's features of this video when already computed (``ObjectOutput.features``
-        of another pass over it, e.g. HCLSM's EMA target reads the online pass's); else computed here."""
+        of another pass over it, e.g. HCLSM's EMA target reads the online pass's); else computed here.
+        ``cue``: the agent's position on every frame (B, T, 2) in [-1, 1] (``agent_cue``), for a model with
+        ``model.slots.cue_scale`` > 0: the first object slot sits there on every frame and stays alive."""
+        if (cue is None) != (self.cue_slot is None):
+            raise ValueError("this object model follows the agent's proprioception cue (model.slots.cue_scale > 0): "
+                             "pass cue=agent_cue(batch, cfg)" if cue is None else
+                             "a cue was given to an object model without one (model.slots.cue_scale = 0)")
         s, size = self.cfg.slots, self.cfg.perception.image_size
         if video.shape[-1] != size or video.shape[-2] != size:
             video = F.interpolate(video.flatten(0, 1), size=(size, size), mode="area").reshape(
@@ -189,15 +225,17 @@ class ObjectDecomposer(nn.Module):
         for i in range(t):
             rounds = 1 + (settle if i == 0 else 0)
             for r in range(rounds):
+                here = None if cue is None else cue[:, i]  # (B, 2) where the agent is on this frame
                 with scope("slot_attention"):
                     if i == 0 and r == 0:
-                        slots, pos, attn = self.slot_attention(slots, pos, ks[0], vs[0], self.coords,
+                        slots, pos, attn = self.slot_attention(slots, self._pin(pos, here), ks[0], vs[0], self.coords,
                                                                s.iterations, straight_through=True)
                     else:  # alive slots carry on; dead ones are re-armed as birth proposals
                         if s.dynamic:
                             slots, pos = self._rearm(slots, pos, alive_prev, seed, centre, has_seed, noise)
-                        slots, pos, attn = self.slot_attention(slots, pos, ks[i], vs[i], self.coords,
-                                                               s.video_iterations)
+                        slots, pos, attn = self.slot_attention(slots, self._pin(pos, here), ks[i], vs[i],
+                                                               self.coords, s.video_iterations)
+                    pos = self._pin(pos, here)  # the cue slot is drawn where the agent is, not at its centroid
                 with scope("decoder"):
                     logits, gate, alphas, recon = self._gate_and_draw(slots, pos, alive_prev, gating, rules)
                 if s.dynamic and (i + 1 < t or r + 1 < rounds):  # birth seed: what the alive slots leave unexplained
@@ -240,8 +278,9 @@ class ObjectDecomposer(nn.Module):
             gate = hard_concrete(logits)
         else:
             gate = (torch.sigmoid(logits) > s.alive_threshold).float()
-        if s.background:
-            gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)
+        always = int(s.background) + int(self.cue_slot is not None)  # the background and the agent's slot live
+        if always:
+            gate = torch.cat([torch.ones_like(gate[:, :always]), gate[:, always:]], dim=1)
         if gating and rules and not self.training:
             gate = self._area_rules(gate, content, alpha_logits, alive_prev)
         recon, alphas = self.decoder.composite(content, alpha_logits, gate)
@@ -264,8 +303,7 @@ class ObjectDecomposer(nn.Module):
 
         if s.min_area > 0:
             share = F.one_hot(owners(gate), gate.shape[1]).float().mean(1)  # (B, K)
-            if s.background:  # the background layer is always alive, whatever it draws
-                share[:, 0] = 1.0
+            share[:, :int(s.background) + int(self.cue_slot is not None)] = 1.0  # always alive, whatever they draw
             gate = gate * (share >= s.min_area).float()
         if s.background and s.birth_min_new > 0 and alive_prev is not None:
             born = gate * (1 - alive_prev)

@@ -53,9 +53,9 @@ class RelationRound(nn.Module):
         else:  # only the senders the gate lets through count (an object without an edge to i is not seen by i)
             eye = torch.eye(N, device=x.device, dtype=h.dtype)
             n_senders = ((edge_gate.to(h.dtype) * (1 - eye)) * alive[:, None, :]).sum(-1).clamp_min(1.0)
-        step = chunk_size if chunk_size > 0 else N
+        step = chunk_size if chunk_size > 0 else max(N, 1)
         aggs, weights = [], []
-        for a in range(0, N, step):
+        for a in range(0, max(N, 1), step):  # N = 0 (no slots): one empty block, so the shapes still come out
             b = min(a + step, N)
             gate = None if edge_gate is None else edge_gate[..., a:b, :]
             args = (h, recv, send, w_prod, alive, gate, a, b)

@@ -67,7 +67,8 @@ def scene_center(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     """The mean of the alive ones of the K states x (B, K, d) -> (B, 1, d); 0 where fewer than two are alive."""
     w = (alive > 0.5).to(x.dtype)[..., None]  # (B, K, 1)
     n = w.sum(1, keepdim=True)
-    return torch.where(n >= 2, (x * w).sum(1, keepdim=True) / n.clamp_min(1.0), torch.zeros_like(x[:, :1]))
+    zero = x.new_zeros(x.shape[0], 1, *x.shape[2:])  # (B, 1, d) also when K = 0
+    return torch.where(n >= 2, (x * w).sum(1, keepdim=True) / n.clamp_min(1.0), zero)
 
 
 def hopfield_weights(scores: torch.Tensor, beta: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,8 @@ def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
         decay = torch.exp(delta[:, t, :, None] * A)  # (B, D, N)
         h = decay * h + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    if not ys:  # an empty sequence: no outputs (still in the graph of u and delta), the state is the initial one
+        return (delta * u)[:, :0], h
     return torch.stack(ys, dim=1), h
 
 
@@ -212,7 +214,10 @@ def _check_shapes(u, delta, A, B, C, initial_state) -> None:
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    initial_state: torch.Tensor | None = None, return_state: bool = False, backend: str = "auto"):
-    """Run the selective scan with ``backend`` (see the module docstring for shapes)."""
+    """Run the selective scan with ``backend`` (see the module docstring for shapes).
+
+    Any strides are accepted (non-contiguous inputs are copied for the tiled backends), and so are empty
+    sizes: an empty sequence gives no outputs and returns ``initial_state`` (zeros without one)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _check_shapes(u, delta, A, B, C, initial_state)
@@ -220,6 +225,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         backend = "triton" if u.is_cuda and triton_available() else "chunked"
     if backend == "triton" and not triton_available():
         raise ImportError("selective_scan backend 'triton' needs the triton package (pip install triton)")
+    if backend != "reference":
+        if min(*u.shape, A.shape[-1]) == 0:  # nothing to scan: the fast paths assume every size >= 1
+            backend = "reference"
+        else:  # the tiled kernels index memory as contiguous (B, L, D) / (B, L, N) rows; a copy only when needed
+            u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+            initial_state = None if initial_state is None else initial_state.contiguous()
     with torch.autocast(u.device.type, enabled=False):  # fp32 on purpose: autocast would run the contractions in bf16
         if backend == "reference":
             y, h = selective_scan_reference(u, delta, A, B, C, initial_state)

@@ -61,7 +61,8 @@ class SelectiveSSM(nn.Module):
         state after the last step (what ``step`` continues from: a rollout's context run as one sequence)."""
         x, z = self.in_proj(self.norm(seq)).chunk(2, dim=-1)
         padded = F.pad(x.transpose(1, 2), (self.d_conv - 1, 0))  # (B, d_inner, d_conv - 1 + L)
-        x = F.silu(self.conv(padded).transpose(1, 2))
+        # an empty sequence has no conv outputs (and the conv refuses an input shorter than its kernel)
+        x = F.silu(self.conv(padded).transpose(1, 2)) if seq.shape[1] else x
         delta, b, c = self._ssm_inputs(x)
         y, h = selective_scan(x, delta, self.A, b, c, return_state=True, backend=backend)
         y = y + self.D.to(y.dtype) * x

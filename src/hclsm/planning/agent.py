@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from hclsm import keys
+from hclsm.models.objects import agent_cue
 from hclsm.planning.cost import LatentCost, SlotSet, WorldModelCost
 from hclsm.planning.env_loop import ACTION_HIGH, ACTION_LOW, Goal, execute
 from hclsm.planning.planners import SamplingPlanner
@@ -51,18 +53,25 @@ class ModelPlanner:
         if self.flat:
             self.goal = self.model.encode(video)[0, 0]  # (d,)
         else:
-            g = self.model.objects(video)
+            g = self.model.objects(video, cue=self._cue([goal.state[:2]]))
             self.goal = SlotSet(g.slots[0, 0], g.positions[0, 0], g.alive[0, 0], g.has_background)
         self.goal_action = torch.tensor(goal.state[:2], dtype=torch.float32)
         self.start_agent = np.asarray(env.unwrapped.agent.position, dtype=np.float64)
 
+    def _cue(self, agent_xy) -> torch.Tensor | None:
+        """The object model's proprioception cue for frames with the agent at ``agent_xy`` (T, 2), if it reads one."""
+        if self.flat:
+            return None
+        return agent_cue({keys.STATE: torch.tensor(np.asarray(agent_xy, dtype=np.float32))[None]}, self.model.cfg)
+
     @torch.no_grad()
-    def act(self, env, frames, actions) -> np.ndarray:
+    def act(self, env, frames, actions, proprio) -> np.ndarray:
         c = self.context
         # the last c frames and the c - 1 actions between them; early in an episode the first frame is repeated in
         # front, with "hold" actions (the agent's start position: the env starts at rest)
         pad = max(0, c - len(frames))
         hist_frames = [frames[0]] * pad + list(frames[-c:])
+        hist_xy = [proprio[0]] * pad + list(proprio[-c:])
         hist_actions = ([self.start_agent] * pad + [np.asarray(a, dtype=np.float64) for a in actions])[-(c - 1):] \
             if c > 1 else []
         video = frames_to_video(hist_frames, self.size)
@@ -72,7 +81,8 @@ class ModelPlanner:
             cost = LatentCost(self.model, self.model.encode(video), past, self.goal, self.goal_action, scale,
                               self.proprio_weight)
         else:
-            cost = WorldModelCost(self.model, self.model.objects(video), past, self.goal, self.goal_action, scale,
+            cost = WorldModelCost(self.model, self.model.objects(video, cue=self._cue(hist_xy)), past, self.goal,
+                                  self.goal_action, scale,
                                   self.position_weight, self.proprio_weight)
         agent = torch.tensor(np.asarray(env.unwrapped.agent.position), dtype=torch.float32)
         plan = self.planner.plan(lambda c: cost(c.repeat_interleave(self.repeat, dim=1)),

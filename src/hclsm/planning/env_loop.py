@@ -24,6 +24,7 @@ from pymunk import Vec2d
 from tqdm import tqdm
 
 from hclsm import keys
+from hclsm.utils.interrupt import interrupt_point, sigint_deferred
 
 GOAL_OFFSET = 25  # recorded actions replayed to make the goal (DINO-WM: feasible within 25 steps)
 BUDGET = 50  # env steps per episode (the swm / C-JEPA budget)
@@ -66,8 +67,10 @@ class Policy(Protocol):
 
     def reset(self, env, goal: Goal) -> None: ...
 
-    def act(self, env, frames: Sequence[np.ndarray], actions: Sequence[np.ndarray]) -> np.ndarray:
-        """The next actions (k >= 1, 2) to execute, given the observations so far and the actions taken."""
+    def act(self, env, frames: Sequence[np.ndarray], actions: Sequence[np.ndarray],
+            proprio: Sequence[np.ndarray]) -> np.ndarray:
+        """The next actions (k >= 1, 2) to execute, given the observations so far, the actions taken and the
+        proprioception (the agent's xy) at every observation."""
 
 
 # ---- the simulator's state ---------------------------------------------------------------------
@@ -100,15 +103,17 @@ def physics_step(u, action: np.ndarray) -> None:
     """One control step of the unwrapped env's physics only (PD control of the agent towards ``action`` and the
     pymunk sub-steps, exactly as ``PushTEnv.step``), without its reward, coverage and observation."""
     target = Vec2d(float(action[0]), float(action[1]))
-    for _ in range(int(1 / (u.dt * u.control_hz))):
-        u.agent.velocity += (u.k_p * (target - u.agent.position) + u.k_v * (Vec2d(0, 0) - u.agent.velocity)) * u.dt
-        u.space.step(u.dt)
+    with sigint_deferred():  # pymunk runs gym-pusht's Python collision callback from C
+        for _ in range(int(1 / (u.dt * u.control_hz))):
+            u.agent.velocity += (u.k_p * (target - u.agent.position) + u.k_v * (Vec2d(0, 0) - u.agent.velocity)) * u.dt
+            u.space.step(u.dt)
 
 
 def set_sim_state(env, state: np.ndarray) -> None:
     """Reset ``env`` and put it exactly in ``state`` (agent x, y, block x, y, angle), everything at rest."""
     u = env.unwrapped
-    u.reset(seed=0)
+    with sigint_deferred():
+        u.reset(seed=0)
     set_full_state(u, (tuple(state[:2]), (0.0, 0.0), tuple(state[2:4]), float(state[4]), (0.0, 0.0), 0.0))
     u._last_action = None
 
@@ -123,9 +128,12 @@ def make_goal(env, task: Task) -> Goal:
     u = env.unwrapped
     set_sim_state(env, task.start)
     for a in task.actions:
-        u.step(np.asarray(a, dtype=np.float64))
+        with sigint_deferred():
+            u.step(np.asarray(a, dtype=np.float64))
     polys = [np.array([u.block.local_to_world(v) for v in s.get_vertices()]) for s in u.block.shapes]
-    return Goal(sim_state(u), np.asarray(u.get_obs()["pixels"]).copy(), polys)
+    with sigint_deferred():  # rendering draws through pymunk's debug-draw callbacks
+        pixels = np.asarray(u.get_obs()["pixels"]).copy()
+    return Goal(sim_state(u), pixels, polys)
 
 
 def make_tasks(source, episodes: Sequence[int], n: int, seed: int = 0) -> list[Task]:
@@ -163,7 +171,7 @@ class RandomPolicy:
     def reset(self, env, goal: Goal) -> None:
         pass
 
-    def act(self, env, frames, actions) -> np.ndarray:
+    def act(self, env, frames, actions, proprio) -> np.ndarray:
         return self.rng.uniform(ACTION_LOW, ACTION_HIGH, size=(1, 2))
 
 
@@ -183,7 +191,7 @@ class ScriptedPolicy:
         self.goal_xy = goal.state[2:4].copy()
         self.episode += 1
 
-    def act(self, env, frames, actions) -> np.ndarray:
+    def act(self, env, frames, actions, proprio) -> np.ndarray:
         u = env.unwrapped
         return self.pusher.act(np.asarray(u.agent.position), np.asarray(u.block.position), self.goal_xy)[None]
 
@@ -201,7 +209,8 @@ class OraclePlanner:
 
         self.planner, self.replan_every, self.repeat, self.name = planner, replan_every, action_repeat, name
         self.sim = gym.make("gym_pusht/PushT-v0", obs_type="state").unwrapped
-        self.sim.reset(seed=0)
+        with sigint_deferred():
+            self.sim.reset(seed=0)
         self.executed = 0
 
     def reset(self, env, goal: Goal) -> None:
@@ -222,7 +231,7 @@ class OraclePlanner:
             cost[i] = min(margins)  # success is sticky: passing through the goal counts
         return cost
 
-    def act(self, env, frames, actions) -> np.ndarray:
+    def act(self, env, frames, actions, proprio) -> np.ndarray:
         import torch
 
         u = env.unwrapped
@@ -249,22 +258,27 @@ def run_episode(env, task: Task, goal: Goal, policy: Policy, budget: int = BUDGE
     u = env.unwrapped
     set_sim_state(env, task.start)
     policy.reset(env, goal)
-    frames = [np.asarray(u.get_obs()["pixels"]).copy()]
+    with sigint_deferred():
+        frames = [np.asarray(u.get_obs()["pixels"]).copy()]
+    proprio = [np.asarray(u.agent.position, dtype=np.float64).copy()]  # the agent's xy at every observation
     taken: list[np.ndarray] = []
     queue: list[np.ndarray] = []
     success_step, covered, seconds = None, False, 0.0
     for step in range(1, budget + 1):
+        interrupt_point()
         if not queue:
             t0 = time.perf_counter()
             queue = [np.clip(np.asarray(a, dtype=np.float64), ACTION_LOW, ACTION_HIGH)
-                     for a in policy.act(env, frames, taken)]
+                     for a in policy.act(env, frames, taken, proprio)]
             seconds += time.perf_counter() - t0
             if not queue:
                 raise RuntimeError(f"policy {policy.name} returned no actions")
         action = queue.pop(0)
-        obs, _, terminated, _, info = u.step(action)
+        with sigint_deferred():
+            obs, _, terminated, _, info = u.step(action)
         taken.append(action)
         frames.append(np.asarray(obs["pixels"]).copy())
+        proprio.append(np.asarray(u.agent.position, dtype=np.float64).copy())
         if success_step is None and goal_reached(sim_state(u), goal.state):
             success_step = step
         covered = covered or bool(info["is_success"])

@@ -31,6 +31,7 @@ from hclsm.planning.env_loop import (
     make_tasks,
 )
 from hclsm.planning.planners import PLANNERS, PlannerConfig, make_planner
+from hclsm.utils.atomic import atomic_write_text, writing
 
 GIF_SCALE = 3  # observation pixels -> GIF pixels
 ORACLE_REPEAT = 5  # the oracle holds each planned action for 5 env steps: a 25-step look-ahead
@@ -149,13 +150,17 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
         policies += [RandomPolicy(seed), ScriptedPolicy(seed),
                      OraclePlanner(make_planner("cem", cfg, *action_box(), seed), replan_every, ORACLE_REPEAT)]
     out = Path(out) if out is not None else Path(run_dir) / "plan"
-    summary = plan_tasks(source, tasks, policies, out, gifs, budget, progress)
+    if out.exists() and not out.is_dir():
+        raise HclsmError(f"--out {out} is a file; give a directory for summary.json and the GIFs")
+    with writing(out):  # a read-only or full --out is one line, not a traceback
+        summary = plan_tasks(source, tasks, policies, out, gifs, budget, progress)
     record = {"run": str(train_run), "out": str(out), "budget": budget, "checkpoint": state["path"],
               "step": state["step"], "stage": state["stage"],
               "data": str(data_dir), "episodes": episodes, "held_out_episodes": val, "seed": seed,
               "planner": asdict(cfg), "replan_every": replan_every, "success_px": SUCCESS_POS_PX,
               "results": summary}
-    (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    with writing(out):
+        atomic_write_text(out / "summary.json", json.dumps(record, indent=2) + "\n")
     return record
 
 

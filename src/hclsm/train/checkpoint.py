@@ -44,6 +44,19 @@ class CheckpointError(HclsmError):
     """A checkpoint is missing, corrupt, or does not fit the model / optimizer it is loaded into."""
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O errors (a full disk, a read-only directory) come back as the
+    ``OSError`` they are (safetensors wraps them in its own error type), so callers report them as such."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
@@ -177,12 +190,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module | No
              "rng": rng_state()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        save_file(_cpu_tensors(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
+        save_tensors(_cpu_tensors(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
         if optimizer_state is not None:
             tensors, state["optimizer"] = _flatten_optimizer(optimizer_state)
-            save_file(tensors, tmp / OPTIM_FILE, metadata={"format": "pt"})
+            save_tensors(tensors, tmp / OPTIM_FILE, metadata={"format": "pt"})
         if extra_tensors:
-            save_file(_cpu_tensors(extra_tensors), tmp / EXTRA_FILE, metadata={"format": "pt"})
+            save_tensors(_cpu_tensors(extra_tensors), tmp / EXTRA_FILE, metadata={"format": "pt"})
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=False) + "\n")
         for f in tmp.iterdir():
             _fsync_file(f)

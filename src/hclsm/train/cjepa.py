@@ -27,6 +27,7 @@ from hclsm.models.cjepa import (
 )
 from hclsm.train.loop import TrainingDiverged
 from hclsm.train.optim import lr_at, param_groups, set_lr
+from hclsm.utils.interrupt import interrupt_point
 
 
 @dataclass
@@ -96,6 +97,7 @@ def train_cjepa(seqs: SlotSequences, cfg: CJEPAConfig, device: str | torch.devic
         sums: dict[str, float] = defaultdict(float)
         edges = pairs = 0.0
         for idx in torch.randperm(len(windows), generator=order_gen).split(cfg.batch_size):
+            interrupt_point()
             win = win_all[idx.to(device)]
             x, live = gather(slots, win, cfg.window), gather(alive, win, cfg.window)
             nodes = {"action": gather(action, win, cfg.window), "proprio": gather(proprio, win, cfg.window)}

@@ -35,7 +35,7 @@ from hclsm.train.distributed import env_world
 from hclsm.train.ewc import EWC, consolidate, estimate_fisher
 from hclsm.train.loop import EvalFn, TrainResult, seed_everything, train
 from hclsm.train.rundir import check_run_dir, default_run_dir
-from hclsm.utils.atomic import atomic_write_text
+from hclsm.utils.atomic import atomic_write_text, writing
 
 CONTINUAL_FILE, EWC_FILE = "continual.json", "ewc.safetensors"
 
@@ -97,9 +97,10 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
     if not resume:
         check_run_dir(run_dir)
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            atomic_write_text(run_dir / CONTINUAL_FILE, json.dumps({"data": roots}, indent=1) + "\n")
+            with writing(run_dir, "--out (train.out_dir)"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run_dir / "config.yaml")
+                atomic_write_text(run_dir / CONTINUAL_FILE, json.dumps({"data": roots}, indent=1) + "\n")
 
     from hclsm.models import build_model
 
@@ -113,9 +114,10 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
             load_checkpoint(latest_checkpoint(sub), model)
             results.append(None)
         else:
-            resumable = resume and latest_checkpoint(sub) is not None  # its checkpoints hold its EWC state
+            started = resume and (sub / "config.yaml").is_file()  # killed before its first checkpoint: from step 0
+            resumable = started and latest_checkpoint(sub) is not None  # its checkpoints hold its EWC state
             r = train(task_cfg, root, run_dir=sub, eval_fn=eval_fn, progress=progress, model=model,
-                      resume=resumable, ewc=None if resumable else ewc)
+                      resume=started, ewc=None if resumable else ewc)
             model = r.model
             results.append(r)
         if (sub / EWC_FILE).is_file():
@@ -124,6 +126,7 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
             fisher = estimate_fisher(model, task_train_clips(task_cfg, root), task_cfg.train, final_stage(cfg))
             ewc = consolidate(ewc, model, fisher)
             if main:
-                ewc.save(sub / EWC_FILE)
+                with writing(sub, None):
+                    ewc.save(sub / EWC_FILE)
     assert ewc is not None
     return ContinualResult(run_dir, roots, results, model, ewc)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from hclsm.config.train import TrainConfig
@@ -69,10 +69,16 @@ class EWC:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically to a safetensors file."""
+        from hclsm.train.checkpoint import save_tensors
+
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, tmp)
-        os.replace(tmp, path)
+        try:
+            save_tensors({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EWC:

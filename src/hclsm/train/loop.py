@@ -28,9 +28,11 @@ model keeps in its buffers, e.g. HCLSM's static background).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -50,16 +52,18 @@ from hclsm.data.streaming import StreamingClips
 from hclsm.errors import ConfigError, HclsmError
 from hclsm.train import distributed
 from hclsm.train.data import run_clips
-from hclsm.train.checkpoint import load_checkpoint, read_checkpoint_tensors, read_optimizer_state, save_checkpoint
+from hclsm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_tensors, read_optimizer_state,
+                                   save_checkpoint)
 from hclsm.train.ewc import EWC
 from hclsm.train.step import StepResult, out_of_memory, train_step
 from hclsm.train.logging import RunLogger, require_wandb
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
 from hclsm.train.rundir import (check_run_dir, default_run_dir, first_new_dir, repair_for_resume,
-                               resume_checkpoint)
+                               restart_run_dir, resume_checkpoint, write_run_file)
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.utils.allocator import keep_freed_memory
-from hclsm.utils.atomic import atomic_write_text
+from hclsm.utils.atomic import OutputError, atomic_write_text, output_error, probe_writable
+from hclsm.utils.interrupt import interrupt_point
 
 EvalFn = Callable[[nn.Module, ClipWindows], Mapping[str, float]]
 MAX_CONSECUTIVE_SKIPS = 25  # this many non-finite steps in a row end the run as diverged
@@ -151,6 +155,19 @@ def evaluate(model: nn.Module, eval_fn: EvalFn, clips: ClipWindows) -> dict[str,
         model.train()
 
 
+@contextlib.contextmanager
+def _memory_is_the_users(what: str, fix: str):
+    """An allocation that fails in the block (sizes from the config) is ``HclsmError`` naming ``what`` and ``fix``."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(e))
+        size = f" (an allocation of {int(asked.group(1)) / 2**30:.3g} GiB failed)" if asked else ""
+        raise HclsmError(f"{what} does not fit in this machine's memory{size}; {fix}") from None
+
+
 def _warn(message: str) -> None:
     tqdm.write(f"WARNING: {message}", file=sys.stderr)
 
@@ -172,30 +189,56 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
         progress: show tqdm bars.
         model: a model to train instead of building one.
         resume: continue the run in ``run_dir`` from its newest checkpoint (``cfg`` must be the run's
-            own config, e.g. ``load_config(yaml_path=run_dir / "config.yaml")``).
+            own config, e.g. ``load_config(yaml_path=run_dir / "config.yaml")``); a run that stopped before
+            its first checkpoint starts again from step 0 in its directory.
         ewc: the EWC state of earlier tasks (``hclsm.train.ewc``): its penalty, weighted by ``train.loss.ewc``,
             joins the loss; a resumed run takes the one its checkpoint was saved with.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel; see ``hclsm.train.distributed``.
 
     Raises ``HclsmError`` (before anything is written) for a bad dataset, an existing run directory (or,
-    with ``resume``, one without a checkpoint) or an unavailable device, and ``TrainingDiverged`` after
-    ``MAX_CONSECUTIVE_SKIPS`` non-finite steps in a row.
+    with ``resume``, one that holds no run) or an unavailable device, ``OutputError`` when the run directory
+    cannot be written (read-only, no space left), and ``TrainingDiverged`` after ``MAX_CONSECUTIVE_SKIPS``
+    non-finite steps in a row.
     """
     t = cfg.train
     if t.wandb:  # asked for and not installed: said before anything is read or written
         require_wandb()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    resume_from = None
     if resume:
-        resume_from = resume_checkpoint(run_dir)
+        resume_from = resume_checkpoint(run_dir)  # None: killed before its first checkpoint, so from step 0
     else:
         check_run_dir(run_dir)
+    if distributed.env_world().main:  # a run directory that cannot be written fails now, not after loading
+        existing = next(d for d in (run_dir, *run_dir.parents) if d.exists())
+        if not existing.is_dir():
+            raise HclsmError(f"cannot create run directory {run_dir}: {existing} is a file, not a directory; choose "
+                             f"another --out (train.out_dir)")
+        probe_writable(existing, None if resume else "--out (train.out_dir)")
     world, device = distributed.setup(resolve_device(t.device), t.batch_size, t.accumulate)
     try:
-        return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model,
-                      resume_from if resume else None, world, device, ewc)
+        return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model, resume_from, world, device,
+                      ewc, restart=resume and resume_from is None)
+    except OSError as e:  # writing the run failed (read-only, no space left): the user's to fix, one line
+        err = _run_dir_error(e, run_dir, resumed=resume)
+        if err is None:
+            raise
+        raise err from None
     finally:
         distributed.teardown(world)
+
+
+def _run_dir_error(e: OSError, run_dir: Path, resumed: bool) -> OutputError | None:
+    """``OutputError`` for a filesystem fault in the run directory (or the --out root above it), else None."""
+    if e.filename is not None:
+        f = Path(e.filename)
+        if not (f.is_relative_to(run_dir) or run_dir.is_relative_to(f)):
+            return None
+    err = output_error(e, run_dir, None if resumed else "--out (train.out_dir)")
+    if err is not None and latest_checkpoint(run_dir) is not None:
+        err = OutputError(f"{err}; then continue the run with `hclsm train --resume {run_dir}`")
+    return err
 
 
 class _NoLogger:
@@ -210,21 +253,25 @@ class _NoLogger:
 
 def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: EvalFn | None, progress: bool,
            model: nn.Module | None, resume_from: Path | None, world: distributed.Dist, device: torch.device,
-           ewc: EWC | None = None) -> TrainResult:
+           ewc: EWC | None = None, restart: bool = False) -> TrainResult:
     t = cfg.train
     seed_everything(t.seed)
     torch.set_num_threads(t.threads or max(1, distributed.available_cpus() // world.local_world))
     keep_freed_memory()  # no page faults on every step's activations (hclsm.utils.allocator)
 
     # data: every chosen episode in memory, at the model's frame size, or streamed when it would not fit (data.streaming)
-    train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
+    with _memory_is_the_users("the dataset, loaded into memory at model.perception.image_size="
+                              f"{cfg.model.perception.image_size}", "lower the image size or train on fewer episodes"):
+        train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
     if val_clips is None and eval_fn is not None:
         _warn(f"no held-out clips in {train_clips.source.name} (val episodes {val_eps}); evaluation is off")
 
     if model is None:
         from hclsm.models import build_model
 
-        model = build_model(cfg.model)
+        with _memory_is_the_users("the model", "lower its widths (model.perception.d_model, model.slots.d_slot, "
+                                  "model.decoder.hidden, ...) or use a smaller preset"):
+            model = build_model(cfg.model)
     model.to(device).train()
     prepare = getattr(model, "prepare", None)
     if callable(prepare) and resume_from is None:  # data-set statistics a model keeps (a resumed run has them)
@@ -251,20 +298,22 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         distributed.load_optimizer(distributed.unwrap(model), optimizer, read_optimizer_state(resume_from, optimizer))
 
     created = first_new_dir(run_dir)
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            save_config(cfg, run_dir / "config.yaml")
-        else:
-            repair_for_resume(run_dir, step)
     logger: RunLogger | _NoLogger = _NoLogger()
-    if world.main:
-        try:
+    try:
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is not None:
+                repair_for_resume(run_dir, step)
+            else:
+                if restart:
+                    restart_run_dir(run_dir)
+                save_config(cfg, run_dir / "config.yaml")
+                write_run_file(run_dir, str(Path(data_root).resolve()))
             logger = RunLogger(run_dir, wandb=t.wandb_project if t.wandb else None, config=config_to_dict(cfg))
-        except BaseException:  # e.g. W&B would not start: leave no half-made run
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            raise
+    except BaseException:  # e.g. a read-only directory or W&B would not start: leave no half-made run
+        if created is not None and world.main:  # (nor an --out root made for it)
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     if resume_from is not None:
         logger.log({"step": step, "event": "resumed", "checkpoint": str(resume_from)}, scalars=False)
     budget = 60.0 * t.max_minutes
@@ -322,6 +371,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
 
     try:
         while step < t.steps:
+            interrupt_point()  # a Ctrl-C that Python dropped (e.g. in a finalizer) stops the run here
             elapsed = time.perf_counter() - start
             if budget > 0 and world.active:  # every rank must stop, and schedule, at the same step
                 elapsed = world.from_main(elapsed)
@@ -374,9 +424,9 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
                 run_ckpt()
         if interval.attempts:
             log_interval()
+        run_ckpt()  # before the final evaluation: whatever happens there, the trained weights are kept
         if stopped != "diverged":
             run_eval()
-        run_ckpt()
     except BaseException:
         if created is not None and step == 0 and world.main:  # failed before training: leave no half-made run
             logger.close()
