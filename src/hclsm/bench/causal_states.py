@@ -80,8 +80,8 @@ def run_causal_states(quick: bool, seed: int, strength: float = FOLLOW_STRENGTH,
     config = {"objects": true.shape[1], "follow_strength": strength, "train_episodes": train_cfg.episodes,
               "test_episodes": test_cfg.episodes, "test_seed": test_cfg.seed, "steps": steps, "batch": BATCH,
               "lr": LR, "minutes": info["minutes"], "layer": {k: v for k, v in vars(cfg).items()}, **_machine()}
-    title = (f"causal-states: the follow DAG of {test_cfg.episodes} held-out {true.shape[1]}-ball scenes learned from true "
-             f"states (follow strength {strength:g}x; target SHD <= 0.5, AUC >= 0.95, h <= 1e-4); {steps} steps "
+    title = (f"causal-states: the follow DAG of {test_cfg.episodes} held-out {true.shape[1]}-ball scenes learned from "
+             f"true states (follow strength {strength:g}x; target SHD <= 0.5, AUC >= 0.95, h <= 1e-4); {steps} steps "
              f"({info['minutes']:.1f} min) on {train_cfg.episodes} training scenes")
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)
 
