@@ -31,7 +31,7 @@ class BenchResult:
 _REGISTRY: dict[str, Callable[[bool, int], BenchResult]] = {}
 _MODULES = ("hclsm.bench.data", "hclsm.bench.objects", "hclsm.bench.scale", "hclsm.bench.dynamics", "hclsm.bench.scan",
             "hclsm.bench.throughput",
-            "hclsm.bench.causal", "hclsm.bench.memory", "hclsm.bench.slotssm", "hclsm.bench.slotssm_scenes",
+            "hclsm.bench.causal", "hclsm.bench.causal_states", "hclsm.bench.memory", "hclsm.bench.slotssm", "hclsm.bench.slotssm_scenes",
             "hclsm.bench.planning", "hclsm.bench.cjepa")  # modules whose import registers benchmarks
 
 

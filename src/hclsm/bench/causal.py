@@ -61,13 +61,17 @@ GRAPH_OVERRIDES = ("model.causal.enabled=true", "model.causal.penalty_start=30",
                    "model.causal.anneal_steps=80", "model.causal.update_every=5")
 
 
+def causal_scenes(episodes: int, seed: int, strength: float = FOLLOW_STRENGTH) -> PhysicsDataConfig:
+    """The graph benches' scenes: ``OBJECTS`` balls, a follow DAG (``FOLLOW_PROB``) of the given strength, no
+    springs, 32 frames at 64 px."""
+    return PhysicsDataConfig(episodes=episodes, frames=32, image_size=64, min_objects=OBJECTS, max_objects=OBJECTS,
+                             spring_prob=0.0, follow_prob=FOLLOW_PROB, follow_strength=strength,
+                             counterfactual=False, seed=seed)
+
+
 @register("causal")
 def bench_causal(quick: bool, seed: int) -> BenchResult:
-    def scenes(episodes: int, seed: int) -> PhysicsDataConfig:
-        return PhysicsDataConfig(episodes=episodes, frames=32, image_size=64, min_objects=OBJECTS, max_objects=OBJECTS,
-                                 spring_prob=0.0, follow_prob=FOLLOW_PROB, follow_strength=FOLLOW_STRENGTH,
-                                 counterfactual=False, seed=seed)
-
+    scenes = causal_scenes
     train_data = scenes(24 if quick else 300, seed)
     with trained_hclsm("causal", quick, seed, train_data, GRAPH_OVERRIDES, CAUSAL_STEPS_QUICK if quick else CAUSAL_STEPS
                        ) as (_, _, _, model, info):

@@ -98,6 +98,8 @@ class CJEPAConfig:
               f"must exceed cjepa.visible ({self.visible}) to mask history frames, got {self.history}")
         check(self.ctt.graph != "learned" or self.graph_gate, f"{p}.ctt.graph",
               "'learned' needs the learned graph: set cjepa.graph_gate=true")
+        check(self.causal.inference == "step", f"{p}.causal.inference",
+              f"must be 'step' (the episode graph serves HCLSM's dynamics only, for now), got {self.causal.inference!r}")
 
     @property
     def window(self) -> int:

@@ -18,6 +18,8 @@ STEMS = ("patch", "conv")  # how the cnn encoder reaches its token grid (see hcl
 # features = encoder patch features (DINOSAUR-style): the frozen backbone's, else an EMA copy of the encoder's
 DECODER_TARGETS = ("pixels", "features")
 UPSAMPLERS = ("subpixel", "smooth", "transposed")  # how the decoder reaches its resolution (hclsm.nn.decoders)
+CAUSAL_INFERENCE = ("step", "episode")  # model.causal.inference: how the dynamics' graph is read (hclsm.nn.causal,
+# hclsm.nn.graph_inference)
 MODEL_NAMES = ("hclsm", "flat_ssm", "slotssm", "oc_slotssm", "cjepa")  # flat_ssm: the no-slot baseline
 
 
@@ -352,6 +354,50 @@ class GNNConfig:
 
 
 @dataclass
+class EpisodeGraphConfig:
+    """Per-episode graph inference (``hclsm.nn.graph_inference``): an NRI-style encoder over the history, relaxed
+    gates, a Huber likelihood of the state change, an ungated contact channel, penalties after a ranking exists.
+    ``hclsm bench causal-states`` trains it on true states; ``model.causal.inference=episode`` puts its encoder in
+    HCLSM's dynamics (``model.causal.episode``)."""
+
+    d_hidden: int = 64
+    temperature: float = 0.5  # binary-concrete temperature of the training gates
+    logit_bound: float = 6.0  # logits = bound * tanh(raw / bound) (0 = unbounded)
+    huber_delta: float = 0.1  # Huber's quadratic zone, in the target's units (px / frame^2 for velocity changes)
+    # px: pairs whose gap is below this exchange ungated contact messages (the surface gap on true states, whose
+    # radii are known; the centre distance in HCLSM's dynamics, whose slots have none: set it about two radii
+    # larger there). 0 = no contact channel (the dynamics only; the states' decoder always has one)
+    contact_reach: float = 3.0
+    kl_weight: float = 0.01  # weight of the KL of each edge to a Bernoulli(prior), on from step 0
+    prior: float = 0.1  # the prior probability of an edge
+    sparsity_lambda: float = 0.0  # l1 of the edge probabilities, with the acyclicity after penalty_start
+    rho_init: float = 0.1
+    rho_max: float = 10.0
+    rho_mult: float = 1.5
+    update_every: int = 50
+    penalty_start: int = 600  # training steps before the sparsity and acyclicity terms switch on
+    penalty_ramp: int = 200
+    # semi-amortised inference (``EpisodeGraph.refine``): Adam steps on each episode's logits against the decoder's
+    # error on its history, from the encoder's graph (0 = the encoder's graph as is)
+    refine_steps: int = 300
+    refine_lr: float = 0.1
+    refine_rho: float = 1000.0  # the least weight of h^2 while refining (10: the same edges, mean h 1.5e-4 > 1e-4)
+
+    def __post_init__(self) -> None:
+        p = "model.causal.episode"
+        check_min(self, p, 1, "d_hidden", "update_every")
+        check_min(self, p, 0, "refine_steps", "refine_lr", "refine_rho")
+        check_min(self, p, 0, "penalty_start", "penalty_ramp", "sparsity_lambda", "kl_weight", "contact_reach",
+                  "logit_bound")
+        check(0.0 < self.prior < 1.0, f"{p}.prior", f"must be in (0, 1), got {self.prior}")
+        check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
+        check(self.huber_delta > 0, f"{p}.huber_delta", f"must be > 0, got {self.huber_delta}")
+        check(self.rho_init > 0, f"{p}.rho_init", f"must be > 0, got {self.rho_init}")
+        check(self.rho_max >= self.rho_init, f"{p}.rho_max", f"must be >= {p}.rho_init, got {self.rho_max}")
+        check(self.rho_mult >= 1.0, f"{p}.rho_mult", f"must be >= 1, got {self.rho_mult}")
+
+
+@dataclass
 class CausalConfig:
     """Learned causal adjacency: Gumbel-sigmoid edges, l1 sparsity, NOTEARS augmented Lagrangian."""
 
@@ -371,9 +417,18 @@ class CausalConfig:
     # graph's own steps (stage 2), not the run's progress: see hclsm.nn.causal
     penalty_start: int = 300
     penalty_ramp: int = 200
+    # step: the graph above (a running mean of per-step evidence, hard straight-through gates: hclsm.nn.causal);
+    # episode: the episode-graph encoder (hclsm.nn.graph_inference.DynamicsEpisodeGraph: evidence pooled over the
+    # history so far, relaxed gates, a contact channel, the KL prior and penalties of ``episode``, whose fields
+    # replace the ones above)
+    inference: str = "step"
+    episode: EpisodeGraphConfig = field(default_factory=EpisodeGraphConfig)
 
     def __post_init__(self) -> None:
         p = "model.causal"
+        if isinstance(self.episode, dict):
+            self.episode = EpisodeGraphConfig(**self.episode)
+        check_one_of(self.inference, f"{p}.inference", CAUSAL_INFERENCE)
         check_min(self, p, 0.0, "sparsity_lambda")
         check_min(self, p, 1, "update_every")
         check_min(self, p, 0, "penalty_start", "penalty_ramp", "anneal_steps")

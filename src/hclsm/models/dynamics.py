@@ -30,6 +30,12 @@ which edges exist, and an object without children affects no other object. ``Dyn
 then the scene's summary (an event when any object has one) and ``object_events`` holds the per-object
 gates. Without the graph the scene mean is shared by all objects and there is one event gate per step.
 
+With ``model.causal.inference=episode`` the graph is a ``DynamicsEpisodeGraph`` (``hclsm.nn.graph_inference``):
+the episode-graph encoder's pair evidence (object tokens, positions in px, their first and second differences)
+pooled over the history so far, so at the end of a context it is the one graph that context infers; relaxed gates
+(a per-pair gradient), and a contact channel: the GNN's messages also pass between pairs about to touch
+(``model.causal.episode.contact_reach``), whatever the graph.
+
 **Memory** (``model.memory.enabled``, seed Layer 5): after the GNN, each object's L0 state reads an episodic
 modern-Hopfield memory of the object states of the earlier steps and adds what it retrieved; then the step's
 novel states are written (``hclsm.nn.memory``). Everything above L0 (the events, L1, L2, the head) sees the
@@ -49,6 +55,7 @@ from torch import nn
 
 from hclsm.config.model import ModelConfig
 from hclsm.nn.causal import CausalGraph, GraphOutput, GraphState
+from hclsm.nn.graph_inference import DynamicsEpisodeGraph, EpisodeGraphState
 from hclsm.nn.events import DetectorState, EventDetector, EventMemory, EventOutput, EventTransformer
 from hclsm.nn.gnn import RelationGNN
 from hclsm.nn.goals import GoalCompressor
@@ -82,7 +89,7 @@ class DynamicsState:
     detector: DetectorState  # the event detector's recent inputs (R rows: the batch, or batch x objects)
     events: EventMemory  # the most recent event steps, what L1 and L2 read
     t: int = 0  # steps run so far (the index of the next one)
-    graph: GraphState | None = None  # the causal graph's evidence so far (model.causal.enabled)
+    graph: GraphState | EpisodeGraphState | None = None  # the causal graph's evidence so far (model.causal.enabled)
     memory: MemoryState | None = None  # the episodic memory of this rollout (model.memory.enabled)
 
 
@@ -114,6 +121,12 @@ def parent_views(x: torch.Tensor, alive: torch.Tensor, adjacency: torch.Tensor) 
     return (w @ x) / w.sum(-1, keepdim=True).clamp_min(1.0)
 
 
+def gnn_gate(graph: GraphOutput) -> torch.Tensor:
+    """What gates the GNN's messages: the graph, opened for the pairs about to touch when it has a contact channel
+    (collisions need a message between every close pair, so the graph is only about influence at a distance)."""
+    return graph.adjacency if graph.contact is None else torch.maximum(graph.adjacency, graph.contact)
+
+
 def fold(x: torch.Tensor) -> torch.Tensor:
     """(B, T, K, ...) -> (B * K, T, ...): every object's own sequence, objects folded into the batch."""
     return x.transpose(1, 2).flatten(0, 1)
@@ -143,7 +156,9 @@ class HierarchicalDynamics(nn.Module):
         self.condition = nn.Linear(d, d)
         self.object_ssm = SSMStack(d, l0.blocks, l0.d_state, l0.d_conv, l0.expand)
         self.gnn = RelationGNN(d, cfg.gnn)
-        self.graph = CausalGraph(d, cfg.gnn.d_edge, cfg.causal) if cfg.causal.enabled else None
+        self.graph = None if not cfg.causal.enabled else CausalGraph(d, cfg.gnn.d_edge, cfg.causal) \
+            if cfg.causal.inference == "step" else DynamicsEpisodeGraph(d, cfg.causal.episode, 2,
+                                                                       cfg.perception.image_size / 2)
         self.memory = HopfieldMemory(d, cfg.memory) if cfg.memory.enabled else None
         self.detector = EventDetector(d, cfg.dynamics.l1)
         self.l1 = EventTransformer(d, cfg.dynamics.l1)
@@ -205,7 +220,9 @@ class HierarchicalDynamics(nn.Module):
         velocity = torch.cat([torch.zeros_like(positions[:, :1]), positions[:, 1:] - positions[:, :-1]], dim=1)
         x = self._tokens(slots, positions, velocity, action)  # (B, T, K, d)
         graph, graph_state = None, None
-        if self.graph is not None:
+        if isinstance(self.graph, DynamicsEpisodeGraph):
+            graph, graph_state = self.graph(x, positions, alive, return_state=True)
+        elif self.graph is not None:
             graph, graph_state = self.graph(x, alive, return_state=True)
         adjacency = None if graph is None else graph.adjacency  # (B, T, K, K)
         track = masked_mean(x, alive) if adjacency is None else fold(parent_views(x, alive, adjacency))
@@ -213,7 +230,7 @@ class HierarchicalDynamics(nn.Module):
         x = x + self.condition(track[:, :, None] if adjacency is None else unfold(track, k))
         h0, object_state = self.object_ssm(fold(x), return_state=True)
         h0 = unfold(h0, k)
-        gate = None if adjacency is None else adjacency.flatten(0, 1)
+        gate = None if adjacency is None else gnn_gate(graph).flatten(0, 1)
         h0 = self.gnn(h0.flatten(0, 1), alive.flatten(0, 1), gate).reshape(b, t, k, d)
         memory = None
         if self.memory is not None:  # each step reads what the steps before it wrote
@@ -267,15 +284,20 @@ class HierarchicalDynamics(nn.Module):
         velocity = torch.zeros_like(positions) if state.positions is None else positions - state.positions
         x = self._tokens(slots, positions, velocity, action)  # (B, K, d)
         adjacency, graph_state = None, None
-        if self.graph is not None:  # the graph's evidence is a running sum (one noise draw per rollout in training)
+        episode = None  # the episode graph's output of this step (B, K, K)
+        if isinstance(self.graph, DynamicsEpisodeGraph):
+            episode, graph_state = self.graph.step(x, positions, alive, state.graph)
+            adjacency = episode.adjacency
+        elif self.graph is not None:  # the graph's evidence is a running sum (one noise draw per rollout in training)
             adjacency, graph_state = self.graph.step(x, alive, state.graph)  # (B, K, K)
+        if adjacency is not None:
             g, gs = self.global_ssm.step(parent_views(x, alive, adjacency).reshape(b * k, d), state.global_ssm)
             x = x + self.condition(g).reshape(b, k, d)
         else:
             g, gs = self.global_ssm.step(masked_mean(x, alive), state.global_ssm)
             x = x + self.condition(g)[:, None]
         h0, os_ = self.object_ssm.step(x.reshape(b * k, d), state.object_ssm)
-        h0 = self.gnn(h0.reshape(b, k, d), alive, adjacency)
+        h0 = self.gnn(h0.reshape(b, k, d), alive, adjacency if episode is None else gnn_gate(episode))
         memory = state.memory
         if self.memory is not None:
             h0, memory = self.memory.step(h0, alive, memory, adjacency)

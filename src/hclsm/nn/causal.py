@@ -64,11 +64,14 @@ class GraphState:
 class GraphOutput:
     """The graph of every step: ``adjacency`` (B, T, K, K) 0/1 in value (straight-through gradient in
     training), ``prob`` the edge probabilities sigmoid(logit) (B, T, K, K), both [receiver, sender] and
-    zero on the diagonal and for dead slots; ``logits`` (B, T, K, K)."""
+    zero on the diagonal and for dead slots; ``logits`` (B, T, K, K). ``contact`` (B, T, K, K): the pairs whose
+    messages pass whatever the graph (``hclsm.nn.graph_inference.DynamicsEpisodeGraph``'s contact channel; None
+    without one)."""
 
     adjacency: torch.Tensor
     prob: torch.Tensor
     logits: torch.Tensor
+    contact: torch.Tensor | None = None
 
 
 def pair_geometry(x: torch.Tensor, dx: torch.Tensor, n: int) -> torch.Tensor:
