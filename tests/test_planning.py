@@ -147,6 +147,50 @@ def test_planners_reach_the_goal_through_a_known_dynamics_model(planner):
     assert model.calls == cfg.iterations + 1  # one batched rollout per iteration (+ the check above)
 
 
+class ToyPush:
+    """PushT in miniature: slot 1 is the agent, which goes to each action (an absolute target, as in PushT); slot 2
+    is the block, which moves with the agent's step when the agent starts that step within ``REACH`` of it."""
+
+    REACH = 0.3
+
+    class cfg:
+        d_action = 2
+
+    def predict_ahead(self, slots, positions, gate, horizon, action, shared_context=False):
+        c = slots.shape[1]
+        pos = positions[:, -1].clone()  # (N, K, 2)
+        out = []
+        for t in range(c - 1, c - 1 + horizon):
+            agent, block = pos[:, 1], pos[:, 2]
+            near = (agent - block).norm(dim=-1, keepdim=True) < self.REACH
+            pos = torch.stack([pos[:, 0], action[:, t], torch.where(near, block + action[:, t] - agent, block)], 1)
+            out.append(pos)
+        return slots[:, -1:].expand(-1, horizon, -1, -1), torch.stack(out, 1), None
+
+
+def test_planning_with_the_proprioception_term_off_still_moves_the_block():
+    g = torch.Generator().manual_seed(0)
+    slots = torch.randn(1, 2, 3, 8, generator=g)
+
+    class Ctx:
+        pass
+
+    ctx = Ctx()
+    ctx.slots, ctx.alive = slots, torch.ones(1, 2, 3, dtype=torch.bool)
+    ctx.positions = torch.tensor([[0.0, 0.0], [-0.5, 0.0], [0.0, 0.0]]).expand(1, 2, 3, 2)  # agent left of the block
+    # the goal frame: the block pushed 0.3 to the right, the agent just behind it; the proprioception target (far
+    # away) is switched off, so only the predicted slots can guide the plan
+    goal = SlotSet(slots[0, -1], torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.3, 0.0]]), torch.ones(3, dtype=torch.bool))
+    cost = WorldModelCost(ToyPush(), ctx, torch.zeros(1, 2), goal, goal_action=torch.tensor([0.0, 0.5]),
+                          proprio_weight=0.0)
+    cfg = PlannerConfig(horizon=4, samples=200, iterations=15, elites=20, init_std=0.5)
+    plan = CEM(cfg, -torch.ones(2), torch.ones(2), seed=0).plan(cost, torch.full((4, 2), -0.5))
+    _, pos = cost.rollout(plan[None])
+    start_gap = (ctx.positions[0, -1, 2] - goal.positions[2]).norm()
+    end_gap = (pos[0, -1, 2] - goal.positions[2]).norm()
+    assert end_gap < 0.3 * start_gap, (start_gap, end_gap)  # the block was pushed most of the way to its goal
+
+
 @pytest.fixture(scope="module")
 def tiny_hclsm():
     torch.manual_seed(0)
