@@ -266,3 +266,15 @@ def test_demo_with_the_causal_graph_draws_it_in_the_report(capsys, tmp_path):
     assert (tmp_path / "g" / "causal_graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     graph = json.loads((tmp_path / "g" / "metrics.json").read_text())["figures"]["graph"]
     assert all(i != j for i, j in graph["edges"]) and graph["alive_slots"] >= 0
+
+
+def test_the_report_says_plainly_whether_the_objects_were_found():
+    from hclsm.config import PUSHT_RECIPE, load_config
+    from hclsm.demo_report import _objects_verdict
+
+    plain, cued = load_config("tiny"), load_config("tiny", overrides=list(PUSHT_RECIPE))
+    assert "**The objects were not found**" in _objects_verdict(plain, {"agent_iou": 0.0, "block_iou": 0.03})
+    assert "found the block only" in _objects_verdict(plain, {"agent_iou": 0.1, "block_iou": 0.7})
+    both = _objects_verdict(plain, {"agent_iou": 0.6, "block_iou": 0.65})
+    assert "found both objects" in both and "proprioceptive" not in both
+    assert "given to the model, not discovered" in _objects_verdict(cued, {"agent_iou": 0.6, "block_iou": 0.65})

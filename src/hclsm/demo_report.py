@@ -43,6 +43,30 @@ def _steps(v: list[int]) -> str:
     return ", ".join(map(str, v)) or "none"
 
 
+FOUND_IOU = 0.5  # an object counts as found when its best slot's mask overlaps it with IoU >= this
+
+
+def _objects_verdict(cfg: Config, m: dict) -> str:
+    """One plain paragraph: were the agent and the block found (IoU >= ``FOUND_IOU``), and was the agent's position
+    given to the model (the proprioception cue)?"""
+    found = [name for name, k in (("the agent", "agent_iou"), ("the block", "block_iou"))
+             if m.get(k) is not None and m[k] >= FOUND_IOU]
+    scores = f"agent IoU {_fmt(m.get('agent_iou'))}, block IoU {_fmt(m.get('block_iou'))}"
+    if len(found) == 2:
+        verdict = f"**The model found both objects** ({scores}; found = IoU >= {FOUND_IOU})."
+    elif found:
+        verdict = (f"**The model found {found[0]} only** ({scores}; found = IoU >= {FOUND_IOU}): train more steps "
+                   f"(`hclsm demo --steps S1 S2`).")
+    else:
+        verdict = (f"**The objects were not found** ({scores}; found = IoU >= {FOUND_IOU}): this many steps are too "
+                   f"few (the PushT recipe needs about 2,000 stage-1 steps; `hclsm demo --steps S1 S2`).")
+    if cfg.model.slots.cue_scale > 0:
+        verdict += (" The first object slot was placed at the agent's position from the proprioceptive state "
+                    "(`model.slots.cue_scale`), so the agent's position is given to the model, not discovered; its "
+                    "mask and the block are learned from the pixels alone.")
+    return verdict
+
+
 def _planning_section(p: dict) -> str:
     """The report's planning section from ``demo_eval.demo_planning``'s record."""
     head = "## Planning in the real PushT simulator\n\n"
@@ -216,6 +240,8 @@ initialisation).
 | metric | trained | untrained | seed's indicator (trained) |
 |---|---|---|---|
 {_table(object_rows, m, u)}
+
+{_objects_verdict(cfg, m)}
 
 ## Dynamics on held-out episodes
 
