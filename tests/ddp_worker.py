@@ -16,8 +16,8 @@ from tests.helpers import SMALL
 
 data, out = sys.argv[1], sys.argv[2]
 parallel = sys.argv[3] if len(sys.argv) > 3 else "ddp"
-cfg = load_config("tiny", overrides=[*SMALL, "model.decoder.target=features", "model.decoder.resolution=8",
-                                     "model.slots.query_noise=0",
+cfg = load_config("tiny", overrides=[*SMALL, "model.decoder.target=features", "model.decoder.resolution=16",
+                                     "model.decoder.grid_size=16", "model.slots.query_noise=0",
                                      "model.slots.existence_start=1.0", "train.steps=3", "train.warmup_steps=1",
                                      "train.batch_size=4", "train.val_fraction=0", "train.device=cpu",
                                      "train.stage1_fraction=1.0", "data.clip.length=3", "train.ckpt_every=1",

@@ -417,7 +417,7 @@ BAD_TRAIN_CONFIGS = {  # train.lr=-1: test_cli.py::test_not_built_commands_repor
     # far more slots than the 32 px frames have tokens (kept at a size that would still fit in memory if the
     # check ever went away, so that this test then fails instead of exhausting the machine)
     "huge-num-slots": (["--model.slots.num_slots=1000"],
-                       ["model.slots.num_slots", "<= the 64 tokens per frame", "got 1000"]),
+                       ["model.slots.num_slots", "<= the 256 tokens per frame", "got 1000"]),
     "negative-num-slots": (["--model.slots.num_slots=-3"], ["model.slots.num_slots", ">= 1"]),
     "zero-image-size": (["--model.perception.image_size=0"], ["model.perception.image_size", ">= 1"]),
     "zero-clip": (["--data.clip.length=0"], ["data.clip.length", ">= 1"]),

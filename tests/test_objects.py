@@ -439,7 +439,8 @@ def test_a_stage1_training_step_of_the_real_model_is_finite_and_updates_weights(
     from hclsm.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    cfg = small_cfg(f"train.precision={precision}", "model.decoder.target=features", "model.decoder.resolution=8")
+    cfg = small_cfg(f"train.precision={precision}", "model.decoder.target=features", "model.decoder.resolution=16",
+                    "model.decoder.grid_size=16")
     model = build_model(cfg.model).train()
     opt = build_optimizer(model, cfg.train)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

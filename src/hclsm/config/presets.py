@@ -37,10 +37,11 @@ PRESETS = ("tiny", "small", "base", "large")
 # training frames' per-pixel median (static_background), the reconstruction weighs pixels that differ from it 30x
 # (foreground_weight), the decoder reads Fourier features of its coordinates (5 octaves) to draw small sharp shapes,
 # the first object slot follows the agent's proprioception (cue_scale: the state's xy on PushT's 512-px canvas), and
-# three object proposals cover agent, block and one spare. No masks or object states are used in training.
+# three object proposals cover agent, block and one spare; the encoder's fast layout (one stride-4 conv: 16 x 16
+# tokens at 64 px) is enough for PushT's large shapes. No masks or object states are used in training.
 # Measured in BENCHMARKS.md (objects: PushT rows) and docs/benchmarks/history.md (the recipe's ablation).
-PUSHT_RECIPE = ("model.decoder.static_background=true", "model.decoder.foreground_weight=30",
-                "model.decoder.fourier_octaves=5", "model.slots.cue_scale=512", "model.slots.num_slots=3")
+PUSHT_RECIPE = ("model.perception.stem=patch", "model.perception.patch_size=4", "model.decoder.static_background=true",
+                "model.decoder.foreground_weight=30", "model.decoder.fourier_octaves=5", "model.slots.cue_scale=512", "model.slots.num_slots=3")
 
 
 @dataclass
