@@ -38,7 +38,7 @@ from hclsm.train.data import run_split
 
 
 PHYSICS_STEPS = 4000  # stage-1 steps per physics model (the full bench; what the object layer needs to converge)
-PUSHT_STEPS = 4000  # stage-1 steps on PushT (the recipe: ~20 min on one loaded core)
+PUSHT_STEPS = 8000  # stage-1 steps on PushT (the recipe: ~35 min on one loaded core)
 QUICK_STEPS = 40  # --quick: a smoke run
 
 
