@@ -16,13 +16,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from faults import console_script
 from hclsm import cli
 from hclsm.bench import BenchResult
 from hclsm.data import physics as physics_mod
@@ -36,16 +36,6 @@ from helpers import assert_user_error, run
 PUSHT = ["--episodes", "2", "--max-steps", "12", "--quiet"]
 PHYSICS = ["--episodes", "3", "--frames", "8", "--quiet"]
 FRACTIONS = re.compile(r"episodes with agent-block contact: (\d+)%; block moved > 20 px: (\d+)%; both: (\d+)%")
-
-
-def _console_script() -> Path:
-    for candidate in (Path(sys.executable).parent / "hclsm", Path(__file__).resolve().parents[1] / ".venv/bin/hclsm"):
-        if candidate.is_file():
-            return candidate
-    found = shutil.which("hclsm")
-    if found is None:
-        pytest.skip("the hclsm console script is not installed")
-    return Path(found)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -110,7 +100,7 @@ def test_help_exits_zero(capsys, argv, expect):
 
 
 def test_console_script_help(tmp_path):
-    r = subprocess.run([_console_script(), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    r = subprocess.run([console_script(), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: hclsm")
     assert r.stderr == ""
@@ -320,7 +310,7 @@ def test_bad_config_with_overwrite_keeps_existing_dataset(capsys, tmp_path, phys
 
 
 def test_console_script_bad_config(tmp_path):
-    r = subprocess.run([_console_script(), "data", "physics", "--out", "ds", "--config", "missing.yaml"],
+    r = subprocess.run([console_script(), "data", "physics", "--out", "ds", "--config", "missing.yaml"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
@@ -394,7 +384,7 @@ def test_not_built_commands_report_config_errors_first(capsys, tmp_path, command
 
 
 def test_console_script_train_on_a_missing_dataset(tmp_path):
-    r = subprocess.run([_console_script(), "train", "--data", "nope", "--set", "train.steps=10",
+    r = subprocess.run([console_script(), "train", "--data", "nope", "--set", "train.steps=10",
                         "--set", "train.warmup_steps=1"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from faults import console_script
 from hclsm import demo, demo_eval, keys
 from hclsm.config import load_config
 
@@ -36,16 +35,6 @@ DYNAMICS_METRICS = ("jepa", "obj", "frame_mse", "frame_mse_copy_last", "events_p
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
-
-
-def _console_script() -> Path:
-    for candidate in (Path(sys.executable).parent / "hclsm", Path(__file__).resolve().parents[1] / ".venv/bin/hclsm"):
-        if candidate.is_file():
-            return candidate
-    found = shutil.which("hclsm")
-    if found is None:
-        pytest.skip("the hclsm console script is not installed")
-    return Path(found)
 
 
 # ---- the whole demo, at smoke size ----------------------------------------------------------------
@@ -168,7 +157,7 @@ def test_demo_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv, n
 
 
 def test_console_script_demo_bad_name(tmp_path):
-    r = subprocess.run([_console_script(), "demo", "--name", "..", "--out", "runs", "--quiet"], capture_output=True,
+    r = subprocess.run([console_script(), "demo", "--name", "..", "--out", "runs", "--quiet"], capture_output=True,
                        text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --name '..'"), r.stderr

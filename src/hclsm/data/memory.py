@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,7 @@ def serve(key: str, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return stored.float().div_(255.0) if key == keys.VIDEO else stored.to(dtype)
 
 
-class ClipWindows:
+class ClipWindows(ABC):
     """The clip windows of a dataset's chosen episodes and the batch interface over them; subclasses hold the
     frames (``MemoryClips``: every episode in memory; ``StreamingClips``: decoded on demand) and define ``get``
     and ``median_frame``.
@@ -203,14 +204,14 @@ class ClipWindows:
             return None
         return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_frames]
 
+    @abstractmethod
     def get(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch of windows ``indices`` (positions in ``self.windows``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def median_frame(self, max_frames: int = 2000, seed: int = 0) -> torch.Tensor:
         """(C, H, W) float in [0, 1]: the per-pixel median of up to ``max_frames`` of the frames (an even draw
         over all of them, ``median_rows``), the static scene wherever the objects move on."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -92,25 +92,67 @@ def acyclicity(adjacency: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(a * a).diagonal(dim1=-2, dim2=-1).sum(-1) - k
 
 
-class CausalGraph(nn.Module):
-    def __init__(self, d: int, d_edge: int, cfg: CausalConfig, position_dims: int = 0):
+class PenaltySchedule(nn.Module):
+    """The step-counted schedule of a learned graph's sparsity and acyclicity penalties, shared by ``CausalGraph``
+    and the episode graphs (``hclsm.nn.graph_inference``): ``ramp`` switches them on after ``cfg.penalty_start``
+    graph training steps, and ``after_step`` updates the NOTEARS augmented Lagrangian's multiplier ``alpha`` and
+    weight ``rho`` (buffers: checkpointed with the weights). ``cfg`` has ``rho_init``, ``rho_mult``, ``rho_max``,
+    ``update_every``, ``penalty_start`` and ``penalty_ramp``."""
+
+    def __init__(self, cfg):
         super().__init__()
-        if not 0 <= position_dims < d:
-            raise ValueError(f"position_dims ({position_dims}) must be in [0, {d}) for states of width {d}")
-        self.cfg, self.position_dims = cfg, position_dims
-        self.inp = nn.Linear(2 * d, d_edge)
-        self.recv = nn.Linear(d_edge, d_edge)
-        self.send = nn.Linear(d_edge, d_edge, bias=False)
-        self.prod = nn.Linear(d_edge, d_edge, bias=False)
-        self.score = nn.Linear(d_edge, 1)
-        self.geo = nn.Linear(2 * position_dims + 2, d_edge) if position_dims else None  # G: the pair's geometry
-        # the augmented Lagrangian's state (checkpointed with the weights)
+        self.cfg = cfg
         self.register_buffer("alpha", torch.zeros(()))
         self.register_buffer("rho", torch.tensor(float(cfg.rho_init)))
         self.register_buffer("h_prev", torch.tensor(math.inf))
         self.register_buffer("h_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("h_count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # graph training steps so far
+
+    def ramp(self) -> float:
+        """Weight of the sparsity and acyclicity terms now: 0 for the first ``penalty_start`` graph training
+        steps, then linear to 1 over ``penalty_ramp`` steps. Until then the prediction loss alone shapes the
+        graph, so the messages learn what they could carry before edges are pruned (with the penalties on
+        from the start, every edge is pruned before any message is worth keeping)."""
+        c, step = self.cfg, int(self.steps)
+        if step < c.penalty_start:
+            return 0.0
+        return 1.0 if c.penalty_ramp == 0 else min(1.0, (step - c.penalty_start + 1) / c.penalty_ramp)
+
+    @torch.no_grad()
+    def after_step(self, h: float) -> None:
+        """After an optimizer step that trained the graph, with its h(A) (the same value on every rank): count
+        the step; with the penalty on, every ``update_every`` steps update the multiplier and the penalty
+        weight from the mean h of those steps."""
+        active = self.ramp() > 0  # the penalty was on in this step's loss (see ``ramp``)
+        self.steps += 1
+        if not math.isfinite(h) or not active:  # no update while the penalty is off
+            return
+        self.h_sum += h
+        self.h_count += 1
+        if int(self.h_count) < self.cfg.update_every:
+            return
+        mean = float(self.h_sum / self.h_count)
+        self.alpha += self.rho * mean
+        if mean > 0.25 * float(self.h_prev):
+            self.rho.copy_(torch.clamp(self.rho * self.cfg.rho_mult, max=self.cfg.rho_max))
+        self.h_prev.fill_(mean)
+        self.h_sum.zero_()
+        self.h_count.zero_()
+
+
+class CausalGraph(PenaltySchedule):
+    def __init__(self, d: int, d_edge: int, cfg: CausalConfig, position_dims: int = 0):
+        super().__init__(cfg)
+        if not 0 <= position_dims < d:
+            raise ValueError(f"position_dims ({position_dims}) must be in [0, {d}) for states of width {d}")
+        self.position_dims = position_dims
+        self.inp = nn.Linear(2 * d, d_edge)
+        self.recv = nn.Linear(d_edge, d_edge)
+        self.send = nn.Linear(d_edge, d_edge, bias=False)
+        self.prod = nn.Linear(d_edge, d_edge, bias=False)
+        self.score = nn.Linear(d_edge, 1)
+        self.geo = nn.Linear(2 * position_dims + 2, d_edge) if position_dims else None  # G: the pair's geometry
 
     def temperature(self) -> float:
         """Geometric anneal from ``temperature_init`` (step 0) to ``temperature_min`` (``anneal_steps``)."""
@@ -176,16 +218,6 @@ class CausalGraph(nn.Module):
                            else state.noise[:, 0])
         return out.adjacency, GraphState(x, evidence, pairs, state.noise)
 
-    def ramp(self) -> float:
-        """Weight of the sparsity and acyclicity terms now: 0 for the first ``penalty_start`` graph training
-        steps, then linear to 1 over ``penalty_ramp`` steps. Until then the prediction loss alone shapes the
-        graph, so the messages learn what they could carry before edges are pruned (with the penalties on
-        from the start, every edge is pruned before any message is worth keeping)."""
-        c, step = self.cfg, int(self.steps)
-        if step < c.penalty_start:
-            return 0.0
-        return 1.0 if c.penalty_ramp == 0 else min(1.0, (step - c.penalty_start + 1) / c.penalty_ramp)
-
     def losses(self, out: GraphOutput, alive: torch.Tensor) -> dict[str, torch.Tensor]:
         """``causal``: (``sparsity_lambda`` x mean edge probability over the possible (alive, off-diagonal)
         pairs + the augmented Lagrangian of h(A) on the probabilities) x ``ramp()``; ``acyclicity``: mean h(A)
@@ -198,23 +230,3 @@ class CausalGraph(nn.Module):
         return {"causal": self.ramp() * (self.cfg.sparsity_lambda * sparsity + dag),
                 "acyclicity": h.mean().detach()}
 
-    @torch.no_grad()
-    def after_step(self, h: float) -> None:
-        """After an optimizer step that trained the graph, with its h(A) (the same value on every rank): count
-        the step; with the penalty on, every ``update_every`` steps update the multiplier and the penalty
-        weight from the mean h of those steps."""
-        active = self.ramp() > 0  # the penalty was on in this step's loss (see ``ramp``)
-        self.steps += 1
-        if not math.isfinite(h) or not active:  # no update while the penalty is off
-            return
-        self.h_sum += h
-        self.h_count += 1
-        if int(self.h_count) < self.cfg.update_every:
-            return
-        mean = float(self.h_sum / self.h_count)
-        self.alpha += self.rho * mean
-        if mean > 0.25 * float(self.h_prev):
-            self.rho.copy_(torch.clamp(self.rho * self.cfg.rho_mult, max=self.cfg.rho_max))
-        self.h_prev.fill_(mean)
-        self.h_sum.zero_()
-        self.h_count.zero_()

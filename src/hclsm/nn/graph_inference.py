@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hclsm.config.model import EpisodeGraphConfig
-from hclsm.nn.causal import GraphOutput, acyclicity
+from hclsm.nn.causal import GraphOutput, PenaltySchedule, acyclicity
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -212,21 +212,14 @@ def logistic_noise(shape: tuple[int, ...], device: torch.device | None = None) -
     return torch.log(u) - torch.log1p(-u)
 
 
-class GraphPenalties(nn.Module):
+class GraphPenalties(PenaltySchedule):
     """The sparsity and acyclicity of a learned graph and their step-counted schedule, shared by ``EpisodeGraph``
     and ``DynamicsEpisodeGraph``: a KL of each edge to Bernoulli(``prior``) from step 0, and after
     ``penalty_start`` training steps (ramped over ``penalty_ramp``) the l1 of the edge probabilities and the
-    NOTEARS h(A) under an augmented Lagrangian whose multipliers ``after_step`` updates (buffers: checkpointed)."""
+    NOTEARS h(A) under an augmented Lagrangian whose multipliers ``after_step`` updates (``PenaltySchedule``)."""
 
     def __init__(self, cfg: EpisodeGraphConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("alpha", torch.zeros(()))
-        self.register_buffer("rho", torch.tensor(float(cfg.rho_init)))
-        self.register_buffer("h_prev", torch.tensor(math.inf))
-        self.register_buffer("h_sum", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("h_count", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        super().__init__(cfg)
 
     def _kl(self, logits: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
         """(...) mean over the possible pairs of KL(Bernoulli(sigmoid(logit)) || Bernoulli(prior)); logits and off
@@ -234,14 +227,6 @@ class GraphPenalties(nn.Module):
         p0, q = self.cfg.prior, torch.sigmoid(logits)
         kl = q * (F.logsigmoid(logits) - math.log(p0)) + (1 - q) * (F.logsigmoid(-logits) - math.log1p(-p0))
         return (kl * off).sum((-2, -1)) / off.sum((-2, -1)).clamp_min(1.0)
-
-    def ramp(self) -> float:
-        """Weight of the sparsity and acyclicity terms: 0 before ``penalty_start`` steps, then linear to 1 over
-        ``penalty_ramp`` steps."""
-        c, step = self.cfg, int(self.steps)
-        if step < c.penalty_start:
-            return 0.0
-        return 1.0 if c.penalty_ramp == 0 else min(1.0, (step - c.penalty_start + 1) / c.penalty_ramp)
 
     def penalties(self, logits: torch.Tensor, prob: torch.Tensor, off: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -253,26 +238,6 @@ class GraphPenalties(nn.Module):
         dag = (self.alpha * h + 0.5 * self.rho * h.pow(2)).mean()
         l1 = (prob.sum((-2, -1)) / off.sum((-2, -1)).clamp_min(1.0)).mean()
         return prior, self.ramp() * (c.sparsity_lambda * l1 + dag), h
-
-    @torch.no_grad()
-    def after_step(self, h: float) -> None:
-        """Count a training step; with the penalty on, every ``update_every`` steps ``alpha += rho * mean h`` and
-        ``rho *= rho_mult`` (up to ``rho_max``) unless h fell below a quarter of its previous mean."""
-        active = self.ramp() > 0
-        self.steps += 1
-        if not math.isfinite(h) or not active:
-            return
-        self.h_sum += h
-        self.h_count += 1
-        if int(self.h_count) < self.cfg.update_every:
-            return
-        mean = float(self.h_sum / self.h_count)
-        self.alpha += self.rho * mean
-        if mean > 0.25 * float(self.h_prev):
-            self.rho.copy_(torch.clamp(self.rho * self.cfg.rho_mult, max=self.cfg.rho_max))
-        self.h_prev.fill_(mean)
-        self.h_sum.zero_()
-        self.h_count.zero_()
 
 
 class EpisodeGraph(GraphPenalties):
