@@ -252,7 +252,7 @@ class LeRobotSource:
         out[keys.VIDEO] = F.interpolate(out[keys.VIDEO], size=(s, s), mode="bilinear", antialias=True,
                                         align_corners=False).clamp_(0, 1)
         if keys.MASK in out:
-            out[keys.MASK] = F.interpolate(out[keys.MASK][:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
+            out[keys.MASK] = F.interpolate(out[keys.MASK][:, None].float(), size=(s, s), mode="nearest-exact")[:, 0].long()
         if keys.POSITIONS in out:
             out[keys.POSITIONS] = out[keys.POSITIONS] * (s / w)
         return out

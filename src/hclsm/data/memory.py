@@ -105,7 +105,7 @@ def _resize_episode(ep: dict[str, torch.Tensor], size: int) -> dict[str, torch.T
     ep[keys.VIDEO] = F.interpolate(video, size=(size, size), mode="area").clamp_(0.0, 1.0)
     if keys.MASK in ep:  # (T, H, W) ids: nearest keeps them ids
         ep[keys.MASK] = F.interpolate(ep[keys.MASK][:, None].float(), size=(size, size),
-                                      mode="nearest")[:, 0].to(ep[keys.MASK].dtype)
+                                      mode="nearest-exact")[:, 0].to(ep[keys.MASK].dtype)
     scale = torch.tensor([size / w, size / h])  # (x, y)
     for k in _PIXEL_KEYS:
         if k in ep:

@@ -113,7 +113,17 @@ def render_masks(env, image_size: int) -> np.ndarray:
                MASK_IDS["agent"], thickness=-1, shift=4)
     for poly in _polygons(u.block):  # the block is drawn after the agent by pymunk's debug_draw
         cv2.fillPoly(canvas, [np.round(poly * scale).astype(np.int32)], MASK_IDS["block"], shift=4)
-    return cv2.resize(canvas, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
+    return sample_centres(canvas, image_size)
+
+
+def sample_centres(ids: np.ndarray, size: int) -> np.ndarray:
+    """An id map (H, W) brought to (size, size) by taking, for every output pixel, the id at its centre. (cv2's and
+    torch's plain "nearest" take the id at the pixel's top-left corner instead, which moves every mask by half an
+    output pixel less half an input pixel, down and right, against frames resized about pixel centres.)"""
+    h, w = ids.shape
+    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    return ids[rows[:, None], cols[None, :]]
 
 
 def _touching(u) -> bool:
