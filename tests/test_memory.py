@@ -13,16 +13,76 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from hclsm import keys
 from hclsm.config import MemoryConfig, PhysicsDataConfig, load_config, save_config
 from hclsm.data.physics import generate_physics_dataset
+from hclsm.errors import HclsmError
 from hclsm.models import build_model
 from hclsm.nn.memory import HopfieldMemory
 from hclsm.train import latest_checkpoint, read_log, train
 from hclsm.train import loop as train_loop
 from hclsm.train.checkpoint import read_checkpoint_tensors
 from hclsm.train.continual import EWC_FILE, task_train_clips, train_continual
-from hclsm.train.ewc import EWC, consolidate, estimate_fisher
+from hclsm.train.ewc import EWC, consolidate, estimate_fisher, fisher_agreement
+from hclsm.train.rehearsal import ReplayBuffer, replayed_count
 from helpers import SMALL, assert_user_error, run
+
+
+def test_normalised_online_ewc_over_three_tasks(data):
+    """Each task's Fisher is divided by its own mean (so lambda means the same for any loss scale), older tasks
+    fade by train.ewc_decay, and two halves of the samples agree on the parameters' ranking."""
+    cfg = model_cfg("train.ewc_samples=4")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    clips = task_train_clips(cfg, data)
+    whole, first, second = estimate_fisher(model, clips, cfg.train, stage=2, halves=True)
+    for n in whole:  # the halves average to the whole
+        torch.testing.assert_close((first[n] + second[n]) / 2, whole[n], rtol=1e-5, atol=1e-12)
+    assert 0.3 < fisher_agreement(first, second) <= 1.0 and fisher_agreement(first, first) == pytest.approx(1.0)
+    scaled = {n: 1000.0 * f for n, f in whole.items()}  # the same task with a loss 1000x larger ...
+    a, b = consolidate(None, model, whole), consolidate(None, model, scaled)
+    assert all(torch.allclose(a.fisher[n], b.fisher[n], rtol=1e-5) for n in whole)  # ... gets the same penalty
+    assert a.stats()["fisher_mean"] == pytest.approx(1.0, rel=1e-4)
+    assert b.scale == pytest.approx(1000 * a.scale, rel=1e-4)
+    st = a.stats()
+    assert 0 <= st["fisher_p50"] <= st["fisher_p90"] <= st["fisher_p99"] <= st["fisher_max"]
+    assert 0.01 <= st["fisher_top1_share"] <= 1.0
+    three = consolidate(consolidate(a, model, scaled, decay=0.5), model, whole, decay=0.5)  # F3 + .5 F2 + .25 F1
+    assert three.tasks == 3
+    assert all(torch.allclose(three.fisher[n], 1.75 * a.fisher[n], rtol=1e-5) for n in whole)
+    back = EWC.from_tensors(three.tensors())
+    assert back.scale == pytest.approx(three.scale) and back.tasks == 3
+
+
+def test_the_replay_buffer_keeps_its_bound_and_splits_it_evenly_over_tasks(data, data_b):
+    cfg = model_cfg()
+    a, b = task_train_clips(cfg, data), task_train_clips(cfg, data_b)
+    buf = ReplayBuffer(capacity=7, seed=0)
+    buf.add_task(a)
+    assert len(buf) == 7 and buf.counts == [7]
+    kept_a = buf.stored[keys.VIDEO][:3].clone()
+    buf.add_task(b)
+    buf.add_task(a)
+    assert buf.counts == [3, 2, 2] and len(buf) == 7  # 7 // 3, the first task keeps the remainder
+    assert torch.equal(buf.stored[keys.VIDEO][:3], kept_a)  # an earlier task keeps a prefix of its draw
+    assert buf.stored[keys.VIDEO].dtype == torch.uint8
+    assert 0 < buf.nbytes <= buf.bound_bytes
+    one = a.get([0])
+    assert buf.bound_bytes == 7 * one[keys.VIDEO][0].numel()  # uint8 frames; no actions in these scenes
+    assert set(buf.stored) == {keys.VIDEO}  # ground truth (masks, positions: one ball or four) is not kept
+    g = torch.Generator().manual_seed(0)
+    mixed = buf.mix(a.get([0, 1, 2]), 2, g)
+    assert mixed[keys.VIDEO].shape[0] == 5 and mixed[keys.VIDEO].dtype == torch.float32
+    assert torch.equal(mixed[keys.VIDEO][:3], a.get([0, 1, 2])[keys.VIDEO])
+    stored = buf.stored[keys.VIDEO].float() / 255
+    for clip in mixed[keys.VIDEO][3:]:  # every replayed clip is one the buffer holds
+        assert any(torch.equal(clip, s) for s in stored)
+    assert replayed_count(8, 0.5) == 4 and replayed_count(2, 0.9) == 1 and replayed_count(4, 0.01) == 1
+    longer = task_train_clips(model_cfg("data.clip.length=4"), data)
+    with pytest.raises(HclsmError, match="same fields and shapes"):
+        buf.add_task(longer)
+    with pytest.raises(HclsmError, match="rehearsal_clips=0"):
+        buf.check_batch(longer.get([0]))
 
 
 def memory(size: int = 4, threshold: float = 0.9, d: int = 16) -> HopfieldMemory:
@@ -147,7 +207,7 @@ def test_the_fisher_is_real_and_the_penalty_is_zero_only_at_the_anchor(data):
     assert len(nonzero) > 0.6 * len(fisher)
     assert {"objects.decoder.net.6.weight", "dynamics.head.3.weight", "dynamics.memory.value.weight",
             "dynamics.memory.out.weight"} <= nonzero
-    ewc = consolidate(None, model, fisher)
+    ewc = consolidate(None, model, fisher, normalize=False)
     assert ewc.penalty(model).item() == 0.0
     name, p = next((n, p) for n, p in model.named_parameters() if n.startswith("dynamics.memory.query"))
     with torch.no_grad():
@@ -156,7 +216,7 @@ def test_the_fisher_is_real_and_the_penalty_is_zero_only_at_the_anchor(data):
     torch.testing.assert_close(ewc.penalty(model), expected, rtol=1e-4, atol=0)
     (grad,) = torch.autograd.grad(ewc.penalty(model), [p])
     torch.testing.assert_close(grad, fisher[name] * 0.1, rtol=1e-4, atol=1e-12)  # pulled back to the anchor
-    twice = consolidate(ewc, model, fisher)  # online EWC: Fisher summed, anchors moved
+    twice = consolidate(ewc, model, fisher, normalize=False)  # online EWC: Fisher summed, anchors moved
     assert twice.tasks == 2 and torch.equal(twice.fisher[name], 2 * fisher[name]) and twice.penalty(model).item() == 0
     back = EWC.from_tensors(twice.tensors())
     assert back.tasks == 2 and all(torch.equal(back.fisher[n], twice.fisher[n]) for n in fisher)
@@ -174,7 +234,7 @@ def data_b(tmp_path_factory):
 def continual_cfg(tmp_path, name: str):
     return model_cfg("train.steps=6", "train.batch_size=2", "train.warmup_steps=2", "train.ckpt_every=3",
                      "train.eval_every=0", "train.log_every=1", "train.stage1_fraction=0.5", "train.device=cpu",
-                     f"train.out_dir={tmp_path}", f"train.run_name={name}")
+                     "train.rehearsal_clips=3", f"train.out_dir={tmp_path}", f"train.run_name={name}")
 
 
 def test_continual_training_resumes_bit_identical(tmp_path, data, data_b, monkeypatch, capsys):
@@ -190,6 +250,9 @@ def test_continual_training_resumes_bit_identical(tmp_path, data, data_b, monkey
     saved = EWC.from_tensors(read_checkpoint_tensors(latest_checkpoint(run_dir / "task2")))
     assert saved is not None and all(torch.equal(saved.fisher[n], ewc_a.fisher[n]) for n in ewc_a.fisher)
     assert whole.ewc.tasks == 2
+    summaries = [json.loads((run_dir / f"task{i}" / "summary.json").read_text()) for i in (1, 2)]
+    assert [s["replayed_clips"] for s in summaries] == [0, 3]  # task B replays 3 kept clips of task A
+    assert len(whole.replay) == 3 and whole.replay.counts == [3]
 
     real_step, calls = train_loop.train_step, []
 
@@ -210,6 +273,7 @@ def test_continual_training_resumes_bit_identical(tmp_path, data, data_b, monkey
     code, out, err = run(capsys, "train", "--resume", cut, "--quiet")
     assert code == 0, err
     assert "task 1:" in out and "finished before the resume" in out and "EWC after 2 tasks" in out
+    assert "rehearsal: 3 clips" in out
     a, b = load_file(latest_checkpoint(run_dir / "task2") / "model.safetensors"), \
         load_file(latest_checkpoint(cut / "task2") / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

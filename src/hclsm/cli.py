@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --continual give it once per task, in training order")
     t.add_argument("--continual", action="store_true",
                    help="train on the --data datasets one after another (one task each, RUN/taskI), estimating "
-                        "each task's Fisher and adding the EWC penalty (train.loss.ewc) on the later tasks")
+                        "each task's Fisher and adding the EWC penalty (train.loss.ewc) on the later tasks, which also "
+                        "replay kept clips of the earlier ones (train.rehearsal_clips; 0 = off)")
     t.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the run in RUN (OUT/NAME) from its newest checkpoint, with its own config; on "
                         "the CPU it ends exactly as an uninterrupted run would")

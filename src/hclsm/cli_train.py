@@ -95,6 +95,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"EWC after {st['tasks']} tasks: Fisher mean {st['fisher_mean']:.3g}, max {st['fisher_max']:.3g}, "
               f"non-zero {st['fisher_nonzero']:.1%} (weight train.loss.ewc = {cfg.train.loss.ewc:g}); "
               f"{res.run_dir / f'task{len(res.data)}' / EWC_FILE}")
+        if res.replay is not None:
+            print(f"rehearsal: {len(res.replay)} clips of the earlier tasks kept ({res.replay.nbytes / 2**20:.1f} MiB), "
+                  f"{cfg.train.rehearsal_fraction:.0%} of each later batch")
         return 0
     result = train(cfg, data, run_dir=run_dir, eval_fn=eval_fn, progress=not args.quiet, resume=run_dir is not None)
     if not env_world().main:  # under torchrun, rank 0 reports

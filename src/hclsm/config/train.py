@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from hclsm.config.model import check, check_max, check_min, check_one_of, check_prob, check_seed
+from hclsm.config.model import check, check_max, check_min, check_number, check_one_of, check_prob, check_seed
 
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")  # how a torchrun job spreads the model: full copies, or sharded (FSDP2)
@@ -22,6 +22,7 @@ MAX_BATCH = 2**24  # clips per optimizer step
 MAX_THREADS = 1024  # intra-op threads, or data-loader workers, per process
 MAX_LR = 10.0
 MAX_MINUTES = 1e6
+MAX_REHEARSAL = 2**20  # replayed clips kept in memory
 
 
 @dataclass
@@ -40,11 +41,11 @@ class LossWeights:
     object_area: float = 0.01  # share of the frame drawn by object slots: the background is the default (ramped like existence)
     frame: float = 1.0  # pixel loss of a decoded next-step prediction (stage 2; the flat-SSM baseline's frames)
     rollout: float = 1.0  # open-loop loss: decoded frames of steps predicted from predictions (stage 2)
-    # lambda of the EWC penalty 1/2 sum F (theta - theta*)^2 while training on a later task (hclsm train --continual);
-    # large because the Fisher is small (squared gradients: ~5e-7 on average for the tiny HCLSM). Chosen by hclsm
-    # bench memory's sweep on a separate seed (docs/benchmarks/history.md): 1e6-1e8 barely act there; the Fisher's scale follows
-    # the loss's, so re-choose it for another model or loss
-    ewc: float = 1.4e9
+    # lambda of the EWC penalty 1/2 sum F (theta - theta*)^2 while training on a later task (hclsm train --continual).
+    # With train.ewc_normalize (the default) F has mean 1 over the parameters, so lambda is the penalty per unit of
+    # squared drift of a parameter of average importance. 700 = the raw-Fisher lambda hclsm bench memory's sweep
+    # chose on a separate seed (1.4e9) times the raw Fisher's mean there (~5e-7); docs/benchmarks/history.md
+    ewc: float = 700.0
 
     def __post_init__(self) -> None:
         check_min(self, "train.loss", 0.0, "sbd_stage1", "sbd_stage2", "diversity", "jepa", "obj", "causal",
@@ -102,7 +103,16 @@ class TrainConfig:
     # where the model's progress-driven schedules (query noise, existence prior) start: a run that continues
     # another run's training (stage 2 of train_two_stages) starts them at the progress the first one reached
     progress_start: float = 0.0
-    ewc_samples: int = 32  # training clips of a finished task whose squared loss gradients make its EWC Fisher
+    # training clips of a finished task whose squared loss gradients make its EWC Fisher (hclsm bench memory reports
+    # how well two halves of them agree on the parameters' ranking)
+    ewc_samples: int = 128
+    ewc_normalize: bool = True  # divide each task's Fisher by its mean, so train.loss.ewc means the same for any model
+    ewc_decay: float = 1.0  # online EWC: Fisher = decay * earlier tasks' + this task's (1 = sum, < 1 = older fade)
+    # rehearsal (hclsm.train.rehearsal): clips kept from the finished tasks of hclsm train --continual, replayed in
+    # every later task's batches (0 = off), and the share of each batch they fill. On by default: in hclsm bench
+    # memory it keeps task A (forgetting 0.01x plain training's on the selection seed) where EWC cannot
+    rehearsal_clips: int = 256
+    rehearsal_fraction: float = 0.5
     loss: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
@@ -113,7 +123,15 @@ class TrainConfig:
                   "threads")
         check_max(self, p, MAX_THREADS, "each worker is a process of its own", "num_workers")
         check_min(self, p, 1, "steps", "batch_size", "accumulate", "log_every", "keep_last", "ewc_samples")
-        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads")
+        check_min(self, p, 0, "warmup_steps", "eval_every", "ckpt_every", "num_workers", "threads", "rehearsal_clips")
+        check_max(self, p, MAX_REHEARSAL, "the buffer holds every replayed clip in memory", "rehearsal_clips")
+        check_prob(self, p, "ewc_decay")
+        check_number(self.rehearsal_fraction, f"{p}.rehearsal_fraction")
+        check(0.0 < self.rehearsal_fraction < 1.0, f"{p}.rehearsal_fraction",
+              f"must be in (0, 1): the share of each batch replayed from earlier tasks, got {self.rehearsal_fraction}")
+        check(self.rehearsal_clips == 0 or self.batch_size >= 2, f"{p}.batch_size",
+              f"must be >= 2 with train.rehearsal_clips (a batch mixes the task's clips with replayed ones), "
+              f"got {self.batch_size}")
         check_seed(self, p)
         check(self.batch_size % self.accumulate == 0, f"{p}.batch_size",
               f"must be a multiple of train.accumulate ({self.accumulate}), got {self.batch_size}")

@@ -4,7 +4,9 @@ Task 1 trains as an ordinary run (the config's stage schedule). After each task 
 training loss is estimated on its training clips and consolidated with the earlier tasks' (``hclsm.train.ewc``);
 every later task starts from the previous task's weights (a fresh optimizer), trains in the final stage of the
 schedule with the object layers' schedules finished (``train.progress_start = 1``), and adds the EWC penalty
-(weight ``train.loss.ewc``). A run directory::
+(weight ``train.loss.ewc``). With ``train.rehearsal_clips`` > 0 the later tasks also replay clips of the finished
+ones (``hclsm.train.rehearsal``): a bounded buffer split evenly over them fills ``train.rehearsal_fraction`` of
+every batch. A run directory::
 
     RUN/config.yaml              the config (each task's own config.yaml is derived from it)
     RUN/continual.json           the datasets, in order
@@ -13,7 +15,8 @@ schedule with the object layers' schedules finished (``train.progress_start = 1`
 
 ``train_continual(..., resume=True)`` continues where the run stopped: finished tasks are loaded from their last
 checkpoint, the interrupted one resumes from its newest checkpoint (which holds the EWC state it trains under),
-and a missing Fisher is re-estimated (it depends only on the weights, the clips and the seed). On the CPU the
+a missing Fisher is re-estimated (it depends only on the weights, the clips and the seed), and the replay buffer
+is rebuilt (it depends only on the datasets and the seed). On the CPU the
 result is the same, bit for bit, as an uninterrupted run's.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from hclsm.train.data import run_clips
 from hclsm.train.distributed import env_world
 from hclsm.train.ewc import EWC, consolidate, estimate_fisher
 from hclsm.train.loop import EvalFn, TrainResult, seed_everything, train
+from hclsm.train.rehearsal import ReplayBuffer
 from hclsm.train.rundir import check_run_dir, default_run_dir
 from hclsm.utils.atomic import atomic_write_text, writing
 
@@ -47,6 +51,7 @@ class ContinualResult:
     tasks: list[TrainResult | None]  # one per dataset; None for a task finished before a resume (not re-run)
     model: nn.Module  # the model after the last task
     ewc: EWC  # the EWC state after the last task
+    replay: ReplayBuffer | None = None  # the rehearsal buffer after the last task (train.rehearsal_clips > 0)
 
 
 def task_config(cfg: Config, index: int) -> Config:
@@ -107,6 +112,8 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
     seed_everything(cfg.train.seed)  # the initial weights, as ``train`` would draw them
     model: nn.Module = build_model(cfg.model)
     ewc: EWC | None = None
+    t = cfg.train
+    replay = ReplayBuffer(t.rehearsal_clips, t.seed) if t.rehearsal_clips > 0 else None
     results: list[TrainResult | None] = []
     for i, root in enumerate(roots):
         sub, task_cfg = run_dir / f"task{i + 1}", task_config(cfg, i)
@@ -117,16 +124,18 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
             started = resume and (sub / "config.yaml").is_file()  # killed before its first checkpoint: from step 0
             resumable = started and latest_checkpoint(sub) is not None  # its checkpoints hold its EWC state
             r = train(task_cfg, root, run_dir=sub, eval_fn=eval_fn, progress=progress, model=model,
-                      resume=started, ewc=None if resumable else ewc)
+                      resume=started, ewc=None if resumable else ewc, replay=replay if i > 0 else None)
             model = r.model
             results.append(r)
         if (sub / EWC_FILE).is_file():
             ewc = EWC.load(sub / EWC_FILE)
         else:
             fisher = estimate_fisher(model, task_train_clips(task_cfg, root), task_cfg.train, final_stage(cfg))
-            ewc = consolidate(ewc, model, fisher)
+            ewc = consolidate(ewc, model, fisher, t.ewc_normalize, t.ewc_decay)
             if main:
                 with writing(sub, None):
                     ewc.save(sub / EWC_FILE)
+        if replay is not None and i + 1 < len(roots):  # a later task replays this one
+            replay.add_task(task_train_clips(task_cfg, root), f"task {i + 1} ({root})")
     assert ewc is not None
-    return ContinualResult(run_dir, roots, results, model, ewc)
+    return ContinualResult(run_dir, roots, results, model, ewc, replay)

@@ -19,7 +19,8 @@ of the same global batch, DDP averages the gradients (or FSDP shards the model),
 across ranks, and rank 0 alone writes the run directory.
 
 Training on a later task of a sequence (``hclsm.train.continual``) passes ``ewc`` (``hclsm.train.ewc``): its
-penalty joins every step's loss, and it is saved with every checkpoint and restored on resume.
+penalty joins every step's loss, and it is saved with every checkpoint and restored on resume; and with
+rehearsal ``replay`` (``hclsm.train.rehearsal``), whose clips fill ``train.rehearsal_fraction`` of every batch.
 
 The model's interface: ``model(batch, progress=p, stage=s).losses`` is a dict of scalar tensors named
 from ``hclsm.config.train.LOSS_NAMES``; an optional ``model.update_target(tau)`` is called after every
@@ -55,6 +56,7 @@ from hclsm.train.data import run_clips
 from hclsm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_tensors, read_optimizer_state,
                                    save_checkpoint)
 from hclsm.train.ewc import EWC
+from hclsm.train.rehearsal import ReplayBuffer, replayed_count
 from hclsm.train.step import StepResult, out_of_memory, train_step
 from hclsm.train.logging import RunLogger, require_wandb
 from hclsm.train.optim import build_optimizer, lr_at, set_lr
@@ -176,7 +178,7 @@ def _warn(message: str) -> None:
 
 def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike | None = None,
           eval_fn: EvalFn | None = None, progress: bool = True, model: nn.Module | None = None,
-          resume: bool = False, ewc: EWC | None = None) -> TrainResult:
+          resume: bool = False, ewc: EWC | None = None, replay: ReplayBuffer | None = None) -> TrainResult:
     """Train ``model`` (default ``hclsm.models.build_model(cfg.model)``) on the dataset at ``data_root``.
 
     Args:
@@ -193,6 +195,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
             its first checkpoint starts again from step 0 in its directory.
         ewc: the EWC state of earlier tasks (``hclsm.train.ewc``): its penalty, weighted by ``train.loss.ewc``,
             joins the loss; a resumed run takes the one its checkpoint was saved with.
+        replay: clips of earlier tasks (``hclsm.train.rehearsal``): ``train.rehearsal_fraction`` of every batch
+            is drawn from it (with the sampler's own, checkpointed stream).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel; see ``hclsm.train.distributed``.
 
@@ -219,7 +223,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike 
     world, device = distributed.setup(resolve_device(t.device), t.batch_size, t.accumulate)
     try:
         return _train(cfg, data_root, run_dir, eval_fn, progress and world.main, model, resume_from, world, device,
-                      ewc, restart=resume and resume_from is None)
+                      ewc, restart=resume and resume_from is None, replay=replay)
     except OSError as e:  # writing the run failed (read-only, no space left): the user's to fix, one line
         err = _run_dir_error(e, run_dir, resumed=resume)
         if err is None:
@@ -253,7 +257,7 @@ class _NoLogger:
 
 def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: EvalFn | None, progress: bool,
            model: nn.Module | None, resume_from: Path | None, world: distributed.Dist, device: torch.device,
-           ewc: EWC | None = None, restart: bool = False) -> TrainResult:
+           ewc: EWC | None = None, restart: bool = False, replay: ReplayBuffer | None = None) -> TrainResult:
     t = cfg.train
     seed_everything(t.seed)
     torch.set_num_threads(t.threads or distributed.default_threads(world.local_world))  # 0: load-aware choice
@@ -263,6 +267,8 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
     with _memory_is_the_users("the dataset, loaded into memory at model.perception.image_size="
                               f"{cfg.model.perception.image_size}", "lower the image size or train on fewer episodes"):
         train_clips, val_clips, val_eps = run_clips(cfg, data_root, progress)
+    if replay is not None:  # a task whose clips cannot be mixed with the replayed ones is refused before training
+        replay.check_batch(train_clips.get([0]), train_clips.source.name)
     if val_clips is None and eval_fn is not None:
         _warn(f"no held-out clips in {train_clips.source.name} (val episodes {val_eps}); evaluation is off")
 
@@ -382,9 +388,15 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
             stage = t.stage_at(step, p if budget > 0 else None)
             set_lr(optimizer, lr_at(step, t, p if budget > 0 else None))
             # every rank draws the same global batch and keeps its share: N ranks see what one process would
-            indices = torch.randint(len(train_clips), (t.batch_size,), generator=generator)
             try:
-                batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
+                if replay is None:
+                    indices = torch.randint(len(train_clips), (t.batch_size,), generator=generator)
+                    batch = to_device(train_clips.get(indices[world.share(t.batch_size)]), device)
+                else:  # this task's clips, then replayed ones: the same global batch on every rank
+                    old = replayed_count(t.batch_size, t.rehearsal_fraction)
+                    indices = torch.randint(len(train_clips), (t.batch_size - old,), generator=generator)
+                    mixed = replay.mix(train_clips.get(indices), old, generator)
+                    batch = to_device({k: v[world.share(t.batch_size)] for k, v in mixed.items()}, device)
                 model_p = t.progress_start + (1 - t.progress_start) * p  # the model's schedules (noise, existence)
                 result = train_step(model, optimizer, batch, cfg=t, stage=stage, progress=model_p, world=world, ewc=ewc)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
@@ -448,6 +460,7 @@ def _train(cfg: Config, data_root: str | os.PathLike, run_dir: Path, eval_fn: Ev
         "train_clips": len(train_clips), "streamed": isinstance(train_clips, StreamingClips), "processes": world.world,
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "ewc_tasks": ewc.tasks if ewc is not None else 0,
+        "replayed_clips": len(replay) if replay is not None else 0,
     }
     if world.main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
