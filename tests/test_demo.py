@@ -21,7 +21,7 @@ from hclsm.config import load_config
 from helpers import SMALL, assert_user_error, run
 from test_causal import CAUSAL
 
-TINY_RUN = ["--steps", "3", "3", "--quiet", "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=20",
+TINY_RUN = ["--steps", "3", "3", "--quiet", "--from-scratch", "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=20",
             "--set", "train.steps=3", "--set", "train.warmup_steps=0", "--set", "train.batch_size=2",
             *[f"--{o}" for o in SMALL]]
 PICTURES = {"pusht_frames_and_masks.png", "slots_clip1.png", "slots_clip2.png", "segmentation.png",
@@ -44,7 +44,7 @@ def test_demo_trains_evaluates_and_writes_the_report(capsys, tmp_path):
     assert code == 0, err
     run_dir = tmp_path / "d"
     report = run_dir / "report.md"
-    assert f"report: {report}" in stdout and "HCLSM stage 1: 3 steps" in stdout and "HCLSM stage 2: 3 steps" in stdout
+    assert f"report: {report}" in stdout and "HCLSM stage 1 (from scratch): 3 steps" in stdout and "HCLSM stage 2: 3 steps" in stdout
     assert "not built yet" not in stdout + err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary directories left
 
@@ -116,7 +116,7 @@ def test_a_failing_demo_leaves_the_earlier_run_and_nothing_else(capsys, tmp_path
     monkeypatch.setattr(demo, "train_two_stages", broken_train)
     with pytest.raises(RuntimeError, match="blew up"):
         demo.run_demo(load_config("tiny", overrides=["data.pusht.episodes=2", "data.pusht.max_steps=10", *SMALL]),
-                      name="d", out_root=root, progress=False, steps=(1, 1))
+                      name="d", out_root=root, progress=False, steps=(1, 1), from_scratch=True)
     assert (root / "d" / "report.md").read_text() == "an earlier run"
     assert sorted(p.name for p in root.iterdir()) == ["d"]
 
@@ -267,3 +267,29 @@ def test_the_report_says_plainly_whether_the_objects_were_found():
     both = _objects_verdict(plain, {"agent_iou": 0.6, "block_iou": 0.65})
     assert "found both objects" in both and "proprioceptive" not in both
     assert "given to the model, not discovered" in _objects_verdict(cued, {"agent_iou": 0.6, "block_iou": 0.65})
+
+
+def test_the_demo_starts_from_the_shipped_pusht_object_layers(capsys, tmp_path):
+    """By default stage 1 continues the object layers shipped in the package (the PushT recipe's bench run) and the
+    report says so; a model they do not fit is refused in one line naming --from-scratch, before anything is
+    written."""
+    from hclsm.assets import pretrained_decomposer
+    from hclsm.config import PUSHT_RECIPE
+
+    cfg = demo.demo_config(load_config("tiny", overrides=list(PUSHT_RECIPE)))
+    start = demo._shipped_start(cfg).objects.state_dict()
+    shipped = pretrained_decomposer(demo.SHIPPED).state_dict()
+    assert start.keys() == shipped.keys() and all(torch.equal(start[k], v) for k, v in shipped.items())
+    code, stdout, err = run(capsys, "demo", "--out", tmp_path, "--name", "s", "--steps", "2", "2", "--quiet",
+                            "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=12",
+                            "--set", "train.batch_size=2", "--set", "train.warmup_steps=0")
+    assert code == 0, err
+    assert f"HCLSM stage 1 (continuing the shipped {demo.SHIPPED}): 2 steps" in stdout
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["start"] == {"from": demo.SHIPPED, "steps": demo.SHIPPED_STEPS, "command": demo.SHIPPED_COMMAND}
+    assert metrics["train"]["steps"] == 2 and metrics["train"]["stage2"]["steps"] == 2
+    assert "continuing the shipped PushT object model" in (tmp_path / "s" / "report.md").read_text()
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "runs", "--quiet", "--steps", "1", "1",
+                       *[f"--{o}" for o in SMALL])
+    assert_user_error(code, err, "--from-scratch", "model.perception.")
+    assert not (tmp_path / "runs").exists()

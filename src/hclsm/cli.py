@@ -109,12 +109,13 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     # PushT's object recipe first, so that the user's --set overrides (and extra options) win over it
     cfg = load_config(args.preset, args.config, [*PUSHT_RECIPE, *args.overrides, *extra])
     report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet,
-                      steps=None if args.steps is None else tuple(args.steps))
+                      steps=None if args.steps is None else tuple(args.steps), from_scratch=args.from_scratch)
     print(f"report: {report}")
     m = json.loads((report.parent / "metrics.json").read_text())
     t, v = m["train"], m["trained"]
     fmt = "{:.3g}".format
-    print(f"HCLSM stage 1: {t['steps']} steps in {t['seconds'] / 60:.1f} min; held-out: "
+    began = "from scratch" if m["start"]["from"] == "scratch" else f"continuing the shipped {m['start']['from']}"
+    print(f"HCLSM stage 1 ({began}): {t['steps']} steps in {t['seconds'] / 60:.1f} min; held-out: "
           + ", ".join(f"{k} {'n/a' if v.get(k) is None else fmt(v[k])}" for k in
                       ("agent_iou", "block_iou", "alpha_peakedness", "sbd", "diversity", "alive_slots", "true_objects")))
     t2 = t["stage2"]
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job: PushT data from the simulator, HCLSM stage 1 (objects) then stage 2 "
                                    "(dynamics), counted in steps, evaluation on held-out episodes (objects, "
                                    "rollouts, events), planning, OUT/NAME/report.md with pictures.")
+    m.add_argument("--from-scratch", action="store_true",
+                   help="train stage 1 from a new model instead of continuing the PushT object layers shipped in "
+                        "the package (hclsm.assets.pusht_objects_tiny)")
     m.add_argument("--name", default="demo", help="run name (report in OUT/NAME/report.md)")
     m.add_argument("--out", default="runs", help="root directory of runs (default runs)")
     m.add_argument("--steps", type=int, nargs=2, default=None, metavar=("S1", "S2"),

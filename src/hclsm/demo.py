@@ -3,7 +3,9 @@
 1. **Data.** PushT episodes from the real gym-pusht simulator (``cfg.data.pusht``), written as a
    LeRobot v3 dataset in ``data/pusht/``, with a picture of frames and ground-truth masks.
 2. **HCLSM, both stages** (``hclsm.train.train_two_stages``), counted in steps (``--steps S1 S2``, default
-   ``DEFAULT_STEPS``), so a loaded machine trains the same model as a quiet one: stage 1 (the object layers:
+   ``DEFAULT_STEPS``), so a loaded machine trains the same model as a quiet one. Stage 1 starts from the PushT
+   object layers shipped in the package (``hclsm.assets``, ``SHIPPED``: thousands of steps that two cores cannot
+   give in a demo) and continues them on the demo's data, or from scratch with ``--from-scratch``: stage 1 (the object layers:
    perception, slot attention with existence / birth / death, the spatial broadcast decoder) on
    ``TRAIN_CLIP``-frame clips, then stage 2 (the hierarchical dynamics with JEPA prediction and the event
    detector, on top of the stage-1 losses) on ``data.clip.length``-frame clips. The runs (config, logs,
@@ -73,6 +75,8 @@ from hclsm.viz import (
 )
 
 DEFAULT_STEPS = (300, 100)  # (stage-1, stage-2) training steps when --steps is not given
+SHIPPED = "pusht_objects_tiny"  # the shipped object layers stage 1 starts from (hclsm.assets)
+SHIPPED_STEPS, SHIPPED_COMMAND = 8000, "HCLSM_BENCH_KEEP=DIR hclsm bench objects-pusht"  # how they were trained
 TRAIN_CLIP = 4  # frames per stage-1 training clip (at most data.clip.length); stage 2 uses data.clip.length
 
 
@@ -129,12 +133,23 @@ def _run_facts(result: TrainResult, clip_length: int) -> dict[str, object]:
             "final_losses": result.losses, "clip_length": clip_length}
 
 
+def _shipped_start(cfg: Config) -> torch.nn.Module:
+    """The model stage 1 starts from: built as ``train`` would build it, with the shipped object layers."""
+    from hclsm.assets import load_object_layers
+
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    load_object_layers(model, SHIPPED)  # HclsmError naming the field when the config does not fit them
+    return model
+
+
 def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", progress: bool = True,
-             steps: tuple[int, int] | None = None) -> Path:
+             steps: tuple[int, int] | None = None, from_scratch: bool = False) -> Path:
     """Run the demo into ``out_root/name`` (replaced if it exists); returns the report path.
 
-    ``steps`` = (stage-1, stage-2) training steps (see ``demo_steps``). Raises ``HclsmError`` for a bad name,
-    step counts or config before anything is written.
+    ``steps`` = (stage-1, stage-2) training steps (see ``demo_steps``); ``from_scratch``: stage 1 starts from a
+    new model instead of the shipped object layers (``SHIPPED``). Raises ``HclsmError`` for a bad name, step counts
+    or config (one the shipped layers do not fit, without ``from_scratch``) before anything is written.
 
     ``metrics.json``: ``trained`` / ``untrained`` (object and dynamics metrics, ``heldout_metrics`` and
     ``dynamics_metrics``), ``train`` (the planned steps, the parameter count and stage 1's run: steps, seconds,
@@ -146,6 +161,9 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
     check_run_name(name)  # before anything is generated or replaced
     steps = demo_steps(steps)
     cfg = demo_config(cfg)
+    start_model = None if from_scratch else _shipped_start(cfg)
+    start = ({"from": "scratch"} if from_scratch else
+             {"from": SHIPPED, "steps": SHIPPED_STEPS, "command": SHIPPED_COMMAND})
     final = Path(out_root) / name
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -177,7 +195,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
         seconds["baseline"] = time.perf_counter() - t
         t = time.perf_counter()
         stage1, stage2 = train_two_stages(cfg, data_dir, run / "train", steps, stage1_clip=TRAIN_CLIP,
-                                          progress=progress)
+                                          progress=progress, model=start_model)
         for result in (stage1, stage2):
             _relocate_paths(result.run_dir / "summary.json", run, final)
         seconds["train"] = time.perf_counter() - t  # both stages, with their data loading
@@ -196,7 +214,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         length = dyn_clips.clip.length
         context, horizon = rollout_split(length)
-        record = {"trained": trained, "untrained": untrained,
+        record = {"start": start, "trained": trained, "untrained": untrained,
                   "train": {"planned_steps": list(steps), "parameters": n_params, **_run_facts(stage1, min(TRAIN_CLIP, cfg.data.clip.length)),
                             "stage2": _run_facts(stage2, cfg.data.clip.length)},
                   "val_episodes": val_eps, "clips": len(clips), "eval_clip_length": cfg.data.clip.length,

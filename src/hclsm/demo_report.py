@@ -102,6 +102,17 @@ The first episode of each policy, with the goal drawn in red:
 {gifs}"""
 
 
+def _start_note(start: dict) -> str:
+    """Where stage 1 started: from scratch, or from the object layers shipped in the package."""
+    if start["from"] == "scratch":
+        return ("Stage 1 started from scratch (`--from-scratch`): a few hundred steps on two cores cannot find "
+                "PushT's objects (the recipe needs thousands), so expect the objects below not to be found.")
+    return (f"Stage 1 started from the object layers shipped in the package (`hclsm.assets`, `{start['from']}`: "
+            f"{start['steps']} stage-1 steps of the PushT recipe, trained by `{start['command']}`) and continued "
+            f"them on this demo's data; the dynamics (stage 2) are trained here from scratch. "
+            f"`hclsm demo --from-scratch` trains everything from scratch.")
+
+
 def render_report(cfg: Config, s: dict, r: dict) -> str:
     """``report.md`` of a demo run: ``s`` the PushT data summary, ``r`` the record ``run_demo`` writes to
     ``metrics.json`` (trained / untrained metrics, training facts, figures shown, timings)."""
@@ -183,11 +194,14 @@ def render_report(cfg: Config, s: dict, r: dict) -> str:
         f"{t['skipped']} | `train/stage{i + 1}/` |"
         for i, (label, t, planned) in enumerate((("1: objects", tr, tr["planned_steps"][0]),
                                                   ("2: dynamics + objects", tr2, tr["planned_steps"][1]))))
+    start = r.get("start") or {"from": "scratch"}
+    started = ("from scratch" if start["from"] == "scratch" else
+               f"continuing the shipped PushT object model `{start['from']}`")
     return f"""# hclsm demo report
 
 Stages run: **data** (PushT from the gym-pusht simulator); **HCLSM stage 1, the objects** (perception, slot
 attention with existence / birth / death, spatial broadcast decoder; SBD, diversity, existence and
-object-area losses), trained {tr['steps']} steps in {tr['seconds'] / 60:.1f} min; and **HCLSM stage 2, the
+object-area losses), trained {tr['steps']} steps in {tr['seconds'] / 60:.1f} min {started}; and **HCLSM stage 2, the
 dynamics** (hierarchical dynamics: per-object and global SSMs, the relation GNN, the event detector and event
 transformer, the goal compressor; JEPA slot prediction against an EMA target, position prediction, the
 decoded next frame, an open-loop rollout term and the event losses, on top of the stage-1 losses), trained
@@ -218,7 +232,7 @@ The `{cfg.preset}` HCLSM ({tr['parameters']:,} trainable parameters, {cfg.model.
 + {'a background slot' if cfg.model.slots.background else 'no background slot'}, frames at
 {cfg.model.perception.image_size} px, batch {cfg.train.batch_size}) on the training episodes, counted in steps
 (`hclsm demo --steps S1 S2`: the same model on a loaded machine as on a quiet one); stage 2 continues stage 1's
-model (its EMA target included).
+model (its EMA target included). {_start_note(r.get("start") or {"from": "scratch"})}
 
 | stage | clips | planned steps | steps run | time | skipped steps | run directory |
 |---|---|---|---|---|---|---|

@@ -15,6 +15,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from torch import nn
+
 from hclsm.config import Config
 from hclsm.errors import ConfigError
 from hclsm.train.loop import EvalFn, TrainResult, train
@@ -38,12 +40,17 @@ def stage_configs(cfg: Config, steps: tuple[int, int], stage1_clip: int = 4) -> 
 
 
 def train_two_stages(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike, steps: tuple[int, int],
-                     *, stage1_clip: int = 4, progress: bool = True, eval_fn: EvalFn | None = None
-                     ) -> tuple[TrainResult, TrainResult]:
+                     *, stage1_clip: int = 4, progress: bool = True, eval_fn: EvalFn | None = None,
+                     model: nn.Module | None = None) -> tuple[TrainResult, TrainResult]:
     """Train ``steps[0]`` stage-1 steps then ``steps[1]`` stage-2 steps into ``run_dir/stage1`` and
-    ``run_dir/stage2``; returns both results (the second holds the final model)."""
+    ``run_dir/stage2``; returns both results (the second holds the final model).
+
+    ``model``: start stage 1 from it (e.g. object layers already trained) instead of a new model; its schedules
+    are then taken as finished (stage 1 runs with ``train.progress_start = 1``, as stage 2 does)."""
     s1_cfg, s2_cfg = stage_configs(cfg, steps, stage1_clip)
+    if model is not None:
+        s1_cfg = dataclasses.replace(s1_cfg, train=dataclasses.replace(s1_cfg.train, progress_start=1.0))
     run_dir = Path(run_dir)
-    s1 = train(s1_cfg, data_root, run_dir=run_dir / "stage1", progress=progress, eval_fn=eval_fn)
+    s1 = train(s1_cfg, data_root, run_dir=run_dir / "stage1", progress=progress, eval_fn=eval_fn, model=model)
     s2 = train(s2_cfg, data_root, run_dir=run_dir / "stage2", model=s1.model, progress=progress, eval_fn=eval_fn)
     return s1, s2
