@@ -289,6 +289,9 @@ def test_the_demo_starts_from_the_shipped_pusht_object_layers(capsys, tmp_path):
     assert metrics["start"] == {"from": demo.SHIPPED, "steps": demo.SHIPPED_STEPS, "command": demo.SHIPPED_COMMAND}
     assert metrics["train"]["steps"] == 2 and metrics["train"]["stage2"]["steps"] == 2
     assert "continuing the shipped PushT object model" in (tmp_path / "s" / "report.md").read_text()
+    code, stdout, err = run(capsys, "eval", tmp_path / "s", "--context", "2", "--horizon", "2", "--quiet")
+    assert code == 0, err  # a demo run evaluates like any run: its model in train/stage2, its data in data/pusht
+    assert "step 2:" in stdout and (tmp_path / "s" / "eval" / "metrics.json").is_file()
     code, _, err = run(capsys, "demo", "--out", tmp_path / "runs", "--quiet", "--steps", "1", "1",
                        *[f"--{o}" for o in SMALL])
     assert_user_error(code, err, "--from-scratch", "model.perception.")

@@ -138,6 +138,12 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     for option, value in (("--context", args.context), ("--horizon", args.horizon), ("--clips", args.clips)):
         _check_range(option, value, 0 if option == "--clips" else 1, INT64_MAX, "a 64-bit integer")
     cfg, model, state = load_run(args.run_dir)
+    if args.data is None:
+        from hclsm.runs import Run
+
+        args.data = Run(args.run_dir).data_root
+        if args.data is None:
+            raise HclsmError(f"the dataset run {args.run_dir} trained on is gone (or not recorded); pass --data DIR")
     out = Path(args.out) if args.out is not None else Path(args.run_dir) / "eval"
     model.to(resolve_device("auto"))
     meta = {"run": str(Path(args.run_dir).resolve()), "checkpoint": state["path"], "step": state["step"],
@@ -291,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pictures (rollouts, event timelines, PCA of slot trajectories); writes "
                                    "OUT/metrics.json and PNGs.")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `hclsm train` (OUT/NAME)")
-    e.add_argument("--data", metavar="DIR", required=True, help="the dataset the run was trained on")
+    e.add_argument("--data", metavar="DIR", default=None,
+                   help="the dataset to evaluate on (default: the one the run trained on, e.g. a demo's data/pusht)")
     e.add_argument("--context", type=int, default=6, help="context frames given to the model (default 6)")
     e.add_argument("--horizon", type=int, default=10, help="frames predicted after the context (default 10)")
     e.add_argument("--clips", type=int, default=4, help="held-out clips to draw pictures of (default 4)")

@@ -14,7 +14,8 @@ detector against the simulator's contact events, and pictures.
   ±1 step tolerance (``hclsm.metrics.events.event_prf``) and events per clip (``score_events``).
 * ``write_eval``: both on the non-overlapping held-out clips of a dataset, the pictures of a few of them,
   and ``metrics.json``, written as one directory that appears complete or not at all.
-* ``load_run``: a run's config and its model with the newest checkpoint loaded strictly.
+* ``load_run``: a run's config and its model with the newest checkpoint loaded strictly (any run ``hclsm.runs.Run``
+  reads, a demo's included).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from hclsm import keys
-from hclsm.config import Config, load_config
+from hclsm.config import Config
 from hclsm.config.data import ClipConfig
 from hclsm.data.clips import split_episodes
 from hclsm.data.memory import MemoryClips, open_dataset
@@ -235,26 +236,21 @@ def event_metrics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
 # ---- runs and the eval directory --------------------------------------------------------------------
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Config, nn.Module, dict[str, Any]]:
-    """A run's config (``RUN/config.yaml``), its model with the newest checkpoint loaded strictly, and the
-    checkpoint's ``state.json`` (with ``path``). Raises ``HclsmError`` naming the fix for a missing run
+    """A run's config, its model with the newest checkpoint loaded strictly, and the checkpoint's ``state.json``
+    (with ``path``). ``run_dir`` is any run ``hclsm.runs.Run`` reads: ``hclsm train``'s, ``hclsm demo``'s (its
+    ``train/stage2``) or a continual run's (its last task). Raises ``HclsmError`` naming the fix for a missing run
     directory, a run without checkpoints, or a model without dynamics."""
     from hclsm.models import build_model
-    from hclsm.train import latest_checkpoint, load_checkpoint
+    from hclsm.runs import Run
+    from hclsm.train.checkpoint import load_checkpoint
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise HclsmError(f"run directory {run} does not exist; pass OUT/NAME of an earlier `hclsm train`")
-    if not (run / "config.yaml").is_file():
-        raise HclsmError(f"{run} is not a run directory (no config.yaml); pass OUT/NAME of an earlier `hclsm train`")
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise HclsmError(f"run {run} has no checkpoint (checkpoints/step_*); train it (it checkpoints at the end) "
-                         f"or pass a run that has one")
-    cfg = load_config(yaml_path=run / "config.yaml")
+    run = Run(run_dir)
+    ckpt = run.require_checkpoint()
+    cfg = run.config
     model = build_model(cfg.model)
     if not isinstance(model, HCLSM):
-        raise HclsmError(f"run {run} trained model {cfg.model.name!r}; hclsm eval evaluates HCLSM's dynamics: pass a "
-                         f"run of --model hclsm")
+        raise HclsmError(f"run {run_dir} trained model {cfg.model.name!r}; hclsm eval evaluates HCLSM's dynamics: "
+                         f"pass a run of --model hclsm")
     state = load_checkpoint(ckpt, model)
     return cfg, model, state
 
