@@ -31,6 +31,7 @@ from hclsm.planning.env_loop import (
     make_tasks,
 )
 from hclsm.planning.planners import PLANNERS, PlannerConfig, make_planner
+from hclsm.runs import Run
 from hclsm.utils.atomic import atomic_write_text, writing
 
 GIF_SCALE = 3  # observation pixels -> GIF pixels
@@ -38,53 +39,35 @@ ORACLE_REPEAT = 5  # the oracle holds each planned action for 5 env steps: a 25-
 SIM_SIZE = 512
 
 
-def find_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """(training run directory, PushT dataset directory) for ``run_dir``; ``HclsmError`` naming the fix."""
-    from hclsm.train import latest_checkpoint
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        what = "is a file, not a run directory" if run.exists() else "does not exist"
-        raise HclsmError(f"--checkpoint {run} {what}; pass a run directory of `hclsm train` or `hclsm demo`")
-    demo = run / "train" / "stage2"
-    train_run = demo if (demo / "config.yaml").is_file() else run
-    if not (train_run / "config.yaml").is_file():
-        raise HclsmError(f"--checkpoint {run} is not a run directory (no config.yaml, no train/stage2/config.yaml); "
-                         f"pass OUT/NAME of an earlier `hclsm train` or `hclsm demo`")
-    ckpt = latest_checkpoint(train_run)
-    if ckpt is None:
-        raise HclsmError(f"--checkpoint {run} has no checkpoint (checkpoints/step_*); train it first")
+def find_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None) -> tuple[Run, Path]:
+    """(the run, its PushT dataset directory) for ``run_dir``, any run ``hclsm.runs.Run`` reads (a demo's
+    included); ``data`` defaults to the dataset the run trained on. ``HclsmError`` naming the fix."""
+    run = Run(run_dir)
+    run.require_checkpoint()
     if data is None:
-        if (run / "data" / "pusht").is_dir():
-            data = run / "data" / "pusht"
-        else:
-            try:
-                data = json.loads((ckpt / "state.json").read_text())["extra"]["data_root"]
-            except (OSError, ValueError, KeyError, TypeError):
-                data = None
-            if data is None or not Path(data).is_dir():
-                raise HclsmError(f"--checkpoint {run}: its checkpoint names no dataset that exists ({data}); pass "
-                                 f"--data DIR of the PushT dataset it was trained on")
-    return train_run, Path(data)
+        data = run.data_root
+        if data is None:
+            raise HclsmError(f"--checkpoint {run_dir}: its checkpoint names no dataset that exists; pass --data DIR "
+                             f"of the PushT dataset it was trained on")
+    return run, Path(data)
 
 
-def load_planning_model(train_run: Path):
+def load_planning_model(run: Run):
     """The run's config, its HCLSM with the newest checkpoint loaded (eval mode), and the checkpoint state."""
-    from hclsm.config import load_config
     from hclsm.models import build_model
     from hclsm.models.hclsm import HCLSM
-    from hclsm.train import latest_checkpoint, load_checkpoint
+    from hclsm.train.checkpoint import load_checkpoint
 
-    cfg = load_config(yaml_path=train_run / "config.yaml")
+    cfg = run.config
     if cfg.model.name != "hclsm":
-        raise HclsmError(f"{train_run} trained model {cfg.model.name!r}; planning rolls out HCLSM's dynamics: pass a "
+        raise HclsmError(f"{run.path} trained model {cfg.model.name!r}; planning rolls out HCLSM's dynamics: pass a "
                          f"run of --model hclsm")
     if cfg.model.d_action != 2:
-        raise HclsmError(f"{train_run}: the model takes {cfg.model.d_action}-D actions (model.d_action); planning in "
+        raise HclsmError(f"{run.path}: the model takes {cfg.model.d_action}-D actions (model.d_action); planning in "
                          f"PushT needs a model trained on PushT with its 2-D actions (model.d_action=2)")
     model = build_model(cfg.model)
     assert isinstance(model, HCLSM)
-    state = load_checkpoint(latest_checkpoint(train_run), model)
+    state = load_checkpoint(run.require_checkpoint(), model)
     return cfg, model.eval(), state
 
 
@@ -154,7 +137,7 @@ def run_plan(run_dir, episodes: int = 50, planner: str = "mppi", out=None, data=
         raise HclsmError(f"--out {out} is a file; give a directory for summary.json and the GIFs")
     with writing(out):  # a read-only or full --out is one line, not a traceback
         summary = plan_tasks(source, tasks, policies, out, gifs, budget, progress)
-    record = {"run": str(train_run), "out": str(out), "budget": budget, "checkpoint": state["path"],
+    record = {"run": str(train_run.dir), "out": str(out), "budget": budget, "checkpoint": state["path"],
               "step": state["step"], "stage": state["stage"],
               "data": str(data_dir), "episodes": episodes, "held_out_episodes": val, "seed": seed,
               "planner": asdict(cfg), "replan_every": replan_every, "success_px": SUCCESS_POS_PX,
