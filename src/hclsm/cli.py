@@ -127,6 +127,7 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from hclsm.eval.dynamics import load_run, write_eval
+    from hclsm.runs import Run
     from hclsm.train.loop import resolve_device
 
     def fmt(v: float | None) -> str:
@@ -137,11 +138,10 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
                          f"config.yaml")
     for option, value in (("--context", args.context), ("--horizon", args.horizon), ("--clips", args.clips)):
         _check_range(option, value, 0 if option == "--clips" else 1, INT64_MAX, "a 64-bit integer")
-    cfg, model, state = load_run(args.run_dir)
+    run = Run(args.run_dir)
+    cfg, model, state = load_run(run)
     if args.data is None:
-        from hclsm.runs import Run
-
-        args.data = Run(args.run_dir).data_root
+        args.data = run.data_root
         if args.data is None:
             raise HclsmError(f"the dataset run {args.run_dir} trained on is gone (or not recorded); pass --data DIR")
     out = Path(args.out) if args.out is not None else Path(args.run_dir) / "eval"

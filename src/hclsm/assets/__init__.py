@@ -22,30 +22,31 @@ OBJECT_SECTIONS = ("perception", "slots", "decoder")  # the model config section
 
 def pretrained_decomposer(name: str = "objects_tiny"):
     """The shipped object model ``name`` in eval mode (weights from safetensors, strict load)."""
-    from safetensors.torch import load_file
-
     from hclsm.config import load_config
     from hclsm.models.objects import ObjectDecomposer
 
+    tensors = _object_tensors(name)  # an unknown name is refused here
+    net = ObjectDecomposer(load_config(yaml_path=ASSETS / name / "config.yaml").model)  # the object layers only
+    net.load_state_dict(tensors, strict=True)
+    return net.eval()
+
+
+def _object_tensors(name: str) -> dict:
+    """The shipped object layers ``name`` as a state dict of ``ObjectDecomposer`` (the ``objects.`` prefix off)."""
+    from safetensors.torch import load_file
+
     if name not in NAMES:
         raise HclsmError(f"unknown shipped model {name!r}; available: {', '.join(NAMES)}")
-    cfg = load_config(yaml_path=ASSETS / name / "config.yaml")
-    net = ObjectDecomposer(cfg.model)  # the file holds the object layers only
-    tensors = load_file(ASSETS / name / "model.safetensors")
-    net.load_state_dict({k.removeprefix("objects."): v for k, v in tensors.items()}, strict=True)
-    return net.eval()
+    return {k.removeprefix("objects."): v for k, v in load_file(ASSETS / name / "model.safetensors").items()}
 
 
 def load_object_layers(model, name: str) -> None:
     """Copy the shipped object layers ``name`` into ``model.objects`` and its EMA target (an HCLSM built from a config whose
     ``OBJECT_SECTIONS`` equal the shipped model's). A model configured otherwise is refused in one line naming
     the first differing field, since the weights would not fit it or would mean something else."""
-    from safetensors.torch import load_file
-
     from hclsm.config import config_to_dict, load_config
 
-    if name not in NAMES:
-        raise HclsmError(f"unknown shipped model {name!r}; available: {', '.join(NAMES)}")
+    tensors = _object_tensors(name)  # an unknown name is refused here
     shipped = config_to_dict(load_config(yaml_path=ASSETS / name / "config.yaml"))["model"]
     mine = config_to_dict(model.cfg)
     for section in OBJECT_SECTIONS:
@@ -54,7 +55,6 @@ def load_object_layers(model, name: str) -> None:
                 raise HclsmError(f"the shipped object model {name} was trained with model.{section}.{key}="
                                  f"{value!r}, this model has {mine[section].get(key)!r}; keep the default or train "
                                  f"from scratch (hclsm demo --from-scratch)")
-    tensors = {k.removeprefix("objects."): v for k, v in load_file(ASSETS / name / "model.safetensors").items()}
     model.objects.load_state_dict(tensors, strict=True)
     target = getattr(model, "target_objects", None)
     if target is not None:  # the EMA target starts equal to the object layers, as in a new model

@@ -141,10 +141,15 @@ PUSHT_VARIANTS = {
 PUSHT_EPISODES = {False: 40, True: 6}  # PushT episodes of the full bench / --quick (max 100 / 40 steps each)
 
 
+def pusht_steps(quick: bool) -> int:
+    """Stage-1 steps on PushT: ``PUSHT_STEPS``, or a smoke run's."""
+    return QUICK_STEPS // 2 if quick else PUSHT_STEPS
+
+
 def pusht_rows(tmp: Path, runs: Path, seed: int, quick: bool, variants: dict, rows: list, metrics: dict) -> Config:
     """Stage 1 on PushT simulator episodes for each of ``variants`` (``prefix: (label, overrides)``), scored on the
     held-out episodes (``pusht_metrics``); rows and ``<prefix>_*`` metrics appended. Returns the last config."""
-    steps = QUICK_STEPS // 2 if quick else PUSHT_STEPS
+    steps = pusht_steps(quick)
     pusht = PushTDataConfig(episodes=PUSHT_EPISODES[quick], max_steps=40 if quick else 100, seed=seed)
     proot = tmp / "pusht"
     generate_pusht_dataset(proot, pusht, progress=False)
@@ -170,7 +175,7 @@ def bench_objects_pusht(quick: bool, seed: int) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="hclsm-bench-objects-") as tmp:
         runs = Path(keep) if keep else Path(tmp)
         pusht_rows(Path(tmp), runs, seed, quick, {"pusht": PUSHT_VARIANTS["pusht"]}, rows, metrics)
-    steps = QUICK_STEPS // 2 if quick else PUSHT_STEPS
+    steps = pusht_steps(quick)
     config = {"pusht_episodes": PUSHT_EPISODES[quick], "pusht_steps": steps, "pusht_recipe": list(PUSHT_RECIPE),
               "preset": "tiny", "machine": platform.machine(), "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads()}
@@ -183,7 +188,6 @@ def bench_objects_pusht(quick: bool, seed: int) -> BenchResult:
 @register("objects")
 def bench_objects(quick: bool, seed: int) -> BenchResult:
     steps = QUICK_STEPS if quick else PHYSICS_STEPS
-    pusht_steps = QUICK_STEPS // 2 if quick else PUSHT_STEPS
     physics = PhysicsDataConfig(episodes=24 if quick else 300, frames=32, image_size=64, min_objects=3, max_objects=6,
                                 seed=seed, counterfactual=True)
     rows, metrics = [], {}
@@ -215,9 +219,9 @@ def bench_objects(quick: bool, seed: int) -> BenchResult:
 
         cfg = pusht_rows(Path(tmp), runs, seed, quick, PUSHT_VARIANTS, rows, metrics)
     config = {"physics_episodes": physics.episodes, "val_fraction": cfg.train.val_fraction, "steps": steps,
-              "pusht_episodes": PUSHT_EPISODES[quick], "pusht_steps": pusht_steps, "pusht_recipe": list(PUSHT_RECIPE),
+              "pusht_episodes": PUSHT_EPISODES[quick], "pusht_steps": pusht_steps(quick), "pusht_recipe": list(PUSHT_RECIPE),
               "preset": "tiny",
               "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    title = (f"objects: tiny HCLSM stage 1, {steps} steps per physics model and {pusht_steps} on PushT, on "
+    title = (f"objects: tiny HCLSM stage 1, {steps} steps per physics model and {pusht_steps(quick)} on PushT, on "
              f"{os.cpu_count()} CPUs; held-out physics episodes (3-6 balls, 64 px) and PushT")
     return BenchResult(metrics=metrics, config=config, rows=rows, title=title)

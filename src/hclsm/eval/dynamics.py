@@ -44,6 +44,7 @@ from hclsm.models.hclsm import HCLSM, POSITION_MATCH_WEIGHT, Rollout
 from hclsm.models.objects import ObjectOutput, agent_cue
 from hclsm.nn.events import EventOutput
 from hclsm.nn.matching import permute, sinkhorn_match
+from hclsm.runs import Run
 from hclsm.utils.atomic import atomic_output_dir
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import save_png
@@ -235,21 +236,20 @@ def event_metrics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
 
 # ---- runs and the eval directory --------------------------------------------------------------------
 
-def load_run(run_dir: str | os.PathLike) -> tuple[Config, nn.Module, dict[str, Any]]:
+def load_run(run_dir: str | os.PathLike | Run) -> tuple[Config, nn.Module, dict[str, Any]]:
     """A run's config, its model with the newest checkpoint loaded strictly, and the checkpoint's ``state.json``
     (with ``path``). ``run_dir`` is any run ``hclsm.runs.Run`` reads: ``hclsm train``'s, ``hclsm demo``'s (its
     ``train/stage2``) or a continual run's (its last task). Raises ``HclsmError`` naming the fix for a missing run
     directory, a run without checkpoints, or a model without dynamics."""
     from hclsm.models import build_model
-    from hclsm.runs import Run
     from hclsm.train.checkpoint import load_checkpoint
 
-    run = Run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     ckpt = run.require_checkpoint()
     cfg = run.config
     model = build_model(cfg.model)
     if not isinstance(model, HCLSM):
-        raise HclsmError(f"run {run_dir} trained model {cfg.model.name!r}; hclsm eval evaluates HCLSM's dynamics: "
+        raise HclsmError(f"run {run.path} trained model {cfg.model.name!r}; hclsm eval evaluates HCLSM's dynamics: "
                          f"pass a run of --model hclsm")
     state = load_checkpoint(ckpt, model)
     return cfg, model, state

@@ -127,15 +127,18 @@ def train_continual(cfg: Config, data_roots: list[str | os.PathLike] | None, run
                       resume=started, ewc=None if resumable else ewc, replay=replay if i > 0 else None)
             model = r.model
             results.append(r)
-        if (sub / EWC_FILE).is_file():
-            ewc = EWC.load(sub / EWC_FILE)
-        else:
-            fisher = estimate_fisher(model, task_train_clips(task_cfg, root), task_cfg.train, final_stage(cfg))
+        need_fisher = not (sub / EWC_FILE).is_file()
+        need_replay = replay is not None and i + 1 < len(roots)  # a later task replays this one
+        clips = task_train_clips(task_cfg, root) if need_fisher or need_replay else None  # loaded once for both
+        if need_fisher:
+            fisher = estimate_fisher(model, clips, task_cfg.train, final_stage(cfg))
             ewc = consolidate(ewc, model, fisher, t.ewc_normalize, t.ewc_decay)
             if main:
                 with writing(sub, None):
                     ewc.save(sub / EWC_FILE)
-        if replay is not None and i + 1 < len(roots):  # a later task replays this one
-            replay.add_task(task_train_clips(task_cfg, root), f"task {i + 1} ({root})")
+        else:
+            ewc = EWC.load(sub / EWC_FILE)
+        if need_replay:
+            replay.add_task(clips, f"task {i + 1} ({root})")
     assert ewc is not None
     return ContinualResult(run_dir, roots, results, model, ewc, replay)

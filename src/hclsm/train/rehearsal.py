@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from hclsm import keys
-from hclsm.data.memory import ClipWindows
+from hclsm.data.memory import ClipWindows, serve
 from hclsm.errors import HclsmError
 
 # the fields models train on; a dataset's ground truth (masks, positions, graphs, ...) is for evaluation, differs in
@@ -29,13 +29,10 @@ TRAINED = (keys.VIDEO, keys.ACTION, keys.STATE)
 
 
 def _pack(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch as the buffer keeps it: its ``TRAINED`` fields, video as uint8."""
+    """A batch as the buffer keeps it: its ``TRAINED`` fields, video as uint8 (as clip stores keep it;
+    ``hclsm.data.memory.serve`` turns it back)."""
     return {k: (v * 255.0).round_().to(torch.uint8) if k == keys.VIDEO else v.clone()
             for k, v in batch.items() if k in TRAINED}
-
-
-def _unpack(stored: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    return {k: (v.float().div_(255.0) if k == keys.VIDEO else v.to(dtypes[k])) for k, v in stored.items()}
 
 
 class ReplayBuffer:
@@ -107,7 +104,7 @@ class ReplayBuffer:
         if not self.counts:
             raise HclsmError("rehearsal: the buffer is empty; add a finished task first")
         idx = torch.randint(len(self), (n,), generator=generator)
-        return _unpack({k: v[idx] for k, v in self.stored.items()}, self.dtypes)
+        return {k: serve(k, v[idx], self.dtypes[k]) for k, v in self.stored.items()}
 
     def mix(self, batch: Mapping[str, torch.Tensor], replayed: int, generator: torch.Generator | None = None
             ) -> dict[str, torch.Tensor]:
