@@ -189,6 +189,40 @@ def test_actions_are_required_and_change_the_prediction():
     assert unconditioned.action is None and unconditioned(slots, positions, alive).slots.shape == slots.shape
 
 
+def test_actions_in_pixels_are_read_in_unit_range_with_action_scale():
+    """PushT's actions are the agent's target in [0, 512] px: with model.action_scale = 512 the dynamics read
+    them in [-1, 1] (as the positions), so their embedding is the size of a raw [-1, 1] action's, not ~250x it;
+    planning passes pixel actions and gets the same reading."""
+    torch.manual_seed(0)
+    scaled = HierarchicalDynamics(small_cfg("model.action_scale=512").model).eval()
+    raw = HierarchicalDynamics(small_cfg().model).eval()
+    raw.load_state_dict(scaled.state_dict())  # the same weights: only the reading differs
+    slots, positions, alive, action = dynamics_inputs()
+    px = (action.clamp(-1, 1) + 1) / 2 * 512  # the same actions in simulator pixels
+    assert torch.allclose(scaled(slots, positions, alive, px).slots, raw(slots, positions, alive, action.clamp(-1, 1)).slots,
+                          atol=1e-5)
+    emb = scaled.action(torch.tensor([[0.0, 512.0]]))
+    assert torch.allclose(emb, raw.action(torch.tensor([[-1.0, 1.0]])), atol=1e-6)
+    assert raw.action(torch.tensor([[256.0, 256.0]])).norm() > 50 * scaled.action(torch.tensor([[256.0, 256.0]])).norm()
+
+
+def test_the_background_slot_is_carried_unchanged_and_objects_are_predicted():
+    """Slot 0 is the scene: its predicted slot and position are its input's (in forward and in step), while the
+    object slots get the head's prediction; without a background slot every slot is predicted."""
+    torch.manual_seed(0)
+    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    assert dyn.background
+    slots, positions, alive, action = dynamics_inputs()
+    out = dyn(slots, positions, alive, action)
+    assert torch.equal(out.slots[:, :, 0], slots[:, :, 0]) and torch.equal(out.positions[:, :, 0], positions[:, :, 0])
+    assert not torch.allclose(out.slots[:, :, 1:], slots[:, :, 1:])
+    s, p, _, _ = dyn.step(slots[:, 0], positions[:, 0], alive[:, 0], action[:, 0], dyn.init_state(2, 5, slots.device,
+                                                                                                 slots.dtype))
+    assert torch.equal(s[:, 0], slots[:, 0, 0]) and torch.equal(p[:, 0], positions[:, 0, 0])
+    no_bg = HierarchicalDynamics(small_cfg("model.slots.background=false").model).eval()
+    assert not torch.allclose(no_bg(slots, positions, alive, action).slots[:, :, 0], slots[:, :, 0])
+
+
 def test_align_targets_undoes_a_permutation_of_the_object_slots():
     torch.manual_seed(0)
     model = build_model(small_cfg().model).eval()
@@ -205,8 +239,8 @@ def test_align_targets_undoes_a_permutation_of_the_object_slots():
 
 
 def test_the_head_starts_at_the_constant_velocity_prior():
-    """With the head's output zeroed, the next position is the current one moved by its velocity (the change
-    since the step before; zero on the first step) and the slot is unchanged."""
+    """With the head's output zeroed, an object's next position is the current one moved by its velocity (the change
+    since the step before; zero on the first step) and the slot is unchanged; the background (slot 0) stays put."""
     torch.manual_seed(0)
     dyn = HierarchicalDynamics(small_cfg().model).eval()
     with torch.no_grad():
@@ -215,6 +249,7 @@ def test_the_head_starts_at_the_constant_velocity_prior():
     slots, positions, alive, action = dynamics_inputs()
     out = dyn(slots, positions, alive, action)
     velocity = positions[:, 1:] - positions[:, :-1]
+    velocity[:, :, 0] = 0  # the background slot is carried unchanged
     torch.testing.assert_close(out.positions[:, 1:], positions[:, 1:] + velocity)
     torch.testing.assert_close(out.positions[:, 0], positions[:, 0])
     torch.testing.assert_close(out.slots, slots)

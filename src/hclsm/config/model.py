@@ -471,6 +471,9 @@ class MemoryConfig:
 class ModelConfig:
     name: str = "hclsm"  # one of MODEL_NAMES
     d_action: int = 2  # action width (PushT: 2); 0 = no action conditioning
+    # the dynamics read each action as a / action_scale * 2 - 1 (PushT: 512, its action box [0, 512] -> [-1, 1]), so
+    # the action's embedding starts at the scale of the other inputs; 0 = read as given
+    action_scale: float = 0.0
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
     slots: SlotConfig = field(default_factory=SlotConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -481,7 +484,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_one_of(self.name, "model.name", MODEL_NAMES)
-        check_min(self, "model", 0, "d_action")
+        check_min(self, "model", 0, "d_action", "action_scale")
         grid = self.perception.grid_size
         check(self.slots.num_slots <= grid * grid, "model.slots.num_slots",
               f"must be <= the {grid * grid} tokens per frame ((model.perception.image_size / patch_size) ** 2 = "

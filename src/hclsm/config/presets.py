@@ -40,8 +40,13 @@ PRESETS = ("tiny", "small", "base", "large")
 # three object proposals cover agent, block and one spare; the encoder's fast layout (one stride-4 conv: 16 x 16
 # tokens at 64 px) is enough for PushT's large shapes. No masks or object states are used in training.
 # Measured in BENCHMARKS.md (objects: PushT rows) and docs/benchmarks/history.md (the recipe's ablation).
+# For the dynamics (stage 2): actions (the agent's target in [0, 512] px) are read in [-1, 1] (action_scale), and the
+# position prediction loss weighs 20x the default: an object moves 0.02-0.05 model units per step, so its squared
+# error (~1e-4) gave the dynamics no reason to read the action (measured: after 1500 stage-2 steps at weight 0.5 the
+# predicted agent moved the same way whichever target it was given; at 20 it follows the target).
 PUSHT_RECIPE = ("model.perception.stem=patch", "model.perception.patch_size=4", "model.decoder.static_background=true",
-                "model.decoder.foreground_weight=30", "model.decoder.fourier_octaves=5", "model.slots.cue_scale=512", "model.slots.num_slots=3")
+                "model.decoder.foreground_weight=30", "model.decoder.fourier_octaves=5", "model.slots.cue_scale=512",
+                "model.slots.num_slots=3", "model.action_scale=512", "train.loss.obj=20")
 
 
 @dataclass

@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from hclsm import keys
 from hclsm.config.model import ModelConfig
 from hclsm.models.pretrained import Pretrained
+from hclsm.nn.actions import ActionEmbedding
 from hclsm.nn.encoders import build_encoder
 from hclsm.nn.ssm import SSMStack
 
@@ -137,7 +138,7 @@ class FlatSSM(Pretrained, nn.Module):
         d, c = cfg.slots.d_slot, cfg.decoder.hidden
         self.encoder = build_encoder(p)
         self.pool = FramePool(p.d_world, p.grid_size, c, d)
-        self.action = nn.Linear(cfg.d_action, d) if cfg.d_action > 0 else None
+        self.action = ActionEmbedding(cfg.d_action, d, cfg.action_scale) if cfg.d_action > 0 else None
         self.ssm = SSMStack(d, l0.blocks, l0.d_state, l0.d_conv, l0.expand)
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         with torch.no_grad():  # start as "nothing changes": the copy-last prediction, then learn the change
@@ -162,7 +163,7 @@ class FlatSSM(Pretrained, nn.Module):
         return frames.reshape(*latents.shape[:-1], *frames.shape[1:])
 
     def _input(self, z: torch.Tensor, action: torch.Tensor | None) -> torch.Tensor:
-        return z if self.action is None else z + self.action(action.to(z.dtype))
+        return z if self.action is None else z + self.action(action).to(z.dtype)
 
     def _next(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The next latent: a residual on z, normalised like the encoder's latents (the rollout's inputs)."""
