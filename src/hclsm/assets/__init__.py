@@ -7,7 +7,9 @@ for what only a trained object model can show.
 
 ``pusht_objects_tiny``: the same layers with the PushT recipe (``hclsm.config.PUSHT_RECIPE``) as trained by
 ``hclsm bench objects-pusht`` (seed 0, 8000 stage-1 steps on 36 PushT training episodes); ``hclsm demo`` starts
-from it (``load_object_layers``) unless ``--from-scratch``.
+from it (``load_object_layers``) unless ``--from-scratch``. Its episodes were recorded with env seeds 0-39
+(``data.pusht.seed`` = 0); whatever starts from it generates its PushT episodes from ``PUSHT_FRESH_SEED`` on, so
+that none of them, training or held-out, was seen by the shipped layers.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from hclsm.errors import HclsmError
 ASSETS = Path(__file__).parent
 NAMES = ("objects_tiny", "pusht_objects_tiny")
 OBJECT_SECTIONS = ("perception", "slots", "decoder")  # the model config sections the object layers are built from
+PUSHT_FRESH_SEED = 1000  # the first env seed of PushT episodes that pusht_objects_tiny never saw (it saw 0-39)
 
 
 def pretrained_decomposer(name: str = "objects_tiny"):

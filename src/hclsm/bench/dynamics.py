@@ -1,12 +1,14 @@
-"""Benchmarks of HCLSM's dynamics: ``dynamics`` (rollouts) and ``events`` (event detection).
+"""Benchmarks of HCLSM's dynamics: ``dynamics`` (rollouts), ``dynamics-pusht`` (its PushT row alone) and ``events``
+(event detection).
 
 * ``dynamics``: physics scenes (3-6 balls, 64 px). The tiny HCLSM trains both stages for a fixed number of
   steps (``STEPS``); a flat (no-slot) SSM with a matched number of trainable parameters trains as many steps.
   On held-out clips both roll out ``HORIZON`` frames autoregressively from ``CONTEXT`` frames; the table
   gives pixel MSE (decoder resolution) against the truth beside the copy-last-frame baseline, and the
-  latent error of the predicted slots beside copying the last context slots. A PushT row: the same two stages
-  with the PushT recipe on scripted-pusher episodes of the real simulator, rolled out from the recorded actions
-  (``pusht_ratio_vs_copy_last``).
+  latent error of the predicted slots beside copying the last context slots. A PushT row: the tiny HCLSM with the
+  PushT recipe, stage 1 continuing the shipped PushT object layers (finding PushT's objects takes 8000 stage-1
+  steps) and stage 2 learning the dynamics (``PUSHT_STEPS``), on scripted-pusher episodes of the real simulator
+  that those layers never saw, rolled out from the recorded actions (``pusht_ratio_vs_copy_last``).
 * ``events``: the same HCLSM training; the dynamics' event gate on held-out clips against the simulator's
   contact events (tolerance +-1 step): precision, recall, F1, events per 16-frame clip.
 
@@ -67,11 +69,12 @@ def _train_config(steps: int, seed: int, clip: int, *overrides: str) -> Config:
 
 
 def train_hclsm(root: Path, runs: Path, steps: tuple[int, int], seed: int, progress: bool,
-                overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, dict]:
+                overrides: Sequence[str] = (), model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict]:
     """The tiny HCLSM's two stages (``train_two_stages``): ``steps[0]`` stage-1 steps on 4-frame clips, then
-    ``steps[1]`` stage-2 steps on 8-frame clips; ``overrides`` are dotted config settings."""
+    ``steps[1]`` stage-2 steps on 8-frame clips; ``overrides`` are dotted config settings; ``model``: start from it
+    (e.g. shipped object layers) instead of a new model."""
     s1, s2 = train_two_stages(_train_config(sum(steps), seed, STAGE2_CLIP, *overrides), root, runs / "hclsm",
-                              stage1_clip=STAGE1_CLIP, progress=progress, steps=steps)
+                              stage1_clip=STAGE1_CLIP, progress=progress, steps=steps, model=model)
     return s2.model, {"stage1_steps": s1.steps, "stage2_steps": s2.steps, "minutes": (s1.seconds + s2.seconds) / 60,
                       "skipped": s1.skipped + s2.skipped, **{f"final_{k}": v for k, v in s2.losses.items()}}
 
@@ -112,21 +115,75 @@ def flat_rollout_mse(model: torch.nn.Module, clips: MemoryClips) -> dict[str, fl
 
 
 PUSHT_EPISODES = {False: 40, True: 6}  # PushT episodes of 100 (quick: 40) scripted-pusher steps for the PushT row
+# PushT: (stage 1, stage 2) steps from the shipped object layers (finding PushT's objects takes 8000 stage-1 steps,
+# hclsm bench objects-pusht; those layers are shipped as hclsm.assets pusht_objects_tiny and continued here)
+PUSHT_STEPS, PUSHT_STEPS_QUICK = (100, 600), (5, 5)
+PUSHT_START = "pusht_objects_tiny"
+
+
+def pusht_world_model(root: Path, runs: Path, steps: tuple[int, int], seed: int, progress: bool,
+                      overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, dict]:
+    """The tiny HCLSM with the PushT recipe (``hclsm.config.PUSHT_RECIPE``) on the PushT dataset at ``root``: stage 1
+    continues the shipped object layers (``hclsm.assets`` ``PUSHT_START``) for ``steps[0]`` steps, stage 2 trains
+    the dynamics for ``steps[1]``; the model (CPU, eval mode) and the training facts."""
+    from hclsm.assets import load_object_layers
+    from hclsm.models import build_model
+    from hclsm.train.loop import seed_everything
+
+    cfg = _train_config(sum(steps), seed, STAGE2_CLIP, *PUSHT_RECIPE, *overrides)
+    seed_everything(seed)
+    start = build_model(cfg.model)
+    load_object_layers(start, PUSHT_START)
+    model, info = train_hclsm(root, runs, steps, seed, progress, [*PUSHT_RECIPE, *overrides], model=start)
+    return model.cpu().eval(), info | {"start": PUSHT_START}
 
 
 def _pusht_rollouts(quick: bool, seed: int) -> tuple[dict[str, Any], dict]:
-    """The PushT row: the tiny HCLSM with the PushT recipe (``hclsm.config.PUSHT_RECIPE``) trains both stages on
-    scripted-pusher episodes of the real simulator, then rolls out held-out clips open loop from the recorded
-    actions (``CONTEXT`` frames given, ``HORIZON`` predicted); the rollout metrics and the training facts."""
+    """The PushT row: the PushT world model (``pusht_world_model``) on scripted-pusher episodes of the real simulator
+    (env seeds from ``PUSHT_FRESH_SEED`` on: episodes the shipped object layers never saw), then open-loop rollouts
+    of held-out clips from the recorded actions (``CONTEXT`` frames given, ``HORIZON`` predicted); the rollout
+    metrics and the training facts."""
+    from hclsm.assets import PUSHT_FRESH_SEED
+
     keep = os.environ.get("HCLSM_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix="hclsm-bench-dynamics-pusht-") as tmp:
         root = Path(tmp) / "pusht"
         generate_pusht_dataset(root, PushTDataConfig(episodes=PUSHT_EPISODES[quick], max_steps=40 if quick else 100,
-                                                     seed=seed), progress=False)
-        model, info = train_hclsm(root, Path(keep) / "pusht" if keep else Path(tmp) / "runs",
-                                  STEPS_QUICK if quick else STEPS, seed, not quick, PUSHT_RECIPE)
+                                                     seed=seed + PUSHT_FRESH_SEED), progress=False)
+        model, info = pusht_world_model(root, Path(keep) / "pusht" if keep else Path(tmp) / "runs",
+                                        PUSHT_STEPS_QUICK if quick else PUSHT_STEPS, seed, not quick)
         clips = val_clips(root, _train_config(1, seed, STAGE2_CLIP, *PUSHT_RECIPE), CONTEXT + HORIZON)
-        return rollout_metrics(model.cpu().eval(), clips.batches(16), CONTEXT, HORIZON), info
+        return rollout_metrics(model, clips.batches(16), CONTEXT, HORIZON), info
+
+
+def _pusht_metrics(pusht: dict, info: dict) -> dict:
+    return {"pusht_frame_mse": pusht["frame_mse"], "pusht_frame_mse_copy_last": pusht["frame_mse_copy_last"],
+            "pusht_ratio_vs_copy_last": pusht["frame_mse"] / pusht["frame_mse_copy_last"],
+            "pusht_latent_mse": pusht["latent_mse"], "pusht_latent_mse_copy_last": pusht["latent_mse_copy_last"],
+            "pusht_clips": pusht["clips"], **{f"pusht_{k}": v for k, v in info.items()}}
+
+
+def _pusht_rows(pusht: dict) -> list[dict]:
+    return [{"model": "PushT: hclsm (PushT recipe, action-conditioned)", "frame_mse": pusht["frame_mse"],
+             "latent_mse": pusht["latent_mse"], "frame_mse_t+1": pusht["frame_mse_per_step"][0],
+             f"frame_mse_t+{HORIZON}": pusht["frame_mse_per_step"][-1]},
+            {"model": "PushT: copy last frame / last slots", "frame_mse": pusht["frame_mse_copy_last"],
+             "latent_mse": pusht["latent_mse_copy_last"], "frame_mse_t+1": pusht["frame_mse_copy_last_per_step"][0],
+             f"frame_mse_t+{HORIZON}": pusht["frame_mse_copy_last_per_step"][-1]}]
+
+
+@register("dynamics-pusht")
+def bench_dynamics_pusht(quick: bool, seed: int) -> BenchResult:
+    """The PushT row of ``hclsm bench dynamics`` alone: the same data, steps and metrics."""
+    pusht, info = _pusht_rollouts(quick, seed)
+    config = {"pusht_episodes": PUSHT_EPISODES[quick], "context": CONTEXT, "horizon": HORIZON,
+              "steps": list(PUSHT_STEPS_QUICK if quick else PUSHT_STEPS), "clip_lengths": [STAGE1_CLIP, STAGE2_CLIP],
+              "pusht_recipe": list(PUSHT_RECIPE), "preset": "tiny", **_machine()}
+    title = (f"dynamics-pusht: held-out PushT clips, {CONTEXT} context frames -> {HORIZON}-frame rollout under the "
+             f"recorded actions; pixel MSE at the decoder's resolution; hclsm from the shipped object layers, "
+             f"{info['stage1_steps']} + {info['stage2_steps']} steps ({info['minutes']:.1f} min) (target: <= 0.6x "
+             f"copy-last)")
+    return BenchResult(metrics=_pusht_metrics(pusht, info), config=config, rows=_pusht_rows(pusht), title=title)
 
 
 @register("dynamics")
@@ -150,10 +207,7 @@ def bench_dynamics(quick: bool, seed: int) -> BenchResult:
                "event_f1": ev.get("event_f1"), "events_per_clip": ev["events_per_clip"],
                "hclsm_params": n_params, "flat_params": flat_params, "clips": m["clips"],
                "flat_steps": flat.steps, **info,
-               "pusht_frame_mse": pusht["frame_mse"], "pusht_frame_mse_copy_last": pusht["frame_mse_copy_last"],
-               "pusht_ratio_vs_copy_last": pusht["frame_mse"] / pusht["frame_mse_copy_last"],
-               "pusht_latent_mse": pusht["latent_mse"], "pusht_latent_mse_copy_last": pusht["latent_mse_copy_last"],
-               "pusht_clips": pusht["clips"], **{f"pusht_{k}": v for k, v in pusht_info.items()}}
+               **_pusht_metrics(pusht, pusht_info)}
     rows = [{"model": "hclsm (objects + hierarchical dynamics)", "params": n_params,
              "frame_mse": m["frame_mse"], "latent_mse": m["latent_mse"],
              "frame_mse_t+1": m["frame_mse_per_step"][0], f"frame_mse_t+{HORIZON}": m["frame_mse_per_step"][-1]},
@@ -161,13 +215,7 @@ def bench_dynamics(quick: bool, seed: int) -> BenchResult:
              "frame_mse_t+1": f["frame_mse_per_step"][0], f"frame_mse_t+{HORIZON}": f["frame_mse_per_step"][-1]},
             {"model": "copy last frame / last slots", "frame_mse": copy, "latent_mse": m["latent_mse_copy_last"],
              "frame_mse_t+1": m["frame_mse_copy_last_per_step"][0],
-             f"frame_mse_t+{HORIZON}": m["frame_mse_copy_last_per_step"][-1]},
-            {"model": "PushT: hclsm (PushT recipe, action-conditioned)", "frame_mse": pusht["frame_mse"],
-             "latent_mse": pusht["latent_mse"], "frame_mse_t+1": pusht["frame_mse_per_step"][0],
-             f"frame_mse_t+{HORIZON}": pusht["frame_mse_per_step"][-1]},
-            {"model": "PushT: copy last frame / last slots", "frame_mse": pusht["frame_mse_copy_last"],
-             "latent_mse": pusht["latent_mse_copy_last"], "frame_mse_t+1": pusht["frame_mse_copy_last_per_step"][0],
-             f"frame_mse_t+{HORIZON}": pusht["frame_mse_copy_last_per_step"][-1]}]
+             f"frame_mse_t+{HORIZON}": m["frame_mse_copy_last_per_step"][-1]}, *_pusht_rows(pusht)]
     config = {"physics_episodes": data.episodes, "pusht_episodes": PUSHT_EPISODES[quick], "context": CONTEXT, "horizon": HORIZON,
               "steps": [info["stage1_steps"], info["stage2_steps"]], "flat_steps": flat.steps,
               "clip_lengths": [STAGE1_CLIP, STAGE2_CLIP], "preset": "tiny", **_machine()}

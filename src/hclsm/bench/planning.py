@@ -1,8 +1,9 @@
 """``hclsm bench planning``: goal reaching in the real PushT simulator with the learned world model.
 
-PushT episodes of the scripted pusher are generated, and the tiny HCLSM trains both stages on them
-(``hclsm.bench.dynamics.train_hclsm``: stage 1 on 4-frame clips, then stage 2 on 8-frame clips, counted in
-steps). Start states are drawn from the held-out episodes (the training loop's own split), goals made by
+PushT episodes of the scripted pusher are generated (env seeds the shipped object layers never saw), and the tiny
+HCLSM is trained on them as ``hclsm bench dynamics``' PushT row trains it (``hclsm.bench.dynamics.pusht_world_model``:
+stage 1 continues the shipped PushT object layers on 4-frame clips, then stage 2 learns the dynamics on 8-frame
+clips, counted in steps). Start states are drawn from the held-out episodes (the training loop's own split), goals made by
 replaying the next 25 recorded actions (``hclsm.planning.env_loop``), 50 env steps per episode, re-planning every
 5 steps. The table compares, on the same start states:
 
@@ -30,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from hclsm.bench import BenchResult, register
-from hclsm.bench.dynamics import STAGE2_CLIP, STEPS, STEPS_QUICK, _machine, _train_config, train_hclsm
+from hclsm.assets import PUSHT_FRESH_SEED
+from hclsm.bench.dynamics import PUSHT_STEPS, PUSHT_STEPS_QUICK, STAGE2_CLIP, _machine, _train_config, pusht_world_model
 from hclsm.config import PUSHT_RECIPE
 from hclsm.config.data import PushTDataConfig
 from hclsm.data.clips import split_episodes
@@ -57,10 +59,10 @@ VAL_FRACTION = 0.1  # the tiny preset's train.val_fraction: the held-out episode
 
 def _settings(quick: bool) -> dict:
     if quick:
-        return {"episodes": 5, "max_steps": 40, "steps": STEPS_QUICK, "states": 2, "train": ["train.batch_size=4"],
+        return {"episodes": 5, "max_steps": 40, "steps": PUSHT_STEPS_QUICK, "states": 2, "train": ["train.batch_size=4"],
                 "model": PlannerConfig(horizon=3, samples=8, iterations=1, elites=2),
                 "oracle": PlannerConfig(samples=24, iterations=2, elites=4)}
-    return {"episodes": 200, "max_steps": 100, "steps": STEPS, "states": 50, "train": [],
+    return {"episodes": 200, "max_steps": 100, "steps": PUSHT_STEPS, "states": 50, "train": [],
             "model": PlannerConfig(samples=48, iterations=3, elites=6),
             "oracle": PlannerConfig(samples=48, iterations=4, elites=6)}
 
@@ -73,16 +75,17 @@ def bench_planning(quick: bool, seed: int) -> BenchResult:
     seconds, t0 = {}, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hclsm-bench-planning-") as tmp:
         root = Path(tmp) / "pusht"
+        # env seeds from PUSHT_FRESH_SEED on: episodes the shipped object layers never saw
         data = generate_pusht_dataset(root, PushTDataConfig(episodes=s["episodes"], max_steps=s["max_steps"],
-                                                            seed=seed), progress=False)
+                                                            seed=seed + PUSHT_FRESH_SEED), progress=False)
         seconds["data"] = time.perf_counter() - t0
         runs = Path(keep) if keep else Path(tmp) / "runs"
-        overrides = [*PUSHT_RECIPE, f"train.val_fraction={VAL_FRACTION}", *s["train"]]
-        model, facts = train_hclsm(root, runs, s["steps"], seed, False, overrides)
-        model = model.cpu().eval()
+        model, facts = pusht_world_model(root, runs, s["steps"], seed, False,
+                                         [f"train.val_fraction={VAL_FRACTION}", *s["train"]])
         # the flat world model (one latent per frame, no slots) with as many trainable parameters and optimizer
         # steps as HCLSM's two stages, on the stage-2 clips
-        base = _train_config(sum(s["steps"]), seed, STAGE2_CLIP, f"train.val_fraction={VAL_FRACTION}", *s["train"])
+        base = _train_config(sum(s["steps"]), seed, STAGE2_CLIP, *PUSHT_RECIPE, f"train.val_fraction={VAL_FRACTION}",
+                             *s["train"])
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         flat = train(dataclasses.replace(base, model=flat_config_matching(base.model, n_params)), root,
                      run_dir=runs / "flat-ssm", progress=False)
