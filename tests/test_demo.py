@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from faults import console_script
-from hclsm import demo, demo_eval, keys
+from hclsm import demo, keys
+from hclsm.demo import evaluate as demo_eval
 from hclsm.config import load_config
 
 from helpers import SMALL, assert_user_error, run
@@ -259,7 +260,7 @@ def test_demo_with_the_causal_graph_draws_it_in_the_report(capsys, tmp_path):
 
 def test_the_report_says_plainly_whether_the_objects_were_found():
     from hclsm.config import PUSHT_RECIPE, load_config
-    from hclsm.demo_report import _objects_verdict
+    from hclsm.demo.report import _objects_verdict
 
     plain, cued = load_config("tiny"), load_config("tiny", overrides=list(PUSHT_RECIPE))
     assert "**The objects were not found**" in _objects_verdict(plain, {"agent_iou": 0.0, "block_iou": 0.03})
@@ -267,6 +268,22 @@ def test_the_report_says_plainly_whether_the_objects_were_found():
     both = _objects_verdict(plain, {"agent_iou": 0.6, "block_iou": 0.65})
     assert "found both objects" in both and "proprioceptive" not in both
     assert "given to the model, not discovered" in _objects_verdict(cued, {"agent_iou": 0.6, "block_iou": 0.65})
+
+
+def readme_python_quick_start(run_dir: Path) -> None:
+    """The README's Python quick start, run as written on ``run_dir`` (for ``runs/demo``): it loads the demo's
+    model, encodes a held-out clip and decodes a 10-step rollout under the clip's actions."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("## Python quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'hclsm.Run("runs/demo")' in code
+    scope: dict = {}
+    exec(compile(code.replace('"runs/demo"', repr(str(run_dir))), "README.md", "exec"), scope)
+    model, objects, roll = scope["model"], scope["objects"], scope["roll"]
+    assert objects.slots.shape[:2] == (1, 16) and objects.alive.shape == objects.slots.shape[:3]
+    assert objects.object_alive[0, 0].any()  # the shipped layers find objects on the first frame
+    r = model.cfg.decoder.resolution
+    assert roll.frames.shape == (1, 10, 3, r, r) and torch.isfinite(roll.frames).all()
+    assert scope["action"].shape == (1, 16, 2) and scope["cue"].shape == (1, 16, 2)
 
 
 def test_the_demo_starts_from_the_shipped_pusht_object_layers(capsys, tmp_path):
@@ -281,7 +298,7 @@ def test_the_demo_starts_from_the_shipped_pusht_object_layers(capsys, tmp_path):
     shipped = pretrained_decomposer(demo.SHIPPED).state_dict()
     assert start.keys() == shipped.keys() and all(torch.equal(start[k], v) for k, v in shipped.items())
     code, stdout, err = run(capsys, "demo", "--out", tmp_path, "--name", "s", "--steps", "2", "2", "--quiet",
-                            "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=12",
+                            "--set", "data.pusht.episodes=3", "--set", "data.pusht.max_steps=20",
                             "--set", "train.batch_size=2", "--set", "train.warmup_steps=0")
     assert code == 0, err
     assert f"HCLSM stage 1 (continuing the shipped {demo.SHIPPED}): 2 steps" in stdout
@@ -292,6 +309,7 @@ def test_the_demo_starts_from_the_shipped_pusht_object_layers(capsys, tmp_path):
     code, stdout, err = run(capsys, "eval", tmp_path / "s", "--context", "2", "--horizon", "2", "--quiet")
     assert code == 0, err  # a demo run evaluates like any run: its model in train/stage2, its data in data/pusht
     assert "step 2:" in stdout and (tmp_path / "s" / "eval" / "metrics.json").is_file()
+    readme_python_quick_start(tmp_path / "s")
     code, _, err = run(capsys, "demo", "--out", tmp_path / "runs", "--quiet", "--steps", "1", "1",
                        *[f"--{o}" for o in SMALL])
     assert_user_error(code, err, "--from-scratch", "model.perception.")

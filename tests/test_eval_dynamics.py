@@ -17,7 +17,7 @@ from hclsm.data.memory import MemoryClips, open_dataset
 from hclsm.eval.dynamics import event_metrics, rollout_metrics, score_events, true_events
 from hclsm.models import build_model
 from hclsm.train import train
-from hclsm.viz_dynamics import FIRED_RGB, event_timeline, rollout_figure, slot_pca_figure
+from hclsm.viz.dynamics import FIRED_RGB, event_timeline, rollout_figure, slot_pca_figure
 
 from helpers import SMALL, assert_user_error, run
 

@@ -101,7 +101,7 @@ def test_episode_graphs_read_the_learned_graph_of_every_episode(tmp_path):
 
 
 def test_causal_graph_figure_draws_learned_edges_and_missed_true_edges():
-    from hclsm.viz_dynamics import EDGE_RGB, MISSED_RGB, causal_graph_figure
+    from hclsm.viz.dynamics import EDGE_RGB, MISSED_RGB, causal_graph_figure
 
     frame = torch.full((3, 16, 16), 0.2)
     pos = torch.tensor([[0.0, 0.0], [-0.6, -0.6], [0.6, -0.6], [0.0, 0.6]])  # slot 0 is the background

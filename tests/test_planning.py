@@ -13,8 +13,8 @@ from hclsm.config.data import PushTDataConfig
 from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.pusht import generate_pusht_dataset, make_env
 from hclsm.models import build_model
-from hclsm import demo_eval
-from hclsm.demo_report import _planning_section
+from hclsm.demo import evaluate as demo_eval
+from hclsm.demo.report import _planning_section
 from hclsm.planning import CEM, MPPI, PlannerConfig, SlotSet, WorldModelCost, matched_slot_cost
 from hclsm.planning.env_loop import (
     GOAL_OFFSET,

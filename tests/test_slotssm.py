@@ -231,7 +231,7 @@ def test_benchmark_figures_are_drawn_from_json_records(tmp_path):
 
     from PIL import Image
 
-    from hclsm.viz_slotssm import figures_from_files
+    from hclsm.viz.slotssm import figures_from_files
 
     lengths = [80, 160, 320]
     latency = {"bench": "slotssm-latency", "config": {"lengths": lengths},

@@ -48,7 +48,7 @@ from hclsm.runs import Run
 from hclsm.utils.atomic import atomic_output_dir
 from hclsm.utils.jsonsafe import finite_or_none
 from hclsm.viz import save_png
-from hclsm.viz_dynamics import counterfactual_figure, event_timeline, rollout_figure, slot_pca_figure
+from hclsm.viz.dynamics import counterfactual_figure, event_timeline, rollout_figure, slot_pca_figure
 from hclsm.utils.interrupt import interrupt_point
 
 EVAL_BATCH = 8

@@ -282,13 +282,14 @@ class HCLSM(Pretrained, nn.Module):
         """Predict ``horizon`` frames after the context ``video`` (B, C, 3, H, W), autoregressively
         (``predict_ahead``), decoded through the spatial broadcast decoder.
 
-        ``action`` (B, C + horizon - 1, A) are the actions of every step that is run (the context frames
+        ``action`` (B, >= C + horizon - 1, A) are the actions of every step that is run (the context frames
         and all predicted frames but the last); omitted for a model without action conditioning.
         ``intervention`` (``hclsm.models.interventions.Intervention``) acts on one slot at the last context
-        frame: the rollout is then the counterfactual "what if" prediction. ``cue`` (B, C, 2): the agent's
-        position on the context frames, for a model that reads it (``hclsm.models.objects.agent_cue``).
+        frame: the rollout is then the counterfactual "what if" prediction. ``cue`` (B, >= C, 2): the agent's
+        position on the context frames (later ones are ignored), for a model that reads it
+        (``hclsm.models.objects.agent_cue``).
         """
-        context = self.objects(video, cue=cue)
+        context = self.objects(video, cue=None if cue is None else cue[:, :video.shape[1]])
         b = video.shape[0]
         alive = context.alive[:, -1]
         if intervention is not None and intervention.kind == "remove":

@@ -1,5 +1,5 @@
 """What ``hclsm demo`` measures and draws on the held-out episodes (``hclsm.demo`` runs the job,
-``hclsm.demo_report`` renders the report).
+``hclsm.demo.report`` renders the report).
 
 * objects (``heldout_metrics``): agent and block IoU against the simulator's masks, FG-ARI and mIoU, alpha
   peakedness, the SBD and diversity losses and alive slots against visible objects;
@@ -33,7 +33,7 @@ from hclsm.viz import (
     segmentation_figure,
     slot_masks_figure,
 )
-from hclsm.viz_dynamics import causal_graph_figure, event_timeline, rollout_figure, slot_pca_figure
+from hclsm.viz.dynamics import causal_graph_figure, event_timeline, rollout_figure, slot_pca_figure
 
 EVAL_BATCH = 16
 EVENT_CLIP = 16  # frames per held-out dynamics clip: the seed counts events per 16-frame clip

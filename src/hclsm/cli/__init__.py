@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hclsm.cli_cjepa import add_cjepa_parser
-from hclsm.cli_train import cmd_train
-from hclsm.config import MODEL_NAMES, PRESETS, PUSHT_RECIPE, Config, load_config
+from hclsm.cli.cjepa import add_cjepa_parser
+from hclsm.cli.train import cmd_train
+from hclsm.config import MODEL_NAMES, PRESETS, Config, load_config
 from hclsm.config.model import INT64_MAX, SEED_MAX, show
 from hclsm.errors import HclsmError
 from hclsm.utils.interrupt import handle_sigint
@@ -104,10 +104,11 @@ def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from hclsm.demo import run_demo
+    from hclsm.demo import DEMO_DEFAULTS, run_demo
 
-    # PushT's object recipe first, so that the user's --set overrides (and extra options) win over it
-    cfg = load_config(args.preset, args.config, [*PUSHT_RECIPE, *args.overrides, *extra])
+    # PushT's object recipe and the demo's data seed first, so that the user's --set overrides (and extra options)
+    # win over them
+    cfg = load_config(args.preset, args.config, [*DEMO_DEFAULTS, *args.overrides, *extra])
     report = run_demo(cfg, name=args.name, out_root=args.out, progress=not args.quiet,
                       steps=None if args.steps is None else tuple(args.steps), from_scratch=args.from_scratch)
     print(f"report: {report}")

@@ -10,7 +10,7 @@
    ``TRAIN_CLIP``-frame clips, then stage 2 (the hierarchical dynamics with JEPA prediction and the event
    detector, on top of the stage-1 losses) on ``data.clip.length``-frame clips. The runs (config, logs,
    TensorBoard, checkpoint, summary) are ``train/stage1/`` and ``train/stage2/``.
-3. **Evaluation on held-out episodes** (``hclsm.demo_eval``; the training loop's own split, ``train.val_fraction`` and
+3. **Evaluation on held-out episodes** (``hclsm.demo.evaluate``; the training loop's own split, ``train.val_fraction`` and
    ``train.seed``). Objects, on the ``data.clip.length``-frame clips: agent and block IoU against the
    simulator's masks, FG-ARI and mIoU, how peaked the alpha masks are, the SBD and diversity losses beside
    the seed's indicators (< 0.01, < 0.15), and the number of alive slots against the number of visible
@@ -44,11 +44,12 @@ import numpy as np
 import torch
 
 from hclsm import keys
-from hclsm.config import Config, save_config
+from hclsm.assets import PUSHT_FRESH_SEED
+from hclsm.config import PUSHT_RECIPE, Config, save_config
 from hclsm.config.model import INT64_MAX, show
 from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.pusht import generate_pusht_dataset
-from hclsm.demo_eval import (
+from hclsm.demo.evaluate import (
     DYNAMICS_CLIPS,
     demo_planning,
     draw_figures,
@@ -59,7 +60,7 @@ from hclsm.demo_eval import (
     rollout_split,
     spread_batches,
 )
-from hclsm.demo_report import SEED_DIVERSITY, SEED_EVENTS, SEED_JEPA, SEED_SBD, render_report
+from hclsm.demo.report import SEED_DIVERSITY, SEED_EVENTS, SEED_JEPA, SEED_SBD, render_report
 from hclsm.errors import HclsmError
 from hclsm.models import build_model
 from hclsm.train import TrainResult, train_two_stages
@@ -77,6 +78,9 @@ from hclsm.viz import (
 DEFAULT_STEPS = (300, 100)  # (stage-1, stage-2) training steps when --steps is not given
 SHIPPED = "pusht_objects_tiny"  # the shipped object layers stage 1 starts from (hclsm.assets)
 SHIPPED_STEPS, SHIPPED_COMMAND = 8000, "HCLSM_BENCH_KEEP=DIR hclsm bench objects-pusht"  # how they were trained
+# the demo's settings under the user's: PushT's recipe, and episodes the shipped object layers never saw (training or
+# held-out), so its held-out figures measure them on new episodes
+DEMO_DEFAULTS = (*PUSHT_RECIPE, f"data.pusht.seed={PUSHT_FRESH_SEED}")
 TRAIN_CLIP = 4  # frames per stage-1 training clip (at most data.clip.length); stage 2 uses data.clip.length
 
 
