@@ -23,12 +23,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def small_oc() -> OCSlotSSMConfig:
+def small_oc(**levers) -> OCSlotSSMConfig:
+    """A small OC-SlotSSM / SAVi config; ``levers`` (spatial_prior, background, carry_positions, ...) switch on the
+    object layer's levers, with the slot-relative decoder the OCL bench uses."""
     from hclsm.config.model import DecoderConfig
 
+    relative = bool(levers.get("spatial_prior"))
     return OCSlotSSMConfig(image_size=16, patch_size=2, d_model=D, num_slots=3, layers=2, cnn_layers=2,
                            decoder=DecoderConfig(hidden=8, layers=2, kernel=1, grid_size=8, resolution=16,
-                                                 relative_positions=False, upsample="transposed"))
+                                                 relative_positions=relative,
+                                                 upsample="subpixel" if relative else "transposed"), **levers)
+
+
+LEVERS = [{}, {"spatial_prior": True, "sharpness_init": 3.0},
+          {"spatial_prior": True, "carry_positions": True}, {"spatial_prior": True, "background": True}]
 
 
 def test_slot_permutation_equivariance():
@@ -143,10 +151,13 @@ def test_every_parameter_gets_a_gradient_in_both_tasks(kind):
     _assert_all_grads(clf, torch.nn.functional.cross_entropy(clf(patches), target))
 
 
+@pytest.mark.parametrize("levers", LEVERS)
 @pytest.mark.parametrize("cls", [OCSlotSSM, SAVi])
-def test_object_centric_models_train_every_parameter_and_are_causal(cls):
+def test_object_centric_models_train_every_parameter_and_are_causal(cls, levers):
+    if cls is SAVi and levers.get("carry_positions"):
+        pytest.skip("slot attention always carries its slots and positions from frame to frame")
     torch.manual_seed(0)
-    model = cls(small_oc())
+    model = cls(small_oc(**levers))
     video = torch.rand(2, 4, 3, 16, 16)
     out = model(video)
     assert out.recon.shape == (2, 4, 3, 16, 16) and out.masks.shape == (2, 4, 16, 16)
@@ -177,6 +188,58 @@ def test_oc_slotssm_uses_inverted_attention_and_learns_to_reconstruct():
         loss.backward()
         opt.step()
     assert loss.item() < 0.75 * constant
+
+
+def test_oc_slotssm_spatial_prior_gives_each_token_to_the_nearest_slot():
+    """With a narrow spatial prior the inverted attention (softmax over the slots) hands every token to the slot
+    whose position is nearest (a Voronoi split of the frame around the learned positions), whatever the content;
+    with a broad one the content decides."""
+    torch.manual_seed(0)
+    model = OCSlotSSM(small_oc(spatial_prior=True, sigma_init=0.05)).eval()
+    tokens = model.encoder(torch.rand(2, 3, 3, 16, 16))  # (B, T, M, d)
+    pos = model.query_pos.expand(2, 3, -1, -1)
+    nearest = (model.coords[None] - model.query_pos[:, None]).norm(dim=-1).argmin(0)  # (M,)
+    layer = model.layers[0]
+
+    def agreement() -> float:
+        with torch.no_grad():
+            _, w = layer.forward_oc(model.cls.expand(2, 3, -1, -1), tokens, model._prior(pos), torch.ones(1))
+        return float((w.argmax(2) == nearest).float().mean())  # w (B, T, K, M): the slot each token went to
+
+    assert agreement() > 0.95
+    model.log_sigma.data.fill_(np.log(50.0))
+    assert agreement() < 0.8
+
+
+def test_train_steps_counts_steps_and_decays_the_learning_rate():
+    from hclsm.bench.slotssm import train_steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    calls = []
+
+    def loss_fn(gen):
+        calls.append(1)
+        idx = torch.randint(0, 64, (16,), generator=gen)
+        return torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+
+    first = torch.nn.functional.mse_loss(model(x), y).item()
+    info = train_steps(model, loss_fn, 300, 0.05, 0, "t", False, warmup=10)
+    assert info["steps"] == 300 and len(calls) == 300
+    assert info["final_loss"] < 0.01 * first
+    assert not model.training
+
+
+def test_lr_scale_warms_up_then_decays_by_cosine_to_the_floor():
+    from hclsm.bench.slotssm import lr_scale
+
+    scales = [lr_scale(i, 100, 10, 0.01) for i in range(100)]
+    assert scales[0] == pytest.approx(0.1) and scales[9] == pytest.approx(1.0)
+    assert scales[10] == pytest.approx(1.0) and scales[-1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(scales[10:], scales[11:]))  # never rises after the warmup
+    assert scales[10 + 45] == pytest.approx(0.505, abs=0.02)  # the cosine's midpoint
 
 
 def test_video_rollout_feeds_back_its_predictions():
@@ -257,3 +320,39 @@ def test_video_predictor_trains_on_pixel_bce_and_reports_mse():
     torch.testing.assert_close(out["frame"], torch.nn.functional.binary_cross_entropy_with_logits(logits, video[:, 1:]))
     torch.testing.assert_close(out["mse"], torch.nn.functional.mse_loss(torch.sigmoid(logits), video[:, 1:]))
     assert not out["mse"].requires_grad and out["frame"].requires_grad
+
+
+def test_open_loop_loss_scores_the_differentiable_rollout():
+    torch.manual_seed(0)
+    vp = VideoPredictor("slotssm", size=8, patch=4, d_model=D, num_slots=3, layers=1, heads=2, decoder_layers=1)
+    video = torch.rand(2, 6, 3, 8, 8)
+    out = vp.losses(video, open_loop=2)
+    roll = vp.rollout_logits(video[:, :4], 2)
+    torch.testing.assert_close(out["open_loop"],
+                               torch.nn.functional.binary_cross_entropy_with_logits(roll, video[:, 4:]))
+    torch.testing.assert_close(torch.sigmoid(roll.detach()), vp.rollout(video[:, :4], 2))
+    assert "open_loop" not in vp.losses(video)
+    # the second open-loop frame's loss reaches back through the fed-back first prediction: its gradient on the
+    # context differs from the one with that prediction detached (teacher forcing on it)
+    context = video[:, :4].clone().requires_grad_(True)
+    through, = torch.autograd.grad(vp.rollout_logits(context, 2)[:, 1].sum(), context)
+    first = torch.sigmoid(vp.rollout_logits(context, 1)).detach()
+    second = vp.logits(torch.cat([context, first], 1))[:, -1]
+    torch.testing.assert_close(second, roll[:, 1], atol=1e-5, rtol=1e-4)
+    detached, = torch.autograd.grad(second.sum(), context)
+    assert (through - detached).abs().max() > 1e-6
+
+
+def test_ssim_is_one_for_identical_frames_and_penalises_blur():
+    from hclsm.bench.slotssm_scenes import ssim
+
+    torch.manual_seed(0)
+    frames = torch.zeros(4, 3, 32, 32)
+    for i, (y, x) in enumerate([(4, 4), (4, 20), (20, 4), (20, 20)]):  # a bright square per frame, one per quadrant
+        frames[i, :, y:y + 8, x:x + 8] = 1.0
+    torch.testing.assert_close(ssim(frames, frames), torch.ones(4))
+    mean = frames.mean(0, keepdim=True).expand_as(frames)  # the blurry average of the four
+    shifted = frames.roll(1, dims=-1)  # sharp, one pixel off
+    assert (ssim(mean, frames) < ssim(shifted, frames)).all()
+    assert (ssim(mean, frames) < 0.9).all()
+    assert ssim(torch.rand(2, 5, 3, 16, 16), torch.rand(2, 5, 3, 16, 16)).shape == (2, 5)

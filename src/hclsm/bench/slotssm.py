@@ -1,6 +1,7 @@
 """Benchmarks of the SlotSSM paper at a reduced CPU scale: ``blinking`` and ``slotssm-latency`` here,
 ``video-prediction`` and ``ocl`` (on our physics scenes) in ``hclsm.bench.slotssm_scenes``; shared here: the
-thread choice on a busy machine, machine facts and the wall-clock training loop.
+thread choice on a busy machine, machine facts, the wall-clock training loop (``train_for``, blinking) and the
+step-budget one (``train_steps``).
 
 * ``blinking``: Blinking Color Balls (``hclsm.data.blinking``; 16x16 images, 3 balls). Earliest Color
   with 5 context frames patchified to 80 (4x4 patches) steps, Most Frequent Color with 10
@@ -23,6 +24,7 @@ thread choice on a busy machine, machine facts and the wall-clock training loop.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import time
@@ -88,6 +90,44 @@ def train_for(model: torch.nn.Module, loss_fn: Callable[[torch.Generator], torch
         bar.update(round(elapsed) - bar.n)
         bar.set_postfix(loss=f"{recent[-1]:.4f}", steps=steps)
     bar.close()
+    model.eval()
+    return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": float(np.mean(recent))}
+
+
+def lr_scale(step: int, steps: int, warmup: int, min_lr_ratio: float) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based) of ``steps``: linear warmup over ``warmup`` steps,
+    then a cosine from 1 down to ``min_lr_ratio`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(steps - 1 - warmup, 1)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def train_steps(model: torch.nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor], steps: int, lr: float,
+                seed: int, desc: str, progress: bool, warmup: int = 100, min_lr_ratio: float = 0.01,
+                weight_decay: float = 0.1) -> dict:
+    """``steps`` optimizer steps (a budget counted in steps: a loaded machine trains the same model, only slower):
+    AdamW (weight decay on matrices only, as in the paper) with ``warmup`` linear warmup steps, then a cosine decay
+    to ``min_lr_ratio * lr`` (the object layer's schedule, ``hclsm.train``), gradient clipping at 1; a progress bar
+    in steps. ``loss_fn(generator)`` draws a batch and returns its loss. Returns steps, seconds and the mean loss of
+    the last 10 steps."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start, recent = time.perf_counter(), []
+    warmup = max(1, min(warmup, steps // 10))
+    for step in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_scale(step, steps, warmup, min_lr_ratio)
+        loss = loss_fn(gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        recent = (recent + [loss.item()])[-10:]
     model.eval()
     return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": float(np.mean(recent))}
 

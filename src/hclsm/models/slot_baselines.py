@@ -28,6 +28,7 @@ from torch import nn
 from hclsm.models.slotssm import (OCOutput, OCSlotSSMConfig, object_encoder, reconstruct, resize_video)
 from hclsm.nn.attention import MultiHeadAttention, SlotEncoder, SlotMixer, mlp
 from hclsm.nn.decoders import SpatialBroadcastDecoder
+from hclsm.nn.encoders import coord_grid
 from hclsm.nn.slots import SlotAttention
 
 
@@ -173,23 +174,28 @@ class SAVi(nn.Module):
         self.cfg, self.iterations = cfg, iterations
         d = cfg.d_model
         self.encoder = object_encoder(cfg)
-        self.attention = SlotAttention(d, d, cfg.num_slots, 2 * d, spatial_prior=False, background=False)
+        # the object layer's levers when cfg asks for them (OCSlotSSMConfig.spatial_prior / background): slot
+        # attention's own spatial prior (learned initial positions, Gaussian locality, centroids carried to the next
+        # frame) and a background slot; otherwise plain slot attention
+        self.attention = SlotAttention(d, d, cfg.num_slots, 2 * d, spatial_prior=cfg.spatial_prior,
+                                       background=cfg.background, sigma_init=cfg.sigma_init)
         self.predictor = SlotMixer(d, cfg.heads)
-        self.decoder = SpatialBroadcastDecoder(d, 3, cfg.decoder)
+        self.decoder = SpatialBroadcastDecoder(d, 3, cfg.decoder, background=cfg.background)
+        self.register_buffer("coords", coord_grid(self.encoder.grid), persistent=False)  # (M, 2) token centres
 
     def forward(self, video: torch.Tensor) -> OCOutput:
         video = resize_video(video, self.cfg.image_size)
         b, t = video.shape[:2]
         tokens = self.encoder(video)  # (B, T, M, d)
         k, v = self.attention.project(tokens)  # (B, T, M, d) each
-        coords = tokens.new_zeros(tokens.shape[2], 2)  # no spatial prior: positions unused
         slots, pos = self.attention.initial(b)
-        out = []
+        out, where = [], []
         for i in range(t):
             if i:
-                slots = self.predictor(slots)  # carry the slots to the next frame
-            slots, pos, _ = self.attention(slots, pos, k[:, i], v[:, i], coords, self.iterations)
+                slots = self.predictor(slots)  # carry the slots (and their positions) to the next frame
+            slots, pos, _ = self.attention(slots, pos, k[:, i], v[:, i], self.coords, self.iterations)
             out.append(slots)
+            where.append(pos)
         slots = torch.stack(out, dim=1)  # (B, T, K, d)
-        recon, alphas, mse = reconstruct(self.decoder, slots, video)
+        recon, alphas, mse = reconstruct(self.decoder, slots, video, torch.stack(where, dim=1))
         return OCOutput(slots=slots, recon=recon, alphas=alphas, losses={"recon": mse})

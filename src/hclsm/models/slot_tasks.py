@@ -7,8 +7,9 @@
   residual); a linear head gives each patch's values.
 * ``VideoPredictor`` (7.1): frames -> patch tokens (linear embedding + learned spatial position) ->
   backbone -> slots of step t -> decoder -> frame t+1. Trained with teacher forcing and, as in the paper,
-  binary cross-entropy on the pixel values (``losses``; their MSE is reported beside it); ``rollout``
-  feeds its own predictions back, one ``step`` at a time.
+  binary cross-entropy on the pixel values (``losses``; their MSE is reported beside it), optionally plus
+  the same on frames predicted in open loop (``losses(open_loop=n)``); ``rollout`` feeds its own
+  predictions back, one ``step`` at a time.
 * ``BlinkingClassifier`` (7.2): a long sequence of image patches; each patch is cut into sub-patch
   tokens with spatial (patch and sub-patch) and temporal (frame) position embeddings; the slots of the
   last step are decoded into 7-way colour logits for every pixel of the target image.
@@ -101,9 +102,12 @@ class VideoPredictor(nn.Module):
         """(B, T, 3, S, S) -> predictions (B, T, 3, S, S) in [0, 1] of frames 1..T (prediction t reads frames <= t)."""
         return torch.sigmoid(self.logits(video))
 
-    def losses(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, video: torch.Tensor, open_loop: int = 0) -> dict[str, torch.Tensor]:
         """Teacher forcing on frames 1..T-1 -> frames 2..T: ``frame`` is the paper's binary cross-entropy of the
-        pixel values (the trained loss), ``mse`` the per-pixel MSE (reported, no gradient).
+        pixel values (the trained loss), ``mse`` the per-pixel MSE (reported, no gradient). With ``open_loop``
+        = n > 0 also ``open_loop``: the same cross-entropy of the last n frames predicted in open loop from the
+        first T - n (``rollout_logits``: each prediction fed back, with its gradient), so the model is trained
+        on its own predictions as the rollout at evaluation uses it.
 
         Why BCE: on these mostly-background scenes every model first settles on the mean frame; through the
         sigmoid, MSE's gradient on a pixel is scaled by p (1 - p), BCE's is not, and at the same step count
@@ -113,23 +117,34 @@ class VideoPredictor(nn.Module):
         logits, target = self.logits(video[:, :-1]), video[:, 1:]
         with torch.no_grad():
             mse = F.mse_loss(torch.sigmoid(logits), target)
-        return {"frame": F.binary_cross_entropy_with_logits(logits, target), "mse": mse}
+        out = {"frame": F.binary_cross_entropy_with_logits(logits, target), "mse": mse}
+        if open_loop > 0:
+            n = min(open_loop, video.shape[1] - 1)
+            roll = self.rollout_logits(video[:, :-n], n)  # (B, n, 3, S, S)
+            out["open_loop"] = F.binary_cross_entropy_with_logits(roll, video[:, -n:])
+        return out
 
-    @torch.no_grad()
-    def rollout(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
-        """context (B, C, 3, S, S) -> ``horizon`` predicted frames (B, horizon, 3, S, S), each step fed the
-        previous prediction (step by step: O(1) per step for the SSMs and the RNN)."""
+    def rollout_logits(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
+        """context (B, C, 3, S, S) -> pixel logits (B, horizon, 3, S, S) of the next ``horizon`` frames, each
+        step fed the previous prediction (its sigmoid; step by step: O(1) per step for the SSMs and the RNN).
+        Differentiable: gradients flow back through the fed-back predictions."""
         state = self.backbone.init_state(context.shape[0], context.device)
         tokens = self.tokens(context)
         for i in range(context.shape[1]):
             slots, state = self.backbone.step(tokens[:, i], state)
-        frames = []
+        logits = []
         for i in range(horizon):
-            frame = self.decode(slots)  # (B, 3, S, S)
-            frames.append(frame)
+            out = self.decode_logits(slots)  # (B, 3, S, S)
+            logits.append(out)
             if i + 1 < horizon:
-                slots, state = self.backbone.step(self.tokens(frame[:, None])[:, 0], state)
-        return torch.stack(frames, dim=1)
+                slots, state = self.backbone.step(self.tokens(torch.sigmoid(out)[:, None])[:, 0], state)
+        return torch.stack(logits, dim=1)
+
+    @torch.no_grad()
+    def rollout(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
+        """context (B, C, 3, S, S) -> ``horizon`` predicted frames (B, horizon, 3, S, S) in [0, 1], each step fed
+        the previous prediction (``rollout_logits`` without gradient)."""
+        return torch.sigmoid(self.rollout_logits(context, horizon))
 
 
 class BlinkingClassifier(nn.Module):

@@ -17,9 +17,22 @@ cross-attention (softmax over the slots, renormalised over the inputs) whose que
 layer's slots (the first layer's: learnable CLS tokens), reading the frame's CNN tokens; the slots are
 decoded by a spatial broadcast decoder into per-slot images and alpha masks (reconstruction objective,
 eq. 17); the masks are the argmax of the alphas over slots.
+
+Optional, off by default (``OCSlotSSMConfig``), the levers HCLSM's object layer proved on the ball scenes
+(``hclsm.nn.slots.SlotAttention``), added where the paper's design has room for them:
+
+* ``spatial_prior``: every slot carries a position; the inverted attention's logits get
+  ``-|x_m - pos_k|^2 / (2 sigma^2)`` (sigma learned), the first layer's positions are learned (a grid at
+  init, like the CLS tokens they go with), each later layer's are the previous read's attention centroids;
+  ``sharpness_init`` is the learned inverse temperature of those logits. The decoder then broadcasts
+  slot-relative coordinates (``decoder.relative_positions``). With ``carry_positions`` the first layer's
+  read of frame t is centred on the slots' positions on frame t-1 (as slot attention carries its slots),
+  so a slot follows its object through the clip.
+* ``background``: slot 0 has no spatial prior and is decoded as a flat colour layer behind the objects.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +40,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from hclsm.config.model import DecoderConfig, PerceptionConfig
-from hclsm.nn.attention import MultiHeadAttention, SlotEncoder, SlotMixer
+from hclsm.nn.attention import MultiHeadAttention, SlotEncoder, SlotMixer, inverted_attention_weights
 from hclsm.nn.decoders import SpatialBroadcastDecoder
-from hclsm.nn.encoders import CNNEncoder
+from hclsm.nn.encoders import CNNEncoder, coord_grid
 from hclsm.nn.ssm import SelectiveSSM, SSMState
 
 
@@ -155,6 +168,13 @@ class OCSlotSSMConfig:
     cnn_layers: int = 4
     d_state: int = 16
     expand: int = 2
+    spatial_prior: bool = False  # slot positions + a Gaussian locality term in the inverted attention (module doc)
+    background: bool = False  # slot 0: no spatial prior, decoded as a flat background layer
+    sigma_init: float = 0.3  # initial width of the spatial prior, in [-1, 1] image coordinates
+    sharpness_init: float = 1.0  # initial inverse temperature of the inverted attention's logits (learned)
+    # with spatial_prior: the first layer reads frame t around the slots' positions on frame t-1 (a slot follows its
+    # object; the reads run frame by frame, the SSMs stay parallel over time)
+    carry_positions: bool = False
     # the SlotSSM family keeps the layouts its benchmarks were measured with (transposed-conv decoder, conv stem)
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(hidden=32, layers=3, kernel=1, grid_size=8,
                                                                          resolution=32, relative_positions=False,
@@ -180,14 +200,16 @@ def object_encoder(cfg: OCSlotSSMConfig) -> CNNEncoder:
                                        stem="conv", d_model=cfg.d_model, layers=cfg.cnn_layers, d_world=cfg.d_model))
 
 
-def reconstruct(decoder: SpatialBroadcastDecoder, slots: torch.Tensor, video: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode slots (B, T, K, d); returns (recon (B, T, 3, R, R), alphas (B, T, K, R, R), MSE against
-    ``video`` (B, T, 3, H, W) resized by area to R)."""
+def reconstruct(decoder: SpatialBroadcastDecoder, slots: torch.Tensor, video: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode slots (B, T, K, d) (at ``positions`` (B, T, K, 2), for a decoder with slot-relative
+    coordinates); returns (recon (B, T, 3, R, R), alphas (B, T, K, R, R), MSE against ``video``
+    (B, T, 3, H, W) resized by area to R)."""
     b, t, k, _ = slots.shape
     flat = slots.flatten(0, 1)  # (B*T, K, d)
     ones = flat.new_ones(b * t, k)
-    recon, _, alphas = decoder(flat, flat.new_zeros(b * t, k, 2), ones)  # (B*T, 3, R, R), (B*T, K, R, R)
+    pos = flat.new_zeros(b * t, k, 2) if positions is None else positions.flatten(0, 1).to(flat.dtype)
+    recon, _, alphas = decoder(flat, pos, ones)  # (B*T, 3, R, R), (B*T, K, R, R)
     r = recon.shape[-1]
     target = F.interpolate(video.flatten(0, 1), size=(r, r), mode="area")  # (B*T, 3, R, R)
     return recon.unflatten(0, (b, t)), alphas.unflatten(0, (b, t)), F.mse_loss(recon.float(), target.float())
@@ -208,15 +230,35 @@ class OCSlotSSMLayer(SlotSSMLayer):
         self.norm_q, self.norm_in = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = MultiHeadAttention(d, inverted_heads, inverted=True)
 
-    def read(self, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """slots (N, K, d) query tokens (N, M, d) by inverted attention (residual) -> (N, K, d)."""
-        return slots + self.attn(self.norm_q(slots), self.norm_in(tokens))
+    def read(self, slots: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (N, K, d) query tokens (N, M, d) by inverted attention (residual) -> (N, K, d), and the
+        weights (N, K, M) averaged over heads (each slot's sum to 1 over the tokens). ``bias`` (N, K, M) is
+        added to the logits (the spatial prior), ``scale`` multiplies them (a learned inverse temperature)."""
+        a = self.attn
+        q = a._split(a.q(self.norm_q(slots)))  # (N, h, K, d_h)
+        k, v = a.keys_values(self.norm_in(tokens))  # (N, h, M, d_h)
+        logits = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (N, h, K, M)
+        if scale is not None:
+            logits = logits * scale
+        if bias is not None:
+            logits = logits + bias[:, None]
+        w = inverted_attention_weights(logits)  # softmax over the slots, renormalised over the tokens
+        y = (w.to(v.dtype) @ v).transpose(1, 2).flatten(2)  # (N, K, d)
+        return slots + a.out(y), w.mean(1)
 
-    def forward_oc(self, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """slots (B, T, K, d), tokens (B, T, M, d) -> slots (B, T, K, d)."""
+    def forward_oc(self, slots: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (B, T, K, d), tokens (B, T, M, d) -> slots (B, T, K, d) and the read's weights (B, T, K, M)."""
         b, t = slots.shape[:2]
-        s = self.read(slots.flatten(0, 1), tokens.flatten(0, 1)).unflatten(0, (b, t))
-        h = self.ssm_forward(s)
+        s, w = self.read(slots.flatten(0, 1), tokens.flatten(0, 1),
+                         None if bias is None else bias.flatten(0, 1), scale)
+        return self.evolve(s.unflatten(0, (b, t))), w.unflatten(0, (b, t))
+
+    def evolve(self, slots: torch.Tensor) -> torch.Tensor:
+        """Read slots (B, T, K, d) through the per-slot SSM and the slot mixer -> (B, T, K, d)."""
+        b, t = slots.shape[:2]
+        h = self.ssm_forward(slots)
         return self.mixer(h.flatten(0, 1)).unflatten(0, (b, t))
 
 
@@ -232,15 +274,59 @@ class OCSlotSSM(nn.Module):
         self.layers = nn.ModuleList(OCSlotSSMLayer(d, cfg.heads, cfg.inverted_heads, cfg.d_state, cfg.expand)
                                     for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
-        self.decoder = SpatialBroadcastDecoder(d, 3, cfg.decoder)
+        self.decoder = SpatialBroadcastDecoder(d, 3, cfg.decoder, background=cfg.background)
+        if cfg.spatial_prior:
+            k = cfg.num_slots
+            side = math.ceil(math.sqrt(k - cfg.background))
+            c = torch.linspace(-0.6, 0.6, side)
+            grid = torch.stack(torch.meshgrid(c, c, indexing="xy"), dim=-1).reshape(-1, 2)[:k - cfg.background]
+            grid = torch.cat([grid.new_zeros(int(cfg.background), 2), grid])  # the background's is unused
+            self.query_pos = nn.Parameter(grid)  # (K, 2): the first layer's slot positions
+            self.log_sigma = nn.Parameter(torch.full((1,), math.log(cfg.sigma_init)))
+            self.log_sharpness = nn.Parameter(torch.full((1,), math.log(cfg.sharpness_init)))
+            prior = torch.ones(k)
+            prior[:int(cfg.background)] = 0.0
+            self.register_buffer("prior_mask", prior, persistent=False)
+            self.register_buffer("coords", coord_grid(self.encoder.grid), persistent=False)  # (M, 2) token centres
+
+    def _prior(self, pos: torch.Tensor) -> torch.Tensor:
+        """(B, T, K, M) spatial-prior logits of slots at ``pos`` (B, T, K, 2) over the token grid."""
+        d2 = (self.coords[None, None, None] - pos.float()[..., None, :]).pow(2).sum(-1)  # (B, T, K, M)
+        return -d2 * self.prior_mask[:, None] / (2 * torch.exp(2 * self.log_sigma.float()))
+
+    def _track(self, layer: OCSlotSSMLayer, tokens: torch.Tensor, scale: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer with ``carry_positions``: frame t's read is centred on frame t-1's attention centroids
+        (frame 0's on those of a first read from the learned positions), then the SSM and mixer over all frames.
+        Returns slots (B, T, K, d) and positions (B, T, K, 2)."""
+        b, t = tokens.shape[:2]
+        cls = self.cls.expand(b, -1, -1)  # (B, K, d)
+        pos = self.query_pos.expand(b, -1, -1)  # (B, K, 2)
+        _, w = layer.read(cls, tokens[:, 0], self._prior(pos[:, None])[:, 0], scale)  # settle frame 0
+        pos = w @ self.coords
+        reads, where = [], []
+        for i in range(t):
+            s, w = layer.read(cls, tokens[:, i], self._prior(pos[:, None])[:, 0], scale)
+            pos = w @ self.coords
+            reads.append(s)
+            where.append(pos)
+        return layer.evolve(torch.stack(reads, dim=1)), torch.stack(where, dim=1)
 
     def forward(self, video: torch.Tensor) -> OCOutput:
         video = resize_video(video, self.cfg.image_size)
         b, t = video.shape[:2]
         tokens = self.encoder(video)  # (B, T, M, d)
         slots = self.cls.expand(b, t, -1, -1)  # (B, T, K, d)
-        for layer in self.layers:
-            slots = layer.forward_oc(slots, tokens)
+        prior = self.cfg.spatial_prior
+        pos = self.query_pos.expand(b, t, -1, -1) if prior else None  # (B, T, K, 2)
+        scale = torch.exp(self.log_sharpness.float()) if prior else None
+        for i, layer in enumerate(self.layers):
+            if i == 0 and prior and self.cfg.carry_positions:
+                slots, pos = self._track(layer, tokens, scale)
+                continue
+            slots, w = layer.forward_oc(slots, tokens, self._prior(pos) if prior else None, scale)
+            if prior:
+                pos = w @ self.coords  # (B, T, K, 2): each slot's attention centroid
         slots = self.norm(slots)
-        recon, alphas, mse = reconstruct(self.decoder, slots, video)
+        recon, alphas, mse = reconstruct(self.decoder, slots, video, pos)
         return OCOutput(slots=slots, recon=recon, alphas=alphas, losses={"recon": mse})
