@@ -175,6 +175,16 @@ def test_sigint_deferred_and_interrupt_point_in_process():
     dropped by a finalizer is raised at the next ``interrupt_point``."""
     from hclsm.utils import interrupt
 
+    # a suite started as a background job (`nohup pytest &`) inherits SIGINT ignored; the mechanism is about the
+    # interactive case, so start from Python's default handler, as a terminal's process has
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _deferred_and_dropped_sigints(interrupt)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _deferred_and_dropped_sigints(interrupt) -> None:
     ran = []
     with pytest.raises(KeyboardInterrupt):
         with interrupt.sigint_deferred():

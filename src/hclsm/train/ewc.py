@@ -131,9 +131,9 @@ def fisher_agreement(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
     x = torch.cat([a[n].flatten().float().cpu() for n in sorted(a)])
     y = torch.cat([b[n].flatten().float().cpu() for n in sorted(a)])
 
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        r = torch.empty_like(v)
-        r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+    def ranks(v: torch.Tensor) -> torch.Tensor:  # float64: sums of rank products over ~1e5-1e6 entries
+        r = torch.empty(len(v), dtype=torch.float64)
+        r[v.argsort()] = torch.arange(len(v), dtype=torch.float64)
         return r
 
     rx, ry = ranks(x), ranks(y)
