@@ -1,6 +1,7 @@
 """``hclsm demo``: the main job, end to end on CPU.
 
-1. **Data.** PushT episodes from the real gym-pusht simulator (``cfg.data.pusht``), written as a
+1. **Data.** PushT episodes from the real gym-pusht simulator (``cfg.data.pusht``; the command starts their env seeds
+   at ``hclsm.assets.PUSHT_FRESH_SEED``, ``DEMO_DEFAULTS``, so the shipped object layers never saw them), written as a
    LeRobot v3 dataset in ``data/pusht/``, with a picture of frames and ground-truth masks.
 2. **HCLSM, both stages** (``hclsm.train.train_two_stages``), counted in steps (``--steps S1 S2``, default
    ``DEFAULT_STEPS``), so a loaded machine trains the same model as a quiet one. Stage 1 starts from the PushT
@@ -23,7 +24,7 @@
    segmentation against ground truth, alpha heat maps, alive slots per frame, a rollout against the true
    frames, the event timeline with the contact onsets, the PCA of slot trajectories) and a plain
    statement of which stages ran; ``metrics.json`` has every number.
-5. **Planning.** MPPI with the trained model and random actions from ``demo_eval.PLAN_EPISODES`` held-out start
+5. **Planning.** MPPI with the trained model and random actions from ``evaluate.PLAN_EPISODES`` held-out start
    states in the real PushT simulator (the ``hclsm plan`` protocol with a cheaper planner; ``plan/`` holds a GIF
    of each policy's first episode); skipped, with the reason in the report, when no held-out episode is long
    enough for a goal.
@@ -159,7 +160,7 @@ def run_demo(cfg: Config, name: str = "demo", out_root: str | Path = "runs", pro
     ``dynamics_metrics``), ``train`` (the planned steps, the parameter count and stage 1's run: steps, seconds,
     why it stopped, skipped steps, final losses; ``train.stage2`` the same for stage 2), ``dynamics`` (the
     held-out dynamics clips: how many, their length, rollout context and horizon), ``planning``
-    (``demo_eval.demo_planning``: results per policy, or why it was skipped), the figures' contents,
+    (``evaluate.demo_planning``: results per policy, or why it was skipped), the figures' contents,
     the seed's indicators, timings and the machine.
     """
     check_run_name(name)  # before anything is generated or replaced

@@ -69,7 +69,7 @@ def _objects_verdict(cfg: Config, m: dict) -> str:
 
 
 def _planning_section(p: dict) -> str:
-    """The report's planning section from ``demo_eval.demo_planning``'s record."""
+    """The report's planning section from ``hclsm.demo.evaluate.demo_planning``'s record."""
     head = "## Planning in the real PushT simulator\n\n"
     if "skipped" in p:
         return head + f"Skipped: {p['skipped']}. `hclsm plan --checkpoint RUN` plans with this run's model."
