@@ -26,15 +26,15 @@ import torch
 from hclsm import keys
 from hclsm.bench import BenchResult, register
 from hclsm.config import PUSHT_RECIPE, Config, load_config
-from hclsm.config.data import ClipConfig, PhysicsDataConfig, PushTDataConfig
-from hclsm.data.memory import MemoryClips, open_dataset
+from hclsm.config.data import PhysicsDataConfig, PushTDataConfig
+from hclsm.data.memory import MemoryClips
 from hclsm.data.physics import PhysicsSource, generate_physics_dataset
 from hclsm.data.pusht import generate_pusht_dataset
 from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
 from hclsm.models.objects import agent_cue
 from hclsm.metrics import hungarian_match
 from hclsm.train import train
-from hclsm.train.data import run_split
+from hclsm.train.data import run_split, split_clips
 
 
 PHYSICS_STEPS = 4000  # stage-1 steps per physics model (the full bench; what the object layer needs to converge)
@@ -52,10 +52,7 @@ def _config(steps: int, seed: int, *overrides: str) -> Config:
 
 def val_clips(root: Path, cfg: Config, length: int) -> MemoryClips:
     """Non-overlapping held-out clips of ``length`` frames (the training loop's split of ``cfg``), at the model's size."""
-    source = open_dataset(root)
-    _, val = run_split(len(source.episode_lengths), cfg)
-    return MemoryClips(source, ClipConfig(length=length, stride=length), val, cfg.model.perception.image_size,
-                       progress=False)
+    return split_clips(root, cfg, length)
 
 
 @torch.no_grad()

@@ -98,19 +98,13 @@ class Run:
         (``"train"``) episodes, as the run split them (its ``train.val_fraction`` and ``train.seed``), at the
         model's frame size, loaded into memory: a ``hclsm.data.memory.MemoryClips`` (``.batches(n)`` yields
         batches in the training format, ``hclsm.keys``). ``data`` defaults to the dataset the run trained on."""
-        from hclsm.config import ClipConfig
-        from hclsm.data.memory import MemoryClips, open_dataset
-        from hclsm.train.data import run_split
+        from hclsm.train.data import split_clips
 
         if split not in ("val", "train"):
             raise HclsmError(f"split must be 'val' or 'train', got {split!r}")
         root = data if data is not None else self.data_root
         if root is None:
             raise HclsmError(f"run {self.path} does not say which dataset it trained on (or it is gone); pass data=DIR")
-        source = open_dataset(root)
-        train_eps, val_eps = run_split(len(source.episode_lengths), self.config)
-        episodes = val_eps if split == "val" else train_eps
-        if not episodes:
+        if split == "val" and self.config.train.val_fraction <= 0:
             raise HclsmError(f"run {self.path} held out no episodes (train.val_fraction = 0); use split='train'")
-        return MemoryClips(source, ClipConfig(length=length, stride=length), episodes,
-                           self.config.model.perception.image_size, progress=False)
+        return split_clips(root, self.config, length, split)

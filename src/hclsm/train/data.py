@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from hclsm.config import Config
+from hclsm.config import ClipConfig, Config
 from hclsm.config.data import DataConfig
 from hclsm.data.clips import clip_windows, split_episodes
 from hclsm.data.memory import ClipWindows, MemoryClips, open_dataset
@@ -22,6 +22,15 @@ def run_split(n_episodes: int, cfg: Config) -> tuple[list[int], list[int]]:
     if t.val_fraction > 0:
         return split_episodes(n_episodes, t.val_fraction, t.seed)
     return list(range(n_episodes)), []
+
+
+def split_clips(root: str | os.PathLike, cfg: Config, length: int, split: str = "val") -> MemoryClips:
+    """Non-overlapping clips of ``length`` frames of the run's held-out (``"val"``) or training (``"train"``)
+    episodes (``run_split``), at the model's frame size, in memory; evaluation reads them."""
+    source = open_dataset(root)
+    train_eps, val_eps = run_split(len(source.episode_lengths), cfg)
+    return MemoryClips(source, ClipConfig(length=length, stride=length), val_eps if split == "val" else train_eps,
+                       cfg.model.perception.image_size, progress=False)
 
 
 def uses_streaming(data: DataConfig, frame_bytes: int) -> bool:
