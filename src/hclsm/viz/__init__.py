@@ -1,12 +1,20 @@
-"""Pictures for reports, as uint8 RGB arrays (no plotting library): frame strips with object-mask
-overlays, slot masks over frames (with birth and death), segmentation against ground truth, alpha heat
-maps, and a chart of alive slots per frame; saved as PNG."""
+"""Pictures for reports, as uint8 RGB arrays: frame strips with object-mask overlays, slot masks over
+frames (with birth and death), segmentation against ground truth and alpha heat maps (numpy and PIL),
+and a chart of alive slots per frame (matplotlib, off-screen on the Agg canvas); saved as PNG."""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 # id 0 (background) stays uncoloured; then distinct colours for object ids 1, 2, ...
@@ -56,9 +64,6 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 
 # ---- figures of the object layer ----------------------------------------------------------------
 
-# anchor colours of the viridis colour map (matplotlib's, sampled at 0, 1/8, ..., 1), interpolated linearly
-_VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
-                     [92, 200, 99], [170, 220, 50], [253, 231, 37]], np.float32)
 BACKDROP = 24  # what a slot's tile shows where its mask is 0 (near black: PushT's background is white)
 DIM_GREY, HATCH_GREY = 150, 110  # a dead slot's tile: flat grey with darker diagonal hatching
 BIRTH_RGB, DEATH_RGB = (44, 160, 44), (214, 39, 40)  # tile borders on the frame a slot is born / dies
@@ -91,11 +96,10 @@ def resize_maps(maps, size: tuple[int, int]) -> np.ndarray:
 
 
 def colormap(values) -> np.ndarray:
-    """Values in [0, 1] (any shape) -> (..., 3) uint8 colours of the viridis map (clipped outside [0, 1])."""
-    v = np.clip(np.nan_to_num(_np(values).astype(np.float32)), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    lo = np.minimum(np.floor(v).astype(np.int64), len(_VIRIDIS) - 2)
-    w = (v - lo)[..., None]
-    return (_VIRIDIS[lo] * (1 - w) + _VIRIDIS[lo + 1] * w + 0.5).astype(np.uint8)
+    """Values in [0, 1] (any shape) -> (..., 3) uint8 colours of matplotlib's viridis map (clipped outside
+    [0, 1])."""
+    v = np.clip(np.nan_to_num(_np(values).astype(np.float32)), 0.0, 1.0)
+    return np.asarray(matplotlib.colormaps["viridis"](v, bytes=True), np.uint8)[..., :3]
 
 
 def _dead_tile(h: int, w: int) -> np.ndarray:
@@ -231,7 +235,7 @@ def alpha_heatmaps(alphas, alive=None, background: bool = True, size: int | None
     colour bar with ticks 0, 0.5 and 1 is drawn below.
     """
     a = _np(alphas).astype(np.float32)
-    t, k = a.shape[:2]
+    k = a.shape[1]
     side = size or a.shape[-1]
     a = resize_maps(a, (side, side))
     rows = []
@@ -245,85 +249,97 @@ def alpha_heatmaps(alphas, alive=None, background: bool = True, size: int | None
     return np.concatenate([grid, _colour_bar(grid.shape[1])], axis=0)
 
 
-def _colour_bar(width: int, height: int = 34) -> np.ndarray:
-    """A white strip with a horizontal colour bar and ticks 0, 0.5, 1 (for ``alpha_heatmaps``)."""
-    canvas = Image.new("RGB", (width, height), "white")
-    x0, x1 = width // 4, width - width // 4
-    bar = colormap(np.linspace(0.0, 1.0, max(x1 - x0, 2)))[None].repeat(10, axis=0)
-    canvas.paste(Image.fromarray(bar), (x0, 4))
-    draw, font = ImageDraw.Draw(canvas), _font()
-    for v in (0.0, 0.5, 1.0):
-        x = x0 + v * (x1 - x0 - 1)
-        draw.line([(x, 14), (x, 17)], fill=(0, 0, 0))
-        _text(draw, (x, 18), f"{v:g}", font, "mt")
-    _text(draw, (x0 - 6, 9), "alpha", font, "rm")
-    return np.asarray(canvas)
+# ---- charts (matplotlib) ----------------------------------------------------------------------------
+
+CHART_STYLE = {"font.size": 9, "legend.fontsize": 9, "legend.frameon": False}  # rcParams of every chart
+GRID_RGB = (225, 225, 225)  # chart grid lines
 
 
-def _ticks(n: int, most: int) -> list[int]:
-    """Integer ticks 0, s, 2s, ... <= n with at most ``most`` of them."""
-    step = max(1, -(-n // max(most - 1, 1)))
-    return list(range(0, n + 1, step))
+def _rgb(rgb: tuple[int, int, int]) -> tuple[float, ...]:
+    """A uint8 RGB triple as matplotlib's floats in [0, 1]."""
+    return tuple(c / 255 for c in rgb)
+
+
+@contextmanager
+def _chart(width: int, height: int, layout: str | None = "constrained") -> Iterator[Figure]:
+    """A white ``width`` x ``height`` px figure (dpi 100) on an Agg canvas, drawn in ``CHART_STYLE`` while the
+    ``with`` block runs (no pyplot state); read it with ``_pixels`` inside the block."""
+    with matplotlib.rc_context(CHART_STYLE):
+        fig = Figure(figsize=(width / 100, height / 100), dpi=100, layout=layout)
+        FigureCanvasAgg(fig)
+        try:
+            yield fig
+        finally:
+            fig.clear()
+
+
+def _pixels(fig: Figure, least: int = 0) -> np.ndarray:
+    """Render ``fig`` -> (H, W, 3) uint8; ValueError when its layout does not fit or a plot would be smaller
+    than ``least`` px either way."""
+    width, height = (round(v) for v in fig.bbox.size)
+    too_small = f"a chart of {width}x{height} px is too small for its labels; use a larger width and height"
+    with warnings.catch_warnings():  # constrained layout gives up with a warning when the labels fill the figure
+        warnings.filterwarnings("error", "constrained_layout not applied", UserWarning)
+        try:
+            fig.canvas.draw()
+        except UserWarning:
+            raise ValueError(too_small) from None
+    if any(min(ax.bbox.width, ax.bbox.height) < least for ax in fig.axes):
+        raise ValueError(too_small)
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _header(fig: Figure, ax, title: str) -> None:
+    """``title`` at the top left and the legend of ``ax`` under it, right-aligned above the plot, in as many
+    columns as fit the figure's width."""
+    fig.suptitle(title, x=0.01, ha="left", fontsize=CHART_STYLE["font.size"])
+    handles, labels = ax.get_legend_handles_labels()
+    renderer = fig.canvas.get_renderer()
+    for ncols in range(len(labels), 0, -1):
+        legend = ax.legend(handles, labels, ncols=ncols, loc="lower right", bbox_to_anchor=(1, 1), borderaxespad=0.2,
+                           columnspacing=1.2, handlelength=1.6)
+        if legend.get_window_extent(renderer).width <= 0.95 * fig.bbox.width:
+            break
+
+
+def _colour_bar(width: int, height: int = 40) -> np.ndarray:
+    """A white strip with a horizontal viridis colour bar, ticks 0, 0.5, 1 and the label "alpha" (for
+    ``alpha_heatmaps``)."""
+    with _chart(width, height, layout=None) as fig:
+        ax = fig.add_axes((0.25, 1 - 14 / height, 0.5, 10 / height))  # a 10 px bar 4 px below the top
+        bar = fig.colorbar(ScalarMappable(cmap="viridis"), cax=ax, orientation="horizontal",
+                           ticks=[0.0, 0.5, 1.0])
+        bar.ax.tick_params(length=3, pad=1)
+        bar.ax.xaxis.set_major_formatter("{x:g}")
+        ax.text(-0.02, 0.5, "alpha", transform=ax.transAxes, ha="right", va="center")
+        return _pixels(fig)
 
 
 def alive_count_figure(count, truth=None, width: int = 480, height: int = 200,
                        title: str = "object slots alive per frame") -> np.ndarray:
     """A step chart of the number of alive slots per frame (blue) and, when given, the true number of
-    objects (orange, dashed), with axis ticks and a legend; (height, width, 3) uint8."""
+    objects (orange, dashed), with integer ticks and a legend; (height, width, 3) uint8."""
     count = _np(count).astype(np.float64).reshape(-1)
-    series = [(count, COUNT_RGB, "alive slots", False)]
+    series = [(count, COUNT_RGB, "alive slots", "-")]
     if truth is not None:
         truth = _np(truth).astype(np.float64).reshape(-1)
         if truth.shape != count.shape:
             raise ValueError(f"truth {truth.shape} must have the shape of count {count.shape}")
-        series.insert(0, (truth, TRUTH_RGB, "true objects", True))  # drawn first, the count on top
+        series.insert(0, (truth, TRUTH_RGB, "true objects", "--"))  # drawn first, the count on top
     t = len(count)
     if t == 0:
         raise ValueError("count is empty")
     y_max = int(np.ceil(max(float(np.nanmax(s[0])) for s in series))) + 1
-    left, right, top, bottom = 34, 12, 44, 32
-    pw, ph = width - left - right, height - top - bottom
-    if pw < 20 or ph < 20:
-        raise ValueError(f"a chart of {width}x{height} px is too small; use at least {left + right + 20}x{top + bottom + 20}")
-
-    def px(frame: float) -> float:  # frame i spans [px(i), px(i + 1))
-        return left + pw * frame / t
-
-    def py(v: float) -> float:
-        return top + ph * (1 - v / y_max)
-
-    img = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(img), _font()
-    for v in _ticks(y_max, 6):  # y axis: grid lines and integer ticks
-        draw.line([(left, py(v)), (left + pw, py(v))], fill=(225, 225, 225))
-        draw.line([(left - 4, py(v)), (left, py(v))], fill=(0, 0, 0))
-        _text(draw, (left - 6, py(v)), str(v), font, "rm")
-    for i in _ticks(t - 1, 10):  # x axis: frame indices at the middle of each frame's step
-        x = (px(i) + px(i + 1)) / 2
-        draw.line([(x, top + ph), (x, top + ph + 4)], fill=(0, 0, 0))
-        _text(draw, (x, top + ph + 6), str(i), font, "mt")
-    draw.line([(left, top), (left, top + ph), (left + pw, top + ph)], fill=(0, 0, 0))
-    _text(draw, (left + pw, height - 2), "frame", font, "rd")
-    _text(draw, (left, 4), title, font, "lt")
-
-    for values, rgb, _, dashed in series:
-        points = []
-        for i, v in enumerate(values):
-            points += [(px(i), py(v)), (px(i + 1), py(v))]
-        lw = 4 if dashed else 2
-        for a, b in zip(points[:-1], points[1:]):
-            if dashed and a[1] == b[1]:  # dashes along the horizontal runs
-                x = a[0]
-                while x < b[0]:
-                    draw.line([(x, a[1]), (min(x + 6, b[0]), b[1])], fill=rgb, width=lw)
-                    x += 10
-            else:
-                draw.line([a, b], fill=rgb, width=lw)
-
-    x = left + pw  # legend, right-aligned under the title
-    for _, rgb, label, _ in reversed(series):
-        x -= int(font.getlength(label))
-        _text(draw, (x, 26), label, font, "lm")
-        draw.line([(x - 18, 26), (x - 4, 26)], fill=rgb, width=3)
-        x -= 28
-    return np.asarray(img)
+    edges = np.arange(t + 1) - 0.5  # frame i spans [i - 0.5, i + 0.5)
+    with _chart(width, height) as fig:
+        ax = fig.add_subplot()
+        for values, rgb, label, style in series:
+            ax.stairs(values, edges, baseline=None, color=_rgb(rgb), linestyle=style,
+                      linewidth=3 if style == "--" else 2, label=label)
+        ax.set(xlim=(edges[0], edges[-1]), ylim=(0, y_max), xlabel="frame")
+        ax.xaxis.set_major_locator(MaxNLocator(10, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(6, integer=True))
+        ax.grid(axis="y", color=_rgb(GRID_RGB))
+        ax.set_axisbelow(True)
+        _header(fig, ax, title)
+        return _pixels(fig, least=20)

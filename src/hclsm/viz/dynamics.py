@@ -1,84 +1,39 @@
-"""Pictures of the dynamics, as uint8 RGB arrays (PIL only, in the style of ``hclsm.viz``): a rollout against
-the true frames with its error, a timeline of the event detector against true contact events, and the PCA
-projection of slot trajectories with the predicted part dashed."""
+"""Pictures of the dynamics, as uint8 RGB arrays in the style of ``hclsm.viz``: a rollout against the true
+frames with its error and a causal graph on a frame (numpy and PIL), a timeline of the event detector against
+true contact events and the PCA projection of slot trajectories with the predicted part dashed (matplotlib)."""
 from __future__ import annotations
 
 import itertools
 import math
 
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.markers import TICKUP
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
 from hclsm.viz import (
     COUNT_RGB,
+    GRID_RGB,
     PALETTE,
     TRUTH_RGB,
     _as_frames,
+    _chart,
     _font,
+    _header,
     _np,
+    _pixels,
+    _rgb,
     _slot_labels,
     _text,
-    _ticks,
     colormap,
     labelled_grid,
 )
 
 FIRED_RGB, FIRED_BAND = (214, 39, 40), (250, 222, 222)  # steps where the event gate fired: dot, column shading
 THRESHOLD_RGB = (110, 110, 110)
+PREDICTED_RGB = (150, 150, 150)  # the legend key of the predicted (dashed) part of the slot trajectories
 MIN_TILE = 40  # rollout tiles are scaled up to at least this many pixels, so the column labels fit
-
-
-def _dashed(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], rgb, width: int = 2,
-            dash: float = 6.0, gap: float = 4.0) -> None:
-    """A dashed straight line from ``a`` to ``b``."""
-    length = math.dist(a, b)
-    if length == 0:
-        return
-    ux, uy = (b[0] - a[0]) / length, (b[1] - a[1]) / length
-    s = 0.0
-    while s < length:
-        e = min(s + dash, length)
-        draw.line([(a[0] + ux * s, a[1] + uy * s), (a[0] + ux * e, a[1] + uy * e)], fill=rgb, width=width)
-        s = e + gap
-
-
-def _lighter(rgb, amount: float = 0.5) -> tuple[int, int, int]:
-    """``rgb`` blended towards white by ``amount``."""
-    return tuple(round(c + (255 - c) * amount) for c in rgb)
-
-
-LegendEntry = tuple[str, tuple[int, int, int], str]  # label, colour, key kind: line / dash / dot / tick
-KEY_W, ITEM_GAP, ROW_H = 22, 14, 16  # a legend key's width, the space between entries, a legend row's height
-
-
-def _legend_layout(entries: list[LegendEntry], font, x0: float, x1: float) -> list[list[tuple[float, LegendEntry]]]:
-    """Entries placed left to right from ``x0``, wrapped before ``x1``: rows of (x of the key, entry)."""
-    rows: list[list[tuple[float, LegendEntry]]] = [[]]
-    x = x0
-    for e in entries:
-        w = KEY_W + font.getlength(e[0])
-        if rows[-1] and x + w > x1:
-            rows.append([])
-            x = x0
-        rows[-1].append((x, e))
-        x += w + ITEM_GAP
-    return rows
-
-
-def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple[float, LegendEntry]]], y0: float, font) -> None:
-    """Draw a legend laid out by ``_legend_layout``, its first row centred on ``y0``."""
-    for r, row in enumerate(rows):
-        y = y0 + r * ROW_H
-        for x, (label, rgb, kind) in row:
-            if kind == "line":
-                draw.line([(x, y), (x + 16, y)], fill=rgb, width=3)
-            elif kind == "dash":
-                _dashed(draw, (x, y), (x + 16, y), rgb, width=2, dash=4, gap=3)
-            elif kind == "dot":
-                draw.ellipse([x + 4.5, y - 3.5, x + 11.5, y + 3.5], fill=rgb)
-            else:  # tick
-                draw.line([(x + 8, y - 6), (x + 8, y + 6)], fill=rgb, width=3)
-            _text(draw, (x + KEY_W, y), label, font, "lm")
 
 
 # ---- rollout ----------------------------------------------------------------------------------------
@@ -152,19 +107,6 @@ def counterfactual_figure(context, factual, plain, intervened, twin, what: str =
 
 # ---- events -----------------------------------------------------------------------------------------
 
-def _plot_area(legend: list[LegendEntry], font, width: int, height: int, left: int, right: int, bottom: int,
-               least: int) -> tuple[list, int, int, int]:
-    """The legend's rows, the plot's top edge and its width and height for a ``width`` x ``height`` chart;
-    ValueError when the plot would be smaller than ``least`` px either way."""
-    rows = _legend_layout(legend, font, left, width - right)
-    top = 28 + ROW_H * len(rows)
-    pw, ph = width - left - right, height - top - bottom
-    if pw < least or ph < least:
-        raise ValueError(f"a chart of {width}x{height} px is too small; use at least "
-                         f"{left + right + least}x{top + bottom + least}")
-    return rows, top, pw, ph
-
-
 def event_timeline(prob, gate, threshold: float, truth_events=None, width: int = 480, height: int = 200,
                    title: str = "event probability per step") -> np.ndarray:
     """The event detector over one clip, (height, width, 3) uint8.
@@ -181,48 +123,27 @@ def event_timeline(prob, gate, threshold: float, truth_events=None, width: int =
     truth = None if truth_events is None else _np(truth_events).astype(bool).reshape(-1)
     if truth is not None and truth.shape != prob.shape:
         raise ValueError(f"truth_events {truth.shape} must have the shape of prob {prob.shape}")
-    font = _font()
-    legend: list[LegendEntry] = [("probability", COUNT_RGB, "line"), ("threshold", THRESHOLD_RGB, "dash"),
-                                 ("fired", FIRED_RGB, "dot")]
-    if truth is not None:
-        legend.append(("true event", TRUTH_RGB, "tick"))
-    left, right, bottom = 34, 12, 32
-    rows, top, pw, ph = _plot_area(legend, font, width, height, left, right, bottom, 20)
-
-    def px(step: float) -> float:  # the middle of step i is px(i)
-        return left + pw * (step + 0.5) / t
-
-    def py(v: float) -> float:
-        return top + ph * (1 - v)
-
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    for i in np.flatnonzero(fired):
-        draw.rectangle([left + pw * i / t, top, left + pw * (i + 1) / t, top + ph], fill=FIRED_BAND)
-    for v in (0.0, 0.5, 1.0):
-        draw.line([(left, py(v)), (left + pw, py(v))], fill=(225, 225, 225))
-        draw.line([(left - 4, py(v)), (left, py(v))], fill=(0, 0, 0))
-        _text(draw, (left - 6, py(v)), f"{v:g}", font, "rm")
-    for i in _ticks(t - 1, 10):
-        draw.line([(px(i), top + ph), (px(i), top + ph + 4)], fill=(0, 0, 0))
-        _text(draw, (px(i), top + ph + 6), str(i), font, "mt")
-    draw.line([(left, top), (left, top + ph), (left + pw, top + ph)], fill=(0, 0, 0))
-    _text(draw, (left + pw, height - 2), "step", font, "rd")
-    _text(draw, (left, 4), title, font, "lt")
-    _draw_legend(draw, rows, 26, font)
-
-    y_thr = py(float(np.clip(threshold, 0.0, 1.0)))
-    _dashed(draw, (left, y_thr), (left + pw, y_thr), THRESHOLD_RGB, width=1)
-    if truth is not None:
-        for i in np.flatnonzero(truth):
-            draw.line([(px(i), top + ph - 12), (px(i), top + ph)], fill=TRUTH_RGB, width=3)
-    points = [(px(i), py(float(np.clip(v, 0.0, 1.0)))) for i, v in enumerate(prob)]
-    if t > 1:
-        draw.line(points, fill=COUNT_RGB, width=2)
-    for (x, y), hit in zip(points, fired):
-        rad, rgb = (3.5, FIRED_RGB) if hit else (2.0, COUNT_RGB)
-        draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=rgb)
-    return np.asarray(img)
+    steps, p = np.arange(t), np.clip(prob, 0.0, 1.0)
+    with _chart(width, height) as fig:
+        ax = fig.add_subplot()
+        for i in np.flatnonzero(fired):
+            ax.axvspan(i - 0.5, i + 0.5, color=_rgb(FIRED_BAND), linewidth=0, zorder=0)
+        ax.plot(steps, p, color=_rgb(COUNT_RGB), linewidth=2, marker="o", markersize=3, label="probability")
+        ax.axhline(float(np.clip(threshold, 0.0, 1.0)), color=_rgb(THRESHOLD_RGB), linewidth=1, linestyle="--",
+                   label="threshold")
+        ax.plot(steps[fired], p[fired], color=_rgb(FIRED_RGB), linestyle="none", marker="o", markersize=6,
+                label="fired")
+        if truth is not None:  # ticks standing on the step axis
+            ax.plot(steps[truth], np.zeros(int(truth.sum())), color=_rgb(TRUTH_RGB), linestyle="none", marker=TICKUP,
+                    markersize=9, markeredgewidth=3, transform=ax.get_xaxis_transform(), clip_on=False,
+                    label="true event")
+        ax.set(xlim=(-0.5, t - 0.5), ylim=(-0.04, 1.04), yticks=[0.0, 0.5, 1.0], xlabel="step")
+        ax.xaxis.set_major_locator(MaxNLocator(10, integer=True))
+        ax.yaxis.set_major_formatter("{x:g}")
+        ax.grid(axis="y", color=_rgb(GRID_RGB))
+        ax.set_axisbelow(True)
+        _header(fig, ax, title)
+        return _pixels(fig, least=20)
 
 
 # ---- slot trajectories ----------------------------------------------------------------------------------
@@ -266,53 +187,43 @@ def slot_pca_figure(slots, alive, predicted=None, background: bool = True, width
         raise ValueError(f"predicted must be (H, K={k}, d={d}) with 0 < H < T={t}, got {p.shape}")
     mean, basis, share = _pca2(x[a])
     xy = (x - mean) @ basis.T  # (T, K, 2)
-    shown = [xy[a]]
-    if p is not None:
-        start = t - len(p) - 1  # the frame the prediction continues from
-        pxy = (p - mean) @ basis.T  # (H, K, 2)
-        shown.append(pxy[:, a[start]].reshape(-1, 2))
-    lo, hi = np.concatenate(shown).min(0), np.concatenate(shown).max(0)
-    pad = np.maximum((hi - lo) * 0.05, 1e-6)
-    lo, hi = lo - pad, hi + pad
-
-    font = _font()
-    colours = [tuple(int(c) for c in PALETTE[(j + (not background)) % len(PALETTE)]) for j in range(k)]
-    legend: list[LegendEntry] = [(label, colours[j], "line") for j, label in enumerate(_slot_labels(k, background))
-                                 if a[:, j].any()]
-    if p is not None:
-        legend.append(("predicted", (150, 150, 150), "dash"))
-    left, right, bottom = 20, 12, 26
-    rows, top, pw, ph = _plot_area(legend, font, width, height, left, right, bottom, 40)
-
-    def to_px(v: np.ndarray) -> tuple[float, float]:
-        return (left + pw * (v[0] - lo[0]) / (hi[0] - lo[0]), top + ph * (1 - (v[1] - lo[1]) / (hi[1] - lo[1])))
-
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
-    _text(draw, (left + pw, height - 2), f"PC1 ({share[0]:.0%} of variance); PC2 ({share[1]:.0%}) upwards", font, "rd")
-    _text(draw, (left, 4), title, font, "lt")
-    _draw_legend(draw, rows, 26, font)
-
-    for j, rgb in enumerate(colours):
-        if p is not None and a[start, j]:
-            path = [to_px(xy[start, j])] + [to_px(v) for v in pxy[:, j]]
-            for u, v in itertools.pairwise(path):
-                _dashed(draw, u, v, _lighter(rgb), width=2)
-        steps = np.flatnonzero(a[:, j])
-        for i in range(1, t):
-            if a[i - 1, j] and a[i, j]:
-                draw.line([to_px(xy[i - 1, j]), to_px(xy[i, j])], fill=rgb, width=2)
-        for i in steps:
-            cx, cy = to_px(xy[i, j])
-            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=rgb)
-        if len(steps):
-            cx, cy = to_px(xy[steps[0], j])
-            draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=rgb, width=2)
-    return np.asarray(img)
+    start = None if p is None else t - len(p) - 1  # the frame the prediction continues from
+    colours = [_rgb(PALETTE[(j + (not background)) % len(PALETTE)]) for j in range(k)]
+    with _chart(width, height) as fig:
+        ax = fig.add_subplot()
+        for j, (rgb, label) in enumerate(zip(colours, _slot_labels(k, background))):
+            steps = np.flatnonzero(a[:, j])
+            if not len(steps):
+                continue
+            if p is not None and a[start, j]:
+                path = np.concatenate([xy[start, j][None], (p[:, j] - mean) @ basis.T])
+                ax.plot(*path.T, color=rgb, alpha=0.5, linewidth=2, linestyle="--")
+            path = np.where(a[:, j, None], xy[:, j], np.nan)  # gaps where the slot is dead
+            ax.plot(*path.T, color=rgb, linewidth=2, marker="o", markersize=3, label=label)
+            ax.plot(*xy[steps[0], j], color=rgb, marker="o", markersize=9, markerfacecolor="none", markeredgewidth=2)
+        if p is not None:
+            ax.add_line(Line2D([], [], color=_rgb(PREDICTED_RGB), linewidth=2, linestyle="--", label="predicted"))
+        ax.margins(0.05)
+        ax.set(xticks=[], yticks=[], xlabel=f"PC1 ({share[0]:.0%} of variance)", ylabel=f"PC2 ({share[1]:.0%})")
+        _header(fig, ax, title)
+        return _pixels(fig, least=40)
 
 
 EDGE_RGB, MISSED_RGB = (230, 0, 170), (120, 120, 120)  # learned edges; true edges the graph missed (dashed)
+
+
+def _dashed(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], rgb, width: int = 2,
+            dash: float = 6.0, gap: float = 4.0) -> None:
+    """A dashed straight line from ``a`` to ``b``."""
+    length = math.dist(a, b)
+    if length == 0:
+        return
+    ux, uy = (b[0] - a[0]) / length, (b[1] - a[1]) / length
+    s = 0.0
+    while s < length:
+        e = min(s + dash, length)
+        draw.line([(a[0] + ux * s, a[1] + uy * s), (a[0] + ux * e, a[1] + uy * e)], fill=rgb, width=width)
+        s = e + gap
 
 
 def _arrow(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], rgb, width: int,

@@ -1,58 +1,43 @@
 """Figures of the SlotSSM benchmarks from their JSON lines (``hclsm bench ... --out FILE``).
 
-``line_chart`` is a small PIL line plot (optionally log-2 x axis); ``slotssm_figures`` writes the
+``line_chart`` is a small matplotlib line plot (optionally log-2 x axis); ``slotssm_figures`` writes the
 latency curve, the Blinking Color Balls error per length and the video-prediction rollout error per
 step, for whichever of the benchmark records it is given.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from matplotlib.ticker import NullLocator
 
-from hclsm.viz import _font, _text, save_png
+from hclsm.viz import _chart, _pixels, _rgb, save_png
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (127, 127, 127)]
 
 
 def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str,
                log_x: bool = False, width: int = 560, height: int = 320) -> np.ndarray:
-    """(H, W, 3) uint8 chart of ``series`` {label: (xs, ys)}; points with a None y are skipped."""
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    draw, font = ImageDraw.Draw(img), _font(12)
-    left, right, top, bottom = 64, width - 150, 40, height - 44
-    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None]
-    fx = (lambda v: math.log2(v)) if log_x else (lambda v: float(v))
-    x_lo, x_hi = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
-    y_lo, y_hi = 0.0, max(y for _, y in pts) * 1.08 or 1.0
-    px = lambda x: left + (fx(x) - x_lo) / max(x_hi - x_lo, 1e-9) * (right - left)  # noqa: E731
-    py = lambda y: bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)  # noqa: E731
-    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    xticks = sorted({x for x, _ in pts})
-    for x in xticks if len(xticks) <= 8 else xticks[::max(1, len(xticks) // 8)]:
-        draw.line([px(x), bottom, px(x), bottom + 4], fill=(0, 0, 0))
-        _text(draw, (px(x), bottom + 6), f"{x:g}", font, "ma")
-    for i in range(5):
-        y = y_lo + (y_hi - y_lo) * i / 4
-        draw.line([left - 4, py(y), left, py(y)], fill=(0, 0, 0))
-        _text(draw, (left - 6, py(y)), f"{y:.3g}", font, "rm")
-    _text(draw, ((left + right) / 2 + 40, 6), title, font, "ma")
-    _text(draw, ((left + right) / 2, height - 16), xlabel, font, "ma")
-    _text(draw, (4, top - 30), ylabel, font, "la")
-    for i, (label, (xs, ys)) in enumerate(series.items()):
-        rgb = PALETTE[i % len(PALETTE)]
-        line = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
-        if len(line) > 1:
-            draw.line(line, fill=rgb, width=2)
-        for x, y in line:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb)
-        ly = top + 8 + 18 * i
-        draw.line([right + 10, ly, right + 30, ly], fill=rgb, width=3)
-        _text(draw, (right + 36, ly), label, font, "lm")
-    return np.asarray(img)
+    """(H, W, 3) uint8 chart of ``series`` {label: (xs, ys)} with dots on the points, the legend on the right
+    and the y axis from 0; points with a None y are skipped. The x ticks are the points' x values (thinned
+    to about 8)."""
+    xticks = sorted({x for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None})
+    with _chart(width, height) as fig:
+        ax = fig.add_subplot()
+        for i, (label, (xs, ys)) in enumerate(series.items()):
+            kept = [n for n, y in enumerate(ys) if y is not None]
+            ax.plot([xs[n] for n in kept], [ys[n] for n in kept], color=_rgb(PALETTE[i % len(PALETTE)]), linewidth=2,
+                    marker="o", markersize=5, label=label)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xticks[::max(1, len(xticks) // 8)] if len(xticks) > 8 else xticks)
+        ax.xaxis.set_major_formatter("{x:g}")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_ylim(0, None)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        return _pixels(fig)
 
 
 def slotssm_figures(records: dict[str, dict], out_dir: str | Path) -> list[Path]:
