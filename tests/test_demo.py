@@ -200,7 +200,7 @@ class _FakeSource:
 
 
 def test_heldout_metrics_run_the_network_once_per_batch_and_match_the_metric_functions(monkeypatch):
-    from hclsm.bench.objects import pusht_metrics
+    from hclsm.eval.objects import pusht_metrics
     from hclsm.eval.objects import evaluate_objects
     from hclsm.models import build_model
 

@@ -23,16 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hclsm import keys
 from hclsm.bench import BenchResult, register
 from hclsm.config import PUSHT_RECIPE, Config, load_config
 from hclsm.config.data import PhysicsDataConfig, PushTDataConfig
 from hclsm.data.memory import MemoryClips
 from hclsm.data.physics import PhysicsSource, generate_physics_dataset
 from hclsm.data.pusht import generate_pusht_dataset
-from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
-from hclsm.models.objects import agent_cue
-from hclsm.metrics import hungarian_match
+from hclsm.eval.objects import decomposer, evaluate_objects, pusht_metrics, true_counts
 from hclsm.train import train
 from hclsm.train.data import run_split, split_clips
 
@@ -89,38 +86,6 @@ def birth_death(model: torch.nn.Module, root: Path, episodes: list[int], frames:
             ok.append(float(bool(after == before + (1 if born else -1)) and bool(events)))
     return {"death_fired": float(np.mean(death_ok)) if death_ok else float("nan"),
             "birth_fired": float(np.mean(birth_ok)) if birth_ok else float("nan"), "removal_clips": float(n)}
-
-
-@torch.no_grad()
-def pusht_metrics(model: torch.nn.Module, clips: MemoryClips) -> dict[str, float]:
-    """IoU of the agent (id 1) and block (id 2) masks with their best-matching slot (one-to-one, per clip), how
-    peaked the alpha maps are (1 - mean normalised entropy over alive slots; 0 = uniform), and the fraction of frames
-    with exactly two alive object slots (``count2_frames``: PushT's objects are the agent and the block; the goal T
-    is scenery)."""
-    net = decomposer(model).eval()
-    ious: dict[int, list[float]] = {1: [], 2: []}
-    peak, counts = [], []
-    for batch in clips.batches(16):
-        out = net(batch[keys.VIDEO], cue=agent_cue(batch, net.cfg))
-        counts.append(out.count.flatten())
-        mask = batch[keys.MASK].long()
-        seg = out.segmentation(mask.shape[-1])
-        for b in range(mask.shape[0]):
-            t_ids, s_ids = mask[b].reshape(-1), seg[b].reshape(-1)
-            slots = torch.unique(s_ids).tolist()
-            table = np.array([[float(((t_ids == o) & (s_ids == s)).sum()) / max(float(((t_ids == o) | (s_ids == s)).sum()), 1.0)
-                               for s in slots] for o in (1, 2)])
-            rows, cols = hungarian_match(table, maximize=True)
-            best = dict(zip(rows.tolist(), table[rows, cols].tolist()))
-            for r, o in enumerate((1, 2)):
-                ious[o].append(best.get(r, 0.0))
-        a = out.alphas.float().clamp_min(1e-8)  # (B, T, K, R, R)
-        ent = -(a * a.log()).sum(2) / np.log(max(int(out.alive.sum(-1).max()), 2))
-        peak.append(float(1 - ent.mean()))
-    return {"agent_iou": float(np.mean(ious[1])), "block_iou": float(np.mean(ious[2])),
-            "agent_block_miou": float((np.mean(ious[1]) + np.mean(ious[2])) / 2), "alpha_peakedness": float(np.mean(peak)),
-            "count2_frames": float((torch.cat(counts) == 2).float().mean()),
-            "alive_mean": float(torch.cat(counts).float().mean())}
 
 
 def _row(name: str, m: dict[str, float], minutes: float, steps: int) -> dict:

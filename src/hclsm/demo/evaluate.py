@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 from hclsm import keys
-from hclsm.bench.objects import pusht_metrics
 from hclsm.config import Config
 from hclsm.config.data import ClipConfig
 from hclsm.data.lerobot_read import LeRobotSource
 from hclsm.data.memory import MemoryClips
 from hclsm.eval.dynamics import clip_dynamics, rollout_errors, rollout_metrics, score_events, true_events
-from hclsm.eval.objects import decomposer, evaluate_objects, true_counts
+from hclsm.eval.objects import decomposer, evaluate_objects, pusht_metrics, true_counts
 from hclsm.models.hclsm import HCLSM
 from hclsm.models.objects import agent_cue
 from hclsm.viz import (
