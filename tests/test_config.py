@@ -254,3 +254,16 @@ def test_save_load_round_trip(tmp_path, name):
     assert again == cfg and again.preset == name
     assert config_to_dict(again) == yaml.safe_load(path.read_text())
     assert not list((tmp_path / "run").glob(".*tmp*"))  # atomic write left no temp file
+
+
+def test_the_slot_world_models_take_their_sizes_from_their_own_section():
+    from hclsm.models import build_model
+
+    cfg = load_config("tiny", overrides=["model.name=slotssm", "model.slot_world.layers=3", "model.slot_world.heads=2",
+                                         "model.slot_world.patch=8"])
+    net = build_model(cfg.model).net
+    assert len(net.backbone.layers) == 3 and net.patch == 8
+    with pytest.raises(ConfigError, match=r"model\.slot_world\.heads: must divide model\.slots\.d_slot \(64\), got 3"):
+        load_config("tiny", overrides=["model.name=oc_slotssm", "model.slot_world.heads=3"])
+    with pytest.raises(ConfigError, match=r"model\.slot_world\.patch: must divide model\.perception\.image_size"):
+        load_config("tiny", overrides=["model.name=slotssm", "model.slot_world.patch=5"])

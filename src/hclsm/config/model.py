@@ -350,6 +350,10 @@ class GNNConfig:
     d_edge: int = 32
     rounds: int = 1
     chunk_size: int = 0  # receiver slots per chunk of the pair tensor; 0 = dense (all pairs at once)
+    # edges also read the pair's geometry: the sender's position and velocity relative to the receiver's and their
+    # distance (interaction networks' relative state), so a contact can be read off the edge directly instead of
+    # from two LayerNormed tokens
+    relative_geometry: bool = False
 
     def __post_init__(self) -> None:
         check_min(self, "model.gnn", 1, "d_edge", "rounds")
@@ -445,6 +449,20 @@ class CausalConfig:
 
 
 @dataclass
+class SlotWorldConfig:
+    """The SlotSSM family as world models (``model.name`` ``slotssm`` / ``oc_slotssm``, ``hclsm.models.slot_world``): the
+    sizes of the paper's models beside what they share with HCLSM (slot width and count from ``model.slots``, the SSM's
+    state size and expansion from ``model.dynamics.l0``, OC-SlotSSM's CNN from ``model.perception``)."""
+
+    layers: int = 2  # SlotSSM layers (each: slot read, per-slot SSM, slot mixer)
+    heads: int = 4  # slot-mixer attention heads; must divide model.slots.d_slot
+    patch: int = 4  # slotssm: side of the pixel patches each frame is cut into (its input tokens)
+
+    def __post_init__(self) -> None:
+        check_min(self, "model.slot_world", 1, "layers", "heads", "patch")
+
+
+@dataclass
 class MemoryConfig:
     """Episodic modern-Hopfield memory of object states, read by the dynamics at every step (seed Layer 5,
     ``hclsm.nn.memory``): one memory per sequence, empty at its start, written by novelty."""
@@ -481,9 +499,17 @@ class ModelConfig:
     gnn: GNNConfig = field(default_factory=GNNConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    slot_world: SlotWorldConfig = field(default_factory=SlotWorldConfig)
 
     def __post_init__(self) -> None:
         check_one_of(self.name, "model.name", MODEL_NAMES)
+        if self.name in ("slotssm", "oc_slotssm"):
+            d, heads = self.slots.d_slot, self.slot_world.heads
+            check(d % heads == 0, "model.slot_world.heads", f"must divide model.slots.d_slot ({d}), got {heads}")
+        if self.name == "slotssm":
+            size, patch = self.perception.image_size, self.slot_world.patch
+            check(size % patch == 0, "model.slot_world.patch",
+                  f"must divide model.perception.image_size ({size}), got {patch}")
         check_min(self, "model", 0, "d_action", "action_scale")
         grid = self.perception.grid_size
         check(self.slots.num_slots <= grid * grid, "model.slots.num_slots",

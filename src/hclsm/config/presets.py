@@ -25,6 +25,7 @@ from hclsm.config.model import (
     ModelConfig,
     PerceptionConfig,
     SlotConfig,
+    SlotWorldConfig,
     check,
 )
 from hclsm.config.train import TrainConfig
@@ -95,6 +96,7 @@ def _vit_model(*, d_world: int, vit: tuple[int, int, int], slots: tuple[int, int
         gnn=GNNConfig(d_edge=gnn[0], rounds=gnn[1], chunk_size=chunk_size),
         causal=CausalConfig(enabled=True),
         memory=MemoryConfig(enabled=True, size=memory[0], d_memory=memory[1]),
+        slot_world=SlotWorldConfig(layers=l0[1] + 1, patch=16),  # the SlotSSM family at the ViT's patch and depth
     )
 
 

@@ -4,13 +4,14 @@
 run's config rebuild them exactly):
 
 * ``slotssm``: ``VideoPredictor`` with a SlotSSM backbone (section 7.1): frames resized by area to
-  ``perception.image_size``, 4x4-pixel patch tokens (or ``perception.patch_size`` when larger), slot width
-  ``slots.d_slot``, ``slots.num_slots`` slots, ``dynamics.l0.blocks`` + 1 layers; loss ``frame`` (teacher-
-  forced next-frame MSE, the same in both stages).
+  ``perception.image_size``, ``slot_world.patch``-pixel patch tokens, slot width ``slots.d_slot``,
+  ``slots.num_slots`` slots, ``slot_world.layers`` layers with ``slot_world.heads`` mixer heads; loss ``frame``
+  (teacher-forced next-frame MSE, the same in both stages).
 * ``oc_slotssm``: ``OCSlotSSM`` (section 5): the CNN of ``perception`` (its patch size, ``layers``),
-  ``slots.num_slots`` (+ 1 with ``slots.background``) slots of width ``slots.d_slot``, ``dynamics.l0``
-  SSM sizes, the spatial broadcast decoder of ``decoder`` (absolute coordinates); loss ``sbd``
-  (reconstruction MSE, weighted per stage like HCLSM's).
+  ``slots.num_slots`` (+ 1 with ``slots.background``) slots of width ``slots.d_slot``, ``slot_world.layers``
+  layers with ``slot_world.heads`` mixer heads, ``dynamics.l0``'s SSM state size and expansion, the spatial
+  broadcast decoder of ``decoder`` (absolute coordinates); loss ``sbd`` (reconstruction MSE, weighted per stage
+  like HCLSM's).
 
 Actions in the batch are not read (the paper's models are not action-conditioned).
 """
@@ -40,10 +41,9 @@ class SlotSSMWorld(Pretrained, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        p = cfg.perception
-        heads = 4 if cfg.slots.d_slot % 4 == 0 else 1
-        self.net = VideoPredictor("slotssm", size=p.image_size, patch=max(4, p.patch_size), d_model=cfg.slots.d_slot,
-                                  num_slots=cfg.slots.num_slots, layers=cfg.dynamics.l0.blocks + 1, heads=heads)
+        w = cfg.slot_world
+        self.net = VideoPredictor("slotssm", size=cfg.perception.image_size, patch=w.patch, d_model=cfg.slots.d_slot,
+                                  num_slots=cfg.slots.num_slots, layers=w.layers, heads=w.heads)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0, stage: int = 2) -> SlotWorldOutput:
         video = resize_video(batch[keys.VIDEO], self.net.size)
@@ -55,10 +55,10 @@ class OCSlotSSMWorld(Pretrained, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        p, s, l0 = cfg.perception, cfg.slots, cfg.dynamics.l0
+        p, s, l0, w = cfg.perception, cfg.slots, cfg.dynamics.l0, cfg.slot_world
         self.net = OCSlotSSM(OCSlotSSMConfig(
             image_size=p.image_size, patch_size=p.patch_size, d_model=s.d_slot,
-            num_slots=s.num_slots + int(s.background), layers=l0.blocks + 1, heads=4 if s.d_slot % 4 == 0 else 1,
+            num_slots=s.num_slots + int(s.background), layers=w.layers, heads=w.heads,
             cnn_layers=p.layers, d_state=l0.d_state, expand=l0.expand,
             decoder=replace(cfg.decoder, relative_positions=False)))
 
