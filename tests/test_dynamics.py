@@ -38,7 +38,8 @@ MEMORY = ("model.memory.enabled=true", "model.memory.size=6")  # small: it fills
 EPISODE = ("model.causal.enabled=true", "model.causal.inference=episode", "model.causal.episode.d_hidden=8",
            "model.causal.episode.contact_reach=8")
 CAUSAL = {"off": (), "causal graph": ("model.causal.enabled=true",), "memory": MEMORY,
-          "causal graph + memory": ("model.causal.enabled=true", *MEMORY), "causal graph (episode)": EPISODE}
+          "causal graph + memory": ("model.causal.enabled=true", *MEMORY), "causal graph (episode)": EPISODE,
+          "relative geometry": ("model.gnn.relative_geometry=true",)}
 
 
 @pytest.mark.parametrize("causal", CAUSAL)

@@ -10,7 +10,8 @@ only (every level is causal in time; tested by perturbing the future).
 * **Global track**: an SSM stack over the alive-mean of the object tokens; its output is projected and
   added to every object's token, so each object knows the scene's state.
 * **L0**: a selective SSM stack run per object with shared weights (objects folded into the batch),
-  followed by the relation GNN among the objects of each step.
+  followed by the relation GNN among the objects of each step (with ``model.gnn.relative_geometry`` its edges
+  also read each pair's relative position, velocity and distance).
 * **L1**: the event detector fires on steps where the scene changes abruptly (trained on the L0
   prediction error: a surprise signal); the sparse event transformer lets each object read the object
   states of past event steps.
@@ -245,7 +246,8 @@ class HierarchicalDynamics(nn.Module):
         h0, object_state = self.object_ssm(fold(x), return_state=True)
         h0 = unfold(h0, k)
         gate = None if adjacency is None else gnn_gate(graph).flatten(0, 1)
-        h0 = self.gnn(h0.flatten(0, 1), alive.flatten(0, 1), gate).reshape(b, t, k, d)
+        geometry = (positions.flatten(0, 1), velocity.flatten(0, 1)) if self.gnn.relative_geometry else None
+        h0 = self.gnn(h0.flatten(0, 1), alive.flatten(0, 1), gate, geometry=geometry).reshape(b, t, k, d)
         memory = None
         if self.memory is not None:  # each step reads what the steps before it wrote
             h0, memory = self.memory(h0, alive, adjacency, return_state=True)
@@ -311,7 +313,8 @@ class HierarchicalDynamics(nn.Module):
             g, gs = self.global_ssm.step(masked_mean(x, alive), state.global_ssm)
             x = x + self.condition(g)[:, None]
         h0, os_ = self.object_ssm.step(x.reshape(b * k, d), state.object_ssm)
-        h0 = self.gnn(h0.reshape(b, k, d), alive, adjacency if episode is None else gnn_gate(episode))
+        h0 = self.gnn(h0.reshape(b, k, d), alive, adjacency if episode is None else gnn_gate(episode),
+                      geometry=(positions, velocity) if self.gnn.relative_geometry else None)
         memory = state.memory
         if self.memory is not None:
             h0, memory = self.memory.step(h0, alive, memory, adjacency)
