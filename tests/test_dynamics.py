@@ -239,11 +239,13 @@ def test_align_targets_undoes_a_permutation_of_the_object_slots():
     assert torch.equal(target_alive, alive)
 
 
-def test_the_head_starts_at_the_constant_velocity_prior():
-    """With the head's output zeroed, an object's next position is the current one moved by its velocity (the change
-    since the step before; zero on the first step) and the slot is unchanged; the background (slot 0) stays put."""
+@pytest.mark.parametrize("prior", [1.0, 0.0, 0.5])
+def test_the_head_starts_at_the_velocity_prior(prior):
+    """With the head's output zeroed, an object's next position is the current one moved by velocity_prior x its
+    velocity (the change since the step before; zero on the first step) and the slot is unchanged; the background
+    (slot 0) stays put."""
     torch.manual_seed(0)
-    dyn = HierarchicalDynamics(small_cfg().model).eval()
+    dyn = HierarchicalDynamics(small_cfg(f"model.dynamics.velocity_prior={prior}").model).eval()
     with torch.no_grad():
         dyn.head[-1].weight.zero_()
         dyn.head[-1].bias.zero_()
@@ -251,7 +253,7 @@ def test_the_head_starts_at_the_constant_velocity_prior():
     out = dyn(slots, positions, alive, action)
     velocity = positions[:, 1:] - positions[:, :-1]
     velocity[:, :, 0] = 0  # the background slot is carried unchanged
-    torch.testing.assert_close(out.positions[:, 1:], positions[:, 1:] + velocity)
+    torch.testing.assert_close(out.positions[:, 1:], positions[:, 1:] + prior * velocity)
     torch.testing.assert_close(out.positions[:, 0], positions[:, 0])
     torch.testing.assert_close(out.slots, slots)
 

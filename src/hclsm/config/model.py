@@ -337,10 +337,15 @@ class DynamicsConfig:
     # frames per clip that the decoded terms (``frame`` and ``rollout``) decode and score: a random subset of
     # their steps, drawn anew every training step (an unbiased estimate at a fraction of the cost); 0 = all
     decoded_frames: int = 2
+    # the position head's prior: the next position is the current one moved by velocity_prior x its velocity, plus
+    # the learned correction. 1 = constant velocity (inertia: bouncing balls); 0 = objects stay put unless the
+    # correction moves them (quasi-static scenes such as PushT, where the block stops when the push stops)
+    velocity_prior: float = 1.0
 
     def __post_init__(self) -> None:
         check_min(self, "model.dynamics", 0, "rollout_context", "decoded_frames")
         check_min(self, "model.dynamics", 2, "rollout_horizon")
+        check_prob(self, "model.dynamics", "velocity_prior")
 
 
 @dataclass

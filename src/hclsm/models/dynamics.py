@@ -20,7 +20,8 @@ only (every level is causal in time; tested by perturbing the future).
   learned per level and per channel.
 * **Head**: the next slot as a residual on the current one; the next position as the current one moved by
   its velocity plus a learned correction (a constant-velocity prior: the head learns the acceleration, e.g.
-  bounces and collisions, not the motion itself).
+  bounces and collisions, not the motion itself). ``model.dynamics.velocity_prior`` scales the velocity term:
+  0 suits quasi-static scenes (PushT), where an object not pushed stays put.
 
 **Causal graph** (``model.causal.enabled``, seed Layer 4): a ``CausalGraph`` infers from the object tokens
 so far which object may affect which (``A[i, j]``: i reads j), and then every channel between objects reads
@@ -153,6 +154,7 @@ class HierarchicalDynamics(nn.Module):
         d = cfg.slots.d_slot
         l0 = cfg.dynamics.l0
         self.background = cfg.slots.background  # slot 0 is the scene: carried unchanged (``_predict``)
+        self.velocity_prior = cfg.dynamics.velocity_prior
         self.in_proj = nn.Linear(d + 4, d)
         self.action = ActionEmbedding(cfg.d_action, d, cfg.action_scale) if cfg.d_action > 0 else None
         self.global_ssm = SSMStack(d, l0.blocks, l0.d_state, l0.d_conv, l0.expand)
@@ -219,7 +221,7 @@ class HierarchicalDynamics(nn.Module):
         delta = self.head(h)
         d = slots.shape[-1]
         nxt = slots + delta[..., :d].to(slots.dtype)
-        pos = positions + velocity + delta[..., d:].to(positions.dtype)
+        pos = positions + self.velocity_prior * velocity + delta[..., d:].to(positions.dtype)
         if self.background:
             nxt = torch.cat([slots[..., :1, :], nxt[..., 1:, :]], dim=-2)
             pos = torch.cat([positions[..., :1, :], pos[..., 1:, :]], dim=-2)
